@@ -1,0 +1,62 @@
+"""Calibration sources drawn from the real training split."""
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.errors import CalibrationError
+from pipeline.preprocessing import apply
+
+from . import ArraySource, CalibContext, register_source
+
+
+def _check_size(ctx: CalibContext, size: int) -> None:
+    if size > len(ctx.x_train):
+        raise CalibrationError(
+            f"--calib-size {size} is larger than the training split ({len(ctx.x_train)} images); pass at most {len(ctx.x_train)}"
+        )
+
+
+def _source(name: str, ctx: CalibContext, idx: np.ndarray, seed: int | None, **extra) -> ArraySource:
+    samples = apply(ctx.x_train[np.sort(idx)], ctx.preprocessing)
+    classes = np.bincount(ctx.y_train[idx], minlength=int(ctx.y_train.max()) + 1)
+    return ArraySource(name=name, samples=samples, seed=seed,
+                       origin=f"{ctx.dataset_name} training split", extra={"split": "train",
+                                                                           "per_class": classes.tolist(), **extra})
+
+
+@register_source("balanced")
+def balanced(ctx: CalibContext, size: int, seed: int, arg: str | None) -> ArraySource:
+    """Class-stratified random training images: as equal a share per class as the split allows."""
+    _check_size(ctx, size)
+    rng = np.random.default_rng(seed)
+    classes = np.unique(ctx.y_train)
+    pools = {c: rng.permutation(np.flatnonzero(ctx.y_train == c)) for c in classes}
+    take = {c: 0 for c in classes}
+    remaining = size
+    # Round-robin so every class gets floor(size/K) or one more, capped by what it holds.
+    while remaining:
+        progressed = False
+        for c in rng.permutation(classes):
+            if remaining and take[c] < len(pools[c]):
+                take[c] += 1
+                remaining -= 1
+                progressed = True
+        if not progressed:
+            break
+    idx = np.concatenate([pools[c][:take[c]] for c in classes])
+    return _source("balanced", ctx, idx, seed)
+
+
+@register_source("real")
+def real(ctx: CalibContext, size: int, seed: int, arg: str | None) -> ArraySource:
+    """Plain random training images."""
+    _check_size(ctx, size)
+    idx = np.random.default_rng(seed).choice(len(ctx.x_train), size=size, replace=False)
+    return _source("real", ctx, idx, seed)
+
+
+@register_source("first")
+def first(ctx: CalibContext, size: int, seed: int, arg: str | None) -> ArraySource:
+    """The first N training images (the naive baseline some papers use)."""
+    _check_size(ctx, size)
+    return _source("first", ctx, np.arange(size), None)

@@ -1,0 +1,136 @@
+"""Stage 2: ONNX -> fully-int8 TFLite, calibrated on the representative dataset.
+
+The conversion route sits behind the :class:`Converter` interface so a second route
+(litert-torch + ai-edge-quantizer) can join later. The built-in route uses onnx2tf only for
+what it is good at, turning the ONNX graph into an NHWC Keras graph in memory (no onnxsim
+subprocesses, no SavedModel write, no pile of variants), then runs TFLiteConverter's
+full-int8 pass once, with int8 built-ins only, so a model that cannot be fully int8 fails
+instead of silently keeping float ops.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from .errors import ConversionError
+from .onnx_export import OnnxArtifact
+from .preprocessing import Preprocessing
+from . import quiet
+
+
+@dataclass(frozen=True)
+class TfliteArtifact:
+    path: Path
+    bytes: int
+    converter: str
+    input_layout: str  # layout of the TFLite input tensor: "NHWC" or "NCHW"
+    calibration_samples: int
+    timings_s: dict = field(default_factory=dict)
+
+    def describe(self) -> dict:
+        return {"path": self.path.name, "bytes": self.bytes, "converter": self.converter,
+                "input_layout": self.input_layout, "calibration_samples": self.calibration_samples,
+                "timings_s": dict(self.timings_s)}
+
+
+class Converter(Protocol):
+    name: str
+
+    def convert(self, onnx: OnnxArtifact, representative: np.ndarray, pre: Preprocessing, *,
+                per_channel: bool, out_path: Path, verbose: bool = False) -> TfliteArtifact: ...
+
+
+def _short(e: BaseException) -> str:
+    s = str(e).strip()
+    if not s:
+        return type(e).__name__
+    lines = [ln.strip() for ln in s.splitlines() if ln.strip()]
+    # TFLiteConverter errors put the useful line ("'tf.X' op is neither a custom op nor ...") late.
+    useful = [ln for ln in lines if "op is neither" in ln or "not supported" in ln.lower() or "error:" in ln]
+    return (useful[0] if useful else lines[0])[:300]
+
+
+class Onnx2TfConverter:
+    """onnx2tf (in memory, to an NHWC Keras graph) + TFLiteConverter full-int8."""
+
+    name = "onnx2tf+tflite-converter"
+
+    def convert(self, onnx: OnnxArtifact, representative: np.ndarray, pre: Preprocessing, *,
+                per_channel: bool = True, out_path: Path, verbose: bool = False) -> TfliteArtifact:
+        timings = {}
+        with tempfile.TemporaryDirectory(prefix="onnx2tf-") as work, quiet.captured(verbose) as cap:
+            try:
+                t0 = time.perf_counter()
+                import onnx2tf
+                import tensorflow as tf
+                timings["import_s"] = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                try:
+                    keras_model = onnx2tf.convert(
+                        input_onnx_file_path=str(onnx.path), output_folder_path=work,
+                        disable_model_save=True, not_use_onnxsim=True, non_verbose=not verbose,
+                        verbosity="debug" if verbose else "error",
+                    )
+                except SystemExit:
+                    raise ConversionError("onnx2tf could not convert the ONNX graph") from None
+                timings["onnx2tf_s"] = time.perf_counter() - t0
+                if keras_model is None or len(keras_model.inputs) != 1:
+                    raise ConversionError("onnx2tf returned no single-input model")
+                layout = _input_layout(tuple(keras_model.inputs[0].shape[1:]), pre.input_shape)
+                samples = np.transpose(representative, (0, 2, 3, 1)) if layout == "NHWC" else representative
+                samples = np.ascontiguousarray(samples, np.float32)
+
+                t0 = time.perf_counter()
+                spec = keras_model.inputs[0]
+                fn = tf.function(lambda x: keras_model(x),
+                                 input_signature=[tf.TensorSpec(spec.shape, tf.float32, name="input")])
+                conv = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], keras_model)
+                conv.optimizations = [tf.lite.Optimize.DEFAULT]
+                conv.representative_dataset = lambda: ([s[None]] for s in samples)
+                conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+                conv.inference_input_type = tf.int8
+                conv.inference_output_type = tf.int8
+                conv._experimental_disable_per_channel = not per_channel
+                try:
+                    blob = conv.convert()
+                except Exception as e:
+                    raise ConversionError(
+                        f"TFLiteConverter cannot make this model fully int8: {_short(e)}; replace the op with an "
+                        "int8-supported one (see the TFLite int8 op list) or choose a float target"
+                    ) from None
+                timings["tflite_int8_s"] = time.perf_counter() - t0
+            except ConversionError:
+                raise
+            except Exception as e:
+                raise ConversionError(f"ONNX -> TFLite conversion failed: {_short(e)}") from None
+        tmp = out_path.with_name(out_path.name + ".part")
+        tmp.write_bytes(blob)
+        os.replace(tmp, out_path)
+        return TfliteArtifact(path=out_path, bytes=len(blob), converter=self.name, input_layout=layout,
+                              calibration_samples=int(len(samples)),
+                              timings_s={k: round(v, 3) for k, v in timings.items()})
+
+
+def _input_layout(keras_shape: tuple, chw: tuple[int, int, int]) -> str:
+    c, h, w = chw
+    if keras_shape == (h, w, c):
+        return "NHWC"
+    if keras_shape == (c, h, w):
+        return "NCHW"
+    raise ConversionError(f"onnx2tf produced input shape {keras_shape}, which matches neither {chw} (C,H,W) nor its NHWC form")
+
+
+CONVERTERS: dict[str, Converter] = {"onnx2tf": Onnx2TfConverter()}
+
+
+def get_converter(name: str) -> Converter:
+    if name not in CONVERTERS:
+        raise ConversionError(f"unknown converter {name!r}; choose one of {', '.join(CONVERTERS)}")
+    return CONVERTERS[name]

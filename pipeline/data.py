@@ -1,0 +1,245 @@
+"""Datasets: Fashion-MNIST from IDX files, or a user's .npz.
+
+Images are kept raw (uint8 or float32) in NCHW order; :mod:`pipeline.preprocessing`
+turns them into model input. The layout the data arrived in is recorded.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DataError
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+_IDX_FILES = {
+    "x_train": "train-images-idx3-ubyte",
+    "y_train": "train-labels-idx1-ubyte",
+    "x_test": "t10k-images-idx3-ubyte",
+    "y_test": "t10k-labels-idx1-ubyte",
+}
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Raw images in NCHW order (uint8 or float32) with integer labels."""
+
+    name: str
+    origin: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    source_layout: str  # "NHW", "NCHW" or "NHWC"
+    class_names: tuple[str, ...] | None = None
+
+    @property
+    def source_dtype(self) -> str:
+        return "uint8" if self.x_train.dtype == np.uint8 else "float32"
+
+    @property
+    def scale(self) -> float:
+        return 1.0 / 255.0 if self.x_train.dtype == np.uint8 else 1.0
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        return tuple(int(v) for v in self.x_train.shape[1:])  # type: ignore[return-value]
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "origin": self.origin,
+            "train_size": int(len(self.y_train)),
+            "test_size": int(len(self.y_test)),
+            "source_layout": self.source_layout,
+            "source_dtype": self.source_dtype,
+            "sample_shape_chw": list(self.sample_shape),
+        }
+
+
+def load(spec: str, data_dir: str | None = None, expected_chw: tuple[int, int, int] | None = None) -> Dataset:
+    """Load ``fashion-mnist`` or ``path/to/data.npz``."""
+    if spec == "fashion-mnist":
+        return load_fashion_mnist(Path(data_dir) if data_dir else FASHION_MNIST_DIR)
+    if spec.endswith(".npz") or os.path.exists(spec):
+        return load_npz(Path(spec), expected_chw)
+    raise DataError(
+        f"--data {spec!r} is neither 'fashion-mnist' nor an existing .npz file; "
+        "pass --data fashion-mnist or --data path/to/data.npz"
+    )
+
+
+# --------------------------------------------------------------------------- IDX
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise DataError(f"cannot read IDX file {path} ({e}); reinstall dataset-fashion-mnist or pass --data-dir") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DataError(f"{path} is not an unsigned-byte IDX file; pass --data-dir pointing at the Fashion-MNIST IDX files")
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    offset = 4 + 4 * ndim
+    count = int(np.prod(dims))
+    if len(raw) - offset != count:
+        raise DataError(f"{path} is truncated ({len(raw) - offset} of {count} bytes); reinstall the dataset")
+    return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(dims)
+
+
+def _find_idx(folder: Path, stem: str) -> Path:
+    for name in (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"):
+        p = folder / name
+        if p.is_file():
+            return p
+    raise DataError(
+        f"Fashion-MNIST file {stem}[.gz] not found in {folder}; install the Debian package "
+        f"dataset-fashion-mnist or pass --data-dir DIR holding the four IDX files"
+    )
+
+
+def load_fashion_mnist(folder: Path) -> Dataset:
+    arrays = {key: _read_idx(_find_idx(folder, stem)) for key, stem in _IDX_FILES.items()}
+    for split in ("train", "test"):
+        if len(arrays[f"x_{split}"]) != len(arrays[f"y_{split}"]):
+            raise DataError(f"Fashion-MNIST {split} images and labels differ in count in {folder}; reinstall the dataset")
+    return Dataset(
+        name="fashion-mnist",
+        origin=str(folder),
+        x_train=arrays["x_train"][:, None, :, :],
+        y_train=arrays["y_train"].astype(np.int64),
+        x_test=arrays["x_test"][:, None, :, :],
+        y_test=arrays["y_test"].astype(np.int64),
+        source_layout="NHW",
+        class_names=FASHION_MNIST_CLASSES,
+    )
+
+
+# --------------------------------------------------------------------------- NPZ
+
+_CHANNEL_COUNTS = (1, 2, 3, 4)
+
+
+def detect_layout(shape: tuple[int, ...], expected_chw: tuple[int, int, int] | None = None) -> str:
+    """Return "NHW", "NCHW" or "NHWC" for an image array's shape."""
+    if len(shape) == 3:
+        return "NHW"
+    if len(shape) != 4:
+        raise DataError(f"images have shape {tuple(shape)}; expected N×H×W, N×C×H×W or N×H×W×C")
+    if expected_chw is not None:
+        c, h, w = expected_chw
+        if tuple(shape[1:]) == (c, h, w):
+            return "NCHW"
+        if tuple(shape[1:]) == (h, w, c):
+            return "NHWC"
+    first, last = shape[1] in _CHANNEL_COUNTS, shape[3] in _CHANNEL_COUNTS
+    if first and not last:
+        return "NCHW"
+    if last and not first:
+        return "NHWC"
+    if first and last:  # e.g. 3×3×3: tie-break on the smaller axis being channels
+        return "NCHW" if shape[1] <= shape[3] else "NHWC"
+    raise DataError(
+        f"cannot tell the channel axis of images shaped {tuple(shape)}: neither axis 1 nor axis 3 "
+        f"holds 1-4 channels; store images as N×H×W, N×C×H×W or N×H×W×C"
+    )
+
+
+def _to_nchw(x: np.ndarray, layout: str) -> np.ndarray:
+    if layout == "NHW":
+        return x[:, None, :, :]
+    if layout == "NHWC":
+        return np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2)))
+    return x
+
+
+def load_npz(path: Path, expected_chw: tuple[int, int, int] | None = None) -> Dataset:
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist; pass --data path/to/data.npz or --data fashion-mnist")
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise DataError(f"{path} is not a readable .npz file ({type(e).__name__}); save it with numpy.savez") from None
+    if not isinstance(npz, np.lib.npyio.NpzFile):
+        raise DataError(f"{path} holds a single array, not an .npz archive with {', '.join(NPZ_KEYS)}; save it with numpy.savez")
+    with npz:
+        missing = [k for k in NPZ_KEYS if k not in npz.files]
+        if missing:
+            raise DataError(f"{path} lacks {', '.join(missing)}; it must hold arrays {', '.join(NPZ_KEYS)}")
+        arrays = {}
+        for k in NPZ_KEYS:
+            try:
+                arrays[k] = npz[k]
+            except ValueError:
+                raise DataError(f"{path}: array {k} holds Python objects; store plain numeric arrays (allow_pickle is off)") from None
+            except (OSError, zipfile.BadZipFile, EOFError) as e:
+                raise DataError(f"{path}: array {k} cannot be read ({type(e).__name__}); re-save the file") from None
+    for k in NPZ_KEYS:
+        if arrays[k].dtype == object or arrays[k].dtype.kind not in "biuf":
+            raise DataError(f"{path}: array {k} has dtype {arrays[k].dtype}; store numeric arrays")
+    xs = {}
+    layouts = set()
+    for split in ("train", "test"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if y.ndim != 1:
+            raise DataError(f"{path}: y_{split} has shape {y.shape}; labels must be a 1-D array of class indices")
+        if len(x) != len(y):
+            raise DataError(f"{path}: x_{split} has {len(x)} images but y_{split} has {len(y)} labels; they must match")
+        if len(x) == 0:
+            raise DataError(f"{path}: x_{split} is empty; both splits need images")
+        if y.dtype.kind == "f":
+            if not np.all(np.isfinite(y)) or np.any(y != np.round(y)):
+                raise DataError(f"{path}: y_{split} holds non-integer labels; store integer class indices")
+        if np.any(y < 0):
+            raise DataError(f"{path}: y_{split} holds negative labels; labels must be class indices 0..K-1")
+        if x.dtype.kind == "f":
+            if not np.all(np.isfinite(x)):
+                raise DataError(f"{path}: x_{split} holds NaN or inf; clean the images before exporting")
+            x = x.astype(np.float32, copy=False)
+        elif x.dtype != np.uint8:
+            if x.min() < 0 or x.max() > 255:
+                raise DataError(f"{path}: x_{split} is {x.dtype} with values outside 0..255; store uint8 or float32 images")
+            x = x.astype(np.uint8)
+        layout = detect_layout(x.shape, expected_chw)
+        layouts.add(layout)
+        xs[split] = _to_nchw(x, layout)
+    if len(layouts) != 1:
+        raise DataError(f"{path}: x_train and x_test have different layouts ({', '.join(sorted(layouts))}); store both alike")
+    if xs["train"].shape[1:] != xs["test"].shape[1:]:
+        raise DataError(f"{path}: train images are {xs['train'].shape[1:]} but test images are {xs['test'].shape[1:]}; they must match")
+    if xs["train"].dtype != xs["test"].dtype:
+        raise DataError(f"{path}: x_train is {xs['train'].dtype} but x_test is {xs['test'].dtype}; store both alike")
+    return Dataset(
+        name=path.stem,
+        origin=str(path),
+        x_train=xs["train"],
+        y_train=arrays["y_train"].astype(np.int64),
+        x_test=xs["test"],
+        y_test=arrays["y_test"].astype(np.int64),
+        source_layout=layouts.pop(),
+    )
+
+
+def check_fits(ds: Dataset, input_chw: tuple[int, int, int], num_classes: int) -> None:
+    """Fail clearly when the images or labels do not fit the model."""
+    if tuple(ds.sample_shape) != tuple(input_chw):
+        raise DataError(
+            f"images are {'x'.join(map(str, ds.sample_shape))} (C×H×W) but the model takes "
+            f"{'x'.join(map(str, input_chw))}; resize the data or pass the matching --input-shape"
+        )
+    hi = int(max(ds.y_train.max(), ds.y_test.max()))
+    if hi >= num_classes:
+        raise DataError(
+            f"labels go up to {hi} but the model has {num_classes} outputs; labels must lie in 0..{num_classes - 1}"
+        )

@@ -1,0 +1,435 @@
+"""``python -m pipeline.export --target tflite-int8``: PyTorch -> ONNX -> fully-int8 TFLite, verified.
+
+The pipeline is the literal list ``STAGES`` below; each stage is timed into the report.
+
+    export_onnx  PyTorch -> ONNX (dynamic batch), onnx.checker, onnxruntime vs PyTorch
+    convert      ONNX -> TFLite full int8, calibrated on the representative dataset
+    inspect      flatbuffer: ops, tensor dtypes, quantization; fail unless fully int8
+    run          int8 on LiteRT kernels (target's kernels/threads) and FP32 on the same inputs
+    compare      top-1, drop, agreement, output errors in quantization steps, sizes
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .errors import OutputError, PipelineError, UsageError
+
+DEFAULT_MODEL = "zoo:refcnn"
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    model: str = DEFAULT_MODEL
+    weights: str | None = None
+    input_shape: tuple[int, int, int] | None = None
+    data: str = "fashion-mnist"
+    data_dir: str | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    calib: str = "balanced"
+    calib_size: int = 500
+    seed: int = 0
+    target: str = "tflite-int8"
+    out: str | None = None
+    max_drop_pp: float = 1.0
+    min_agreement: float = 0.98
+    converter: str = "onnx2tf"
+    batch_size: int = 256
+    eval_limit: int | None = None
+    verbose: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Run:
+    """What the stages share: the resolved inputs and each stage's output."""
+
+    cfg: ExportConfig
+    target: object
+    model: object
+    dataset: object
+    pre: object
+    calib: object
+    work: Path
+    x_test: object = None
+    outputs: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+    progress: bool = True
+
+
+# --------------------------------------------------------------------------- stages
+
+def stage_export_onnx(run: Run):
+    from .onnx_export import export_onnx
+    return export_onnx(run.model, run.calib.array()[:32], run.work / "model.onnx")
+
+
+def stage_convert(run: Run):
+    from .convert import get_converter
+    return get_converter(run.cfg.converter).convert(
+        run.outputs["export_onnx"], run.calib.array(), run.pre,
+        per_channel=run.target.per_channel_weights, out_path=run.work / "model_int8.tflite",
+        verbose=run.cfg.verbose)
+
+
+def stage_inspect(run: Run):
+    from .errors import NotFullyInt8Error
+    from .inspect_tflite import inspect
+    insp = inspect(run.outputs["convert"].path)
+    if not insp.fully_int8 and not run.target.allow_float_fallback:
+        shown = "; ".join(insp.offending[:6]) + (f"; and {len(insp.offending) - 6} more" if len(insp.offending) > 6 else "")
+        raise NotFullyInt8Error(f"the converted model is not fully int8: {shown}; replace these ops in the model "
+                                f"or choose a target that allows float fallback")
+    return insp
+
+
+def stage_run(run: Run):
+    from . import models
+    from .runtime import TfliteRunner
+    tfl = run.outputs["convert"]
+    runner = TfliteRunner(tfl.path, kernels=run.target.kernels, threads=run.target.threads,
+                          batch_size=run.cfg.batch_size, input_layout=tfl.input_layout)
+    with _progress(2 * len(run.x_test), "run int8 + FP32", run.progress) as bar:
+        int8 = runner.run(run.x_test, progress=bar)
+        t0 = time.perf_counter()
+        fp32 = models.run_fp32(run.model, run.x_test, batch_size=run.cfg.batch_size, progress=bar)
+        fp32_s = time.perf_counter() - t0
+    return RunOutputs(int8=int8, fp32=fp32, fp32_seconds=fp32_s)
+
+
+def stage_compare(run: Run):
+    from .metrics import compare
+    r = run.outputs["run"]
+    insp = run.outputs["inspect"]
+    return compare(r.fp32, r.int8.outputs, run.dataset.y_test[: len(run.x_test)],
+                   output_scale=insp.outputs[0].scale[0] if insp.outputs[0].scale else 0.0)
+
+
+STAGES: list[tuple[str, Callable[[Run], object]]] = [
+    ("export_onnx", stage_export_onnx),
+    ("convert", stage_convert),
+    ("inspect", stage_inspect),
+    ("run", stage_run),
+    ("compare", stage_compare),
+]
+
+
+@dataclass(frozen=True)
+class RunOutputs:
+    int8: object  # runtime.RunResult
+    fp32: object  # np.ndarray of FP32 logits
+    fp32_seconds: float
+
+
+# --------------------------------------------------------------------------- driver
+
+def export(cfg: ExportConfig, log=print) -> tuple[int, Path, "object"]:
+    """Run the whole export. Returns (exit status, output folder, report)."""
+    import numpy as np
+
+    from . import quiet
+    quiet.configure(cfg.verbose)
+    t_start = time.perf_counter()
+    setup_t0 = time.perf_counter()
+    run, out = _prepare(cfg, log)
+    setup_s = time.perf_counter() - setup_t0
+    try:
+        for i, (name, fn) in enumerate(STAGES, 1):
+            t0 = time.perf_counter()
+            run.outputs[name] = fn(run)
+            run.timings[name] = round(time.perf_counter() - t0, 3)
+            log(f"[{i}/{len(STAGES)}] {name:<12} {run.timings[name]:6.2f}s", file=sys.stderr)
+        report = _build_report(run, setup_s)
+        r = run.outputs["run"]
+        np.savez_compressed(run.work / "predictions.npz", labels=run.dataset.y_test[: len(run.x_test)],
+                            fp32_logits=r.fp32, int8_logits=r.int8.outputs, int8_raw=r.int8.raw_outputs)
+        report.timings_s["total"] = round(time.perf_counter() - t_start, 3)
+        report.write(run.work / "report.json")
+        _publish(run.work, out)
+    finally:
+        shutil.rmtree(run.work, ignore_errors=True)
+    return (0 if report.passed else 1), out, report
+
+
+def _prepare(cfg: ExportConfig, log) -> tuple[Run, Path]:
+    import numpy as np
+    import targets
+    from calib_data import CalibContext, build
+    from . import data as data_mod
+    from . import models, preprocessing
+
+    target = targets.get_target(cfg.target)
+    if cfg.calib_size <= 0:
+        raise UsageError(f"--calib-size {cfg.calib_size} gives an empty representative dataset; pass at least 1 "
+                         "(100-500 recommended)")
+    if cfg.batch_size <= 0:
+        raise UsageError("--batch-size must be at least 1")
+    out = Path(cfg.out) if cfg.out else Path(_default_out_name(cfg.model, target.name))
+    work = _make_workdir(out)
+    try:
+        model = models.load(cfg.model, cfg.weights)
+        ds = data_mod.load(cfg.data, cfg.data_dir, cfg.input_shape or model.input_shape)
+        if cfg.input_shape and model.input_shape and tuple(cfg.input_shape) != tuple(model.input_shape):
+            raise UsageError(f"--input-shape {','.join(map(str, cfg.input_shape))} does not fit {model.spec}, which "
+                             f"takes {','.join(map(str, model.input_shape))}; drop --input-shape or fix it")
+        input_shape = tuple(cfg.input_shape or model.input_shape or ds.sample_shape)
+        num_classes = models.probe(model, input_shape)
+        if model.num_classes is None:
+            model.num_classes = num_classes
+        data_mod.check_fits(ds, input_shape, num_classes)
+        mean = preprocessing.per_channel(cfg.mean if cfg.mean is not None else model.mean, input_shape[0], 0.0, "mean")
+        std = preprocessing.per_channel(cfg.std if cfg.std is not None else model.std, input_shape[0], 1.0, "std")
+        if any(s <= 0 for s in std):
+            raise UsageError("--std values must be positive")
+        pre = preprocessing.Preprocessing(
+            input_shape=input_shape, source_layout=ds.source_layout, source_dtype=ds.source_dtype,
+            scale=ds.scale, mean=mean, std=std,
+            raw_range=(0.0, 255.0) if ds.source_dtype == "uint8" else (float(ds.x_train.min()), float(ds.x_train.max())),
+        )
+        ctx = CalibContext(x_train=ds.x_train, y_train=ds.y_train, preprocessing=pre, dataset_name=ds.name)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            calib = build(cfg.calib, ctx, cfg.calib_size, cfg.seed)
+        for w in caught:
+            log(f"warning: {w.message}", file=sys.stderr)
+        if len(calib) < target.min_calibration_samples and not caught:
+            log(f"warning: {len(calib)} calibration samples is below the target's minimum of "
+                f"{target.min_calibration_samples}", file=sys.stderr)
+        n_eval = len(ds.x_test) if cfg.eval_limit is None else min(cfg.eval_limit, len(ds.x_test))
+        if n_eval <= 0:
+            raise UsageError("--eval-limit must be at least 1")
+        x_test = preprocessing.apply(ds.x_test[:n_eval], pre)
+        run = Run(cfg=cfg, target=target, model=model, dataset=ds, pre=pre, calib=calib, work=work, x_test=x_test,
+                  progress=not cfg.verbose and sys.stderr.isatty())
+        np.random.seed(cfg.seed)
+        return run, out
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def _default_out_name(model_spec: str, target: str) -> str:
+    stem = model_spec.split(":", 1)[1] if model_spec.startswith("zoo:") else Path(model_spec.split(":")[-1]).stem
+    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in stem) or "model"
+    return f"{stem}-{target}"
+
+
+def _make_workdir(out: Path) -> Path:
+    """A temp folder beside ``out`` (same file system, so publishing is a rename)."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} exists and is not a folder; pass a folder path")
+    parent = out.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    except OSError as e:
+        raise OutputError(f"cannot write the output folder {out} ({e.strerror or e}); pass a writable --out") from None
+    if out.is_dir() and not os.access(out, os.W_OK):
+        shutil.rmtree(work, ignore_errors=True)
+        raise OutputError(f"the output folder {out} is not writable; pass a writable --out")
+    return work
+
+
+def _publish(work: Path, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for f in sorted(work.iterdir()):
+        os.replace(f, out / f.name)
+
+
+def _build_report(run: Run, setup_s: float):
+    from .report import Report
+    o = run.outputs
+    onnx_art, tfl, insp, r, cmp = o["export_onnx"], o["convert"], o["inspect"], o["run"], o["compare"]
+    cfg = run.cfg
+    gates = {
+        "fully_int8": {"required": True, "value": insp.fully_int8, "passed": bool(insp.fully_int8)},
+        "max_drop_pp": {"limit": cfg.max_drop_pp, "value": cmp.drop_pp, "passed": cmp.drop_pp <= cfg.max_drop_pp},
+        "min_agreement": {"limit": cfg.min_agreement, "value": cmp.agreement,
+                          "passed": cmp.agreement >= cfg.min_agreement},
+    }
+    n = len(run.x_test)
+    q = insp.to_dict(with_tensors=True)
+    return Report(
+        kind="export",
+        target=run.target.to_dict(),
+        model=run.model.describe(),
+        data={**run.dataset.describe(), "evaluated": n, "split": "test"},
+        preprocessing={**run.pre.to_dict(), "tflite_input_layout": tfl.input_layout,
+                       "formula": "x = (raw * scale - mean[c]) / std[c]; int8 = round(x / in_scale) + in_zero_point"},
+        calibration=run.calib.describe() | {"split": "train", "seed": cfg.seed},
+        onnx=onnx_art.describe(),
+        conversion=tfl.describe(),
+        quantization=q,
+        runtime={
+            "int8": r.int8.describe(),
+            "fp32": {"runtime": run.model.reference_runtime, "images": n, "seconds": round(r.fp32_seconds, 4),
+                     "images_per_s": round(n / r.fp32_seconds, 1) if r.fp32_seconds else None,
+                     "measured_on": r.int8.describe()["measured_on"]},
+            "note": "host measurements on this machine's CPU, not device latency",
+        },
+        artifacts={
+            "onnx": {"path": "model.onnx", "bytes": onnx_art.bytes},
+            "tflite_int8": {"path": "model_int8.tflite", "bytes": tfl.bytes},
+            "size_ratio_onnx_to_int8": round(onnx_art.bytes / tfl.bytes, 3) if tfl.bytes else None,
+            "predictions": {"path": "predictions.npz", "arrays": ["labels", "fp32_logits", "int8_logits", "int8_raw"]},
+            "report": {"path": "report.json"},
+        },
+        accuracy=cmp.to_dict() | {"evaluated_on": f"{run.dataset.name} test split, {n} images; int8 on LiteRT "
+                                                  f"{run.target.kernels} kernels with {run.target.threads} threads, "
+                                                  f"FP32 on {run.model.reference_runtime}"},
+        timings_s={"setup": round(setup_s, 3), **run.timings, **{f"convert.{k}": v for k, v in tfl.timings_s.items()}},
+        gates=gates,
+        passed=all(g["passed"] for g in gates.values()),
+        config={k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.to_dict().items()},
+    )
+
+
+class _progress:
+    """A tqdm bar on stderr when it is a terminal; otherwise nothing."""
+
+    def __init__(self, total: int, desc: str, enabled: bool):
+        self.total, self.desc, self.enabled, self.bar = total, desc, enabled, None
+
+    def __enter__(self):
+        if self.enabled:
+            from tqdm import tqdm
+            self.bar = tqdm(total=self.total, desc=self.desc, unit="img", leave=False, file=sys.stderr)
+            return self.bar.update
+        return None
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
+        return False
+
+
+# --------------------------------------------------------------------------- CLI
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        vals = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+    return vals
+
+
+def _shape(text: str) -> tuple[int, int, int]:
+    try:
+        vals = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not C,H,W (three positive integers)") from None
+    if len(vals) != 3 or any(v <= 0 for v in vals):
+        raise argparse.ArgumentTypeError(f"{text!r} is not C,H,W (three positive integers)")
+    return vals  # type: ignore[return-value]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, no usage dump
+        raise UsageError(f"{message}; see python -m pipeline.export --help")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m pipeline.export",
+                description="PyTorch -> ONNX -> fully-int8 TFLite, run on real TFLite kernels and checked "
+                            "against the FP32 model.")
+    g = p.add_argument_group("Inputs")
+    g.add_argument("--model", default=DEFAULT_MODEL,
+                   help="zoo:NAME, path/to/model.onnx, path/to/model.pt (TorchScript) or package.module:factory "
+                        f"(default {DEFAULT_MODEL})")
+    g.add_argument("--weights", help="state_dict file for a factory model (loaded with weights_only=True)")
+    g.add_argument("--input-shape", type=_shape, help="C,H,W when the model does not say")
+    g = p.add_argument_group("Data")
+    g.add_argument("--data", default="fashion-mnist", help="fashion-mnist or path/to/data.npz")
+    g.add_argument("--data-dir", help="folder with the Fashion-MNIST IDX files "
+                                      "(default /usr/share/datasets/fashion-mnist)")
+    g.add_argument("--mean", type=_floats, help="per-channel mean after scaling (default: the model's, else 0)")
+    g.add_argument("--std", type=_floats, help="per-channel std after scaling (default: the model's, else 1)")
+    g.add_argument("--eval-limit", type=int, help="evaluate on the first N test images only")
+    g = p.add_argument_group("Target")
+    g.add_argument("--target", default="tflite-int8", help="target profile (see --list-targets)")
+    g.add_argument("--list-targets", action="store_true", help="print the target registry and exit")
+    g.add_argument("--converter", default="onnx2tf", help="conversion route (default onnx2tf)")
+    g = p.add_argument_group("Calibration")
+    g.add_argument("--calib", default="balanced", help="representative dataset source (default balanced)")
+    g.add_argument("--calib-size", type=int, default=500, help="number of calibration samples (default 500)")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("Verification")
+    g.add_argument("--max-drop-pp", type=float, default=1.0, help="gate: largest top-1 drop in points (default 1.0)")
+    g.add_argument("--min-agreement", type=float, default=0.98, help="gate: smallest top-1 agreement (default 0.98)")
+    g.add_argument("--batch-size", type=int, default=256, help="batch for interpreter and FP32 runs")
+    g = p.add_argument_group("Output")
+    g.add_argument("--out", help="output folder (default MODEL-TARGET in the current folder)")
+    g.add_argument("-v", "--verbose", action="store_true", help="show the tools' own output")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> ExportConfig:
+    return ExportConfig(
+        model=args.model, weights=args.weights, input_shape=args.input_shape, data=args.data,
+        data_dir=args.data_dir, mean=args.mean, std=args.std, calib=args.calib, calib_size=args.calib_size,
+        seed=args.seed, target=args.target, out=args.out, max_drop_pp=args.max_drop_pp,
+        min_agreement=args.min_agreement, converter=args.converter, batch_size=args.batch_size,
+        eval_limit=args.eval_limit, verbose=args.verbose,
+    )
+
+
+def print_targets() -> None:
+    import targets
+    rows = [("name", "precision", "runtime", "kernels", "threads", "description")]
+    for name in targets.list_targets():
+        t = targets.get_target(name)
+        rows.append((t.name, t.precision, t.runtime, t.kernels, str(t.threads), t.description))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def summary(report, out: Path) -> str:
+    a, art, q = report.accuracy, report.artifacts, report.quantization
+    verdict = "PASS" if report.passed else "FAIL (" + ", ".join(k for k, g in report.gates.items() if not g["passed"]) + ")"
+    return "\n".join([
+        f"model      {report.model['spec']}  ->  target {report.target['name']}",
+        f"int8       fully_int8={q['fully_int8']}  input {q['input_dtype']}  output {q['output_dtype']}  "
+        f"ops {sum(q['ops'].values())} ({', '.join(q['ops'])})",
+        f"sizes      ONNX {art['onnx']['bytes'] / 1024:.1f} KiB  ->  int8 TFLite {art['tflite_int8']['bytes'] / 1024:.1f} KiB "
+        f"({art['size_ratio_onnx_to_int8']}x smaller)",
+        f"accuracy   FP32 {a['fp32_top1'] * 100:.2f}%  int8 {a['int8_top1'] * 100:.2f}%  drop {a['drop_pp']:+.2f} pp  "
+        f"agreement {a['agreement'] * 100:.2f}%  ({a['n']} test images)",
+        f"throughput int8 {report.runtime['int8']['images_per_s']:.0f} img/s on LiteRT {report.runtime['int8']['kernels']}, "
+        f"{report.runtime['int8']['threads']} threads (host)",
+        f"verdict    {verdict}  in {report.timings_s['total']:.1f}s",
+        f"files      {out}/ (model.onnx, model_int8.tflite, report.json, predictions.npz)",
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        if args.list_targets:
+            print_targets()
+            return 0
+        cfg = config_from_args(args)
+        status, out, report = export(cfg)
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_status
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written to the output folder", file=sys.stderr)
+        return 130
+    print(summary(report, out))
+    return status
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

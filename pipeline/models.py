@@ -1,0 +1,283 @@
+"""Model sources for ``--model``.
+
+- ``zoo:NAME``: a built-in model with shipped weights;
+- ``path/to/model.onnx``: an ONNX file (its FP32 reference is then onnxruntime);
+- ``package.module:factory`` (+ ``--weights state_dict.pt``): any importable factory;
+- ``path/to/model.pt``: a TorchScript archive saved with ``torch.jit.save``.
+
+Weights are only ever read with ``torch.load(..., weights_only=True)``: a pickle is never
+executed.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import pickle
+import sys
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ModelError
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for export: a torch module, or an ONNX file for ONNX sources."""
+
+    spec: str
+    kind: str  # "zoo", "factory", "torchscript" or "onnx"
+    module: Any = None  # torch.nn.Module (or ScriptModule) in eval mode; None for ONNX
+    onnx_path: Path | None = None
+    input_shape: tuple[int, int, int] | None = None  # C,H,W when known from the model itself
+    num_classes: int | None = None
+    mean: tuple[float, ...] | None = None  # normalisation the model was trained with, if known
+    std: tuple[float, ...] | None = None
+    description: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def reference_runtime(self) -> str:
+        return "onnxruntime" if self.kind == "onnx" else "pytorch"
+
+    def describe(self) -> dict:
+        d = {"spec": self.spec, "kind": self.kind, "fp32_reference": self.reference_runtime,
+             "description": self.description, "num_classes": self.num_classes}
+        if self.module is not None:
+            d["parameters"] = int(sum(p.numel() for p in self.module.parameters()))
+        d.update({k: v for k, v in self.extra.items() if not k.startswith("_")})
+        return d
+
+
+def load(spec: str, weights: str | None = None) -> LoadedModel:
+    if spec.startswith("zoo:"):
+        if weights:
+            return _with_weights(_load_zoo(spec[4:], shipped=False), weights, spec)
+        return _load_zoo(spec[4:])
+    path = Path(spec)
+    if spec.lower().endswith(".onnx"):
+        if weights:
+            raise ModelError("--weights does not apply to an ONNX model; drop --weights")
+        return _load_onnx(path)
+    if spec.lower().endswith((".pt", ".pth", ".ptl", ".torchscript")):
+        if weights:
+            raise ModelError("--weights does not apply to a TorchScript file; use --model package.module:factory --weights FILE")
+        return _load_torchscript(path)
+    if ":" in spec and not os.path.exists(spec):
+        return _load_factory(spec, weights)
+    if path.exists():
+        raise ModelError(f"cannot tell what kind of model {spec} is; pass a .onnx file, a TorchScript .pt file, "
+                         "zoo:NAME or package.module:factory")
+    raise ModelError(f"model {spec!r} not found; pass zoo:NAME, path/to/model.onnx, path/to/model.pt "
+                     "or package.module:factory --weights state_dict.pt")
+
+
+# --------------------------------------------------------------------------- zoo
+
+def _load_zoo(name: str, shipped: bool = True) -> LoadedModel:
+    from . import zoo
+    entry = zoo.get_entry(name)
+    module = entry.factory()
+    if shipped:
+        if not entry.weights_path.is_file():
+            raise ModelError(f"zoo:{name} has no shipped weights at {entry.weights_path}; "
+                             f"train them with python -m pipeline.train zoo:{name}")
+        _load_state_dict(module, entry.weights_path, f"zoo:{name}")
+    module.eval()
+    record = entry.training_record() or {}
+    return LoadedModel(
+        spec=f"zoo:{name}", kind="zoo", module=module, input_shape=entry.input_shape,
+        num_classes=entry.num_classes, mean=entry.mean, std=entry.std, description=entry.description,
+        extra={"trained_fp32_top1": record.get("fp32_test_top1"), "weights": str(entry.weights_path)},
+    )
+
+
+def _with_weights(loaded: LoadedModel, weights: str, spec: str) -> LoadedModel:
+    _load_state_dict(loaded.module, Path(weights), spec)
+    loaded.module.eval()
+    loaded.extra["weights"] = weights
+    return loaded
+
+
+# --------------------------------------------------------------------------- factory
+
+def _load_factory(spec: str, weights: str | None) -> LoadedModel:
+    import torch.nn as nn
+    mod_name, _, attr = spec.partition(":")
+    if not mod_name or not attr:
+        raise ModelError(f"--model {spec!r} is not package.module:factory")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        mod = importlib.import_module(mod_name)
+    except ModuleNotFoundError as e:
+        raise ModelError(f"cannot import module {mod_name!r} ({e}); check the name and run from the folder "
+                         "that holds it (the current directory is importable)") from None
+    except Exception as e:  # the user's module raised while importing
+        raise ModelError(f"importing {mod_name!r} failed: {type(e).__name__}: {e}") from None
+    factory = mod
+    for part in attr.split("."):
+        if not hasattr(factory, part):
+            raise ModelError(f"module {mod_name!r} has no attribute {attr!r}; pass package.module:factory naming "
+                             "a function or class that returns an nn.Module")
+        factory = getattr(factory, part)
+    if isinstance(factory, nn.Module):
+        module = factory
+    elif callable(factory):
+        try:
+            module = factory()
+        except Exception as e:
+            raise ModelError(f"calling {spec}() failed: {type(e).__name__}: {e}; the factory must take no "
+                             "required arguments") from None
+    else:
+        raise ModelError(f"{spec} is not callable; pass a function or class returning an nn.Module")
+    if not isinstance(module, nn.Module):
+        raise ModelError(f"{spec}() returned {type(module).__name__}, not a torch.nn.Module; "
+                         "the factory must return an nn.Module")
+    if weights:
+        _load_state_dict(module, Path(weights), spec)
+    module.eval()
+    return LoadedModel(spec=spec, kind="factory", module=module, description=f"factory {spec}",
+                       extra={"weights": weights})
+
+
+def _load_state_dict(module, path: Path, spec: str) -> None:
+    import torch
+    if not path.is_file():
+        raise ModelError(f"weights file {path} does not exist; pass --weights path/to/state_dict.pt")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ModelError(f"{path} is not a plain state dict (it needs arbitrary pickled objects, which are never "
+                         "loaded); save it with torch.save(model.state_dict(), path)") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise ModelError(f"cannot read weights {path} ({type(e).__name__}); save them with "
+                         "torch.save(model.state_dict(), path)") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        raise ModelError(f"{path} is not a state dict of tensors; save it with torch.save(model.state_dict(), path)")
+    try:
+        module.load_state_dict(obj, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        detail = " ".join(first[1:3]) if len(first) > 1 else first[0]
+        raise ModelError(f"weights {path} do not fit {spec}: {detail[:300]}; pass the weights saved from this "
+                         "architecture") from None
+
+
+# --------------------------------------------------------------------------- TorchScript
+
+def _load_torchscript(path: Path) -> LoadedModel:
+    import torch
+    if not path.is_file():
+        raise ModelError(f"model file {path} does not exist; check the path")
+    if not os.access(path, os.R_OK):
+        raise ModelError(f"model file {path} is not readable; fix its permissions")
+    try:
+        module = torch.jit.load(str(path), map_location="cpu")
+    except Exception as e:
+        raise ModelError(f"{path} is not a TorchScript archive ({type(e).__name__}); save it with torch.jit.save, "
+                         "or for a state dict pass --model package.module:factory --weights FILE") from None
+    module.eval()
+    return LoadedModel(spec=str(path), kind="torchscript", module=module, description=f"TorchScript {path.name}")
+
+
+# --------------------------------------------------------------------------- ONNX
+
+def _load_onnx(path: Path) -> LoadedModel:
+    import onnx
+    if not path.is_file():
+        raise ModelError(f"model file {path} does not exist; check the path")
+    if not os.access(path, os.R_OK):
+        raise ModelError(f"model file {path} is not readable; fix its permissions")
+    try:
+        proto = onnx.load(str(path))
+        onnx.checker.check_model(proto)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ModelError(f"{path} is not a valid ONNX model ({msg}); re-export it with torch.onnx.export") from None
+    graph_inputs = [i for i in proto.graph.input if i.name not in {init.name for init in proto.graph.initializer}]
+    if len(graph_inputs) != 1 or len(proto.graph.output) != 1:
+        raise ModelError(f"{path} has {len(graph_inputs)} inputs and {len(proto.graph.output)} outputs; "
+                         "the pipeline handles image classifiers with one input and one output")
+    dims = graph_inputs[0].type.tensor_type.shape.dim
+    shape = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    input_shape = None
+    if len(shape) == 4 and all(v for v in shape[1:]):
+        input_shape = tuple(int(v) for v in shape[1:])
+    elem = graph_inputs[0].type.tensor_type.elem_type
+    if elem != onnx.TensorProto.FLOAT:
+        raise ModelError(f"{path} takes {onnx.TensorProto.DataType.Name(elem)} input; the pipeline needs a float32 image input")
+    out_dims = proto.graph.output[0].type.tensor_type.shape.dim
+    num_classes = out_dims[-1].dim_value if len(out_dims) == 2 and out_dims[-1].HasField("dim_value") else None
+    return LoadedModel(
+        spec=str(path), kind="onnx", onnx_path=path, input_shape=input_shape, num_classes=num_classes,
+        description=f"ONNX {path.name}",
+        extra={"input_name": graph_inputs[0].name, "batch_dim": shape[0] if shape else None,
+               "opset": max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=None)},
+    )
+
+
+# --------------------------------------------------------------------------- probing and FP32 runs
+
+def probe(model: LoadedModel, input_shape: tuple[int, int, int]) -> int:
+    """Run a dummy batch to check the input shape fits; return the number of classes."""
+    x = np.zeros((2, *input_shape), np.float32)
+    try:
+        out = run_fp32(model, x, batch_size=2)
+    except ModelError:
+        raise
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ModelError(f"input shape {','.join(map(str, input_shape))} does not fit {model.spec} ({msg}); "
+                         "pass the right --input-shape C,H,W") from None
+    if out.ndim != 2 or out.shape[0] != 2:
+        raise ModelError(f"{model.spec} returns shape {tuple(out.shape[1:])} per sample; the pipeline needs a "
+                         "classifier returning one logit vector [N, classes]")
+    return int(out.shape[1])
+
+
+def run_fp32(model: LoadedModel, x: np.ndarray, batch_size: int = 512, progress=None) -> np.ndarray:
+    """FP32 reference outputs (PyTorch, or onnxruntime for ONNX sources) on float32 NCHW input."""
+    outs = []
+    if model.kind == "onnx":
+        sess = _ort_session(model)
+        name = sess.get_inputs()[0].name
+        bs = batch_size if model.extra.get("batch_dim") in (None, 0) else int(model.extra["batch_dim"])
+        for i in range(0, len(x), bs):
+            chunk = x[i:i + bs]
+            if len(chunk) < bs and model.extra.get("batch_dim") not in (None, 0):
+                chunk = np.concatenate([chunk, np.zeros((bs - len(chunk), *chunk.shape[1:]), chunk.dtype)])
+                outs.append(sess.run(None, {name: chunk})[0][: len(x) - i])
+            else:
+                outs.append(sess.run(None, {name: chunk})[0])
+            if progress:
+                progress(min(bs, len(x) - i))
+        return np.concatenate(outs).astype(np.float32)
+    import torch
+    with torch.inference_mode():
+        for i in range(0, len(x), batch_size):
+            out = model.module(torch.from_numpy(np.ascontiguousarray(x[i:i + batch_size])))
+            if isinstance(out, (tuple, list)):
+                out = out[0]
+            if not isinstance(out, torch.Tensor):
+                raise ModelError(f"{model.spec} returned {type(out).__name__}; it must return a logits tensor")
+            outs.append(out.float().numpy())
+            if progress:
+                progress(min(batch_size, len(x) - i))
+    return np.concatenate(outs)
+
+
+def _ort_session(model: LoadedModel):
+    sess = model.extra.get("_session")
+    if sess is None:
+        import onnxruntime as ort
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        sess = ort.InferenceSession(str(model.onnx_path), so, providers=["CPUExecutionProvider"])
+        model.extra["_session"] = sess
+    return sess

@@ -1,0 +1,85 @@
+"""The one preprocessing record that travels with a model.
+
+Calibration, evaluation, the report and any device bundle read this record; nothing
+else normalises data. Raw images are turned into model input by
+``(x * scale - mean[c]) / std[c]`` exactly once, in :func:`apply`.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .errors import DataError
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How raw images become the float32 model input (NCHW for the PyTorch/ONNX model)."""
+
+    input_shape: tuple[int, int, int]  # C, H, W of one sample, as the PyTorch model sees it
+    source_layout: str  # layout the data arrived in: "NHW", "NCHW" or "NHWC"
+    source_dtype: str  # "uint8" or "float32"
+    scale: float  # multiply raw values by this first (1/255 for uint8)
+    mean: tuple[float, ...]  # per channel, after scaling
+    std: tuple[float, ...]  # per channel, after scaling
+    raw_range: tuple[float, float] = (0.0, 255.0)  # range of the raw values (uint8: 0..255)
+    layout: str = "NCHW"  # the layout of the PyTorch/ONNX model input
+
+    @property
+    def channels(self) -> int:
+        return self.input_shape[0]
+
+    def value_range(self) -> tuple[float, float]:
+        """The range model inputs can take once raw data in [0, 1/scale] is normalised."""
+        raw_lo, raw_hi = self.raw_range[0] * self.scale, self.raw_range[1] * self.scale
+        lo = min((raw_lo - m) / s for m, s in zip(self.mean, self.std))
+        hi = max((raw_hi - m) / s for m, s in zip(self.mean, self.std))
+        return float(lo), float(hi)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["input_shape"] = list(self.input_shape)
+        d["mean"] = list(self.mean)
+        d["std"] = list(self.std)
+        d["raw_range"] = list(self.raw_range)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocessing":
+        return cls(
+            input_shape=tuple(int(v) for v in d["input_shape"]),
+            source_layout=str(d["source_layout"]),
+            source_dtype=str(d["source_dtype"]),
+            scale=float(d["scale"]),
+            mean=tuple(float(v) for v in d["mean"]),
+            std=tuple(float(v) for v in d["std"]),
+            raw_range=tuple(float(v) for v in d.get("raw_range", (0.0, 255.0))),
+            layout=str(d.get("layout", "NCHW")),
+        )
+
+
+def per_channel(values: tuple[float, ...] | None, channels: int, default: float, name: str) -> tuple[float, ...]:
+    """Broadcast a --mean/--std value list to one value per channel."""
+    if values is None or len(values) == 0:
+        return (float(default),) * channels
+    if len(values) == 1:
+        return (float(values[0]),) * channels
+    if len(values) != channels:
+        raise DataError(
+            f"--{name} has {len(values)} values but the model input has {channels} channels; "
+            f"give one value or one per channel"
+        )
+    return tuple(float(v) for v in values)
+
+
+def apply(images_nchw: np.ndarray, pre: Preprocessing) -> np.ndarray:
+    """Raw images already in NCHW order (uint8 or float) -> normalised float32 model input."""
+    x = images_nchw.astype(np.float32) * np.float32(pre.scale)
+    mean = np.asarray(pre.mean, np.float32).reshape(1, -1, 1, 1)
+    std = np.asarray(pre.std, np.float32).reshape(1, -1, 1, 1)
+    return ((x - mean) / std).astype(np.float32, copy=False)
+
+
+def nchw_to_nhwc(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(np.transpose(x, (0, 2, 3, 1)))

@@ -1,0 +1,137 @@
+"""Stage 4: run a TFLite model on LiteRT's real kernels.
+
+Inputs arrive as normalised float32 NCHW (the preprocessing record's output); this module
+moves them to the TFLite input layout, quantizes them with the input tensor's scale and
+zero point, runs batched where the model has a dynamic batch dimension, and returns the
+dequantized outputs.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import RuntimeStageError
+
+KERNELS = ("xnnpack", "builtin", "ref")
+
+
+def _resolver(kernels: str):
+    from ai_edge_litert.interpreter import OpResolverType
+    return {
+        "xnnpack": OpResolverType.BUILTIN,  # built-in kernels with the default XNNPACK delegate
+        "builtin": OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+        "ref": OpResolverType.BUILTIN_REF,
+    }[kernels]
+
+
+@dataclass(frozen=True)
+class RunResult:
+    outputs: np.ndarray  # dequantized float32 [N, K]
+    raw_outputs: np.ndarray  # the integer outputs as the device sees them
+    seconds: float
+    images_per_s: float
+    batch_size: int
+    kernels: str
+    threads: int
+
+    def describe(self) -> dict:
+        return {"runtime": "ai-edge-litert", "kernels": self.kernels, "threads": self.threads,
+                "batch_size": self.batch_size, "images": int(len(self.outputs)),
+                "seconds": round(self.seconds, 4), "images_per_s": round(self.images_per_s, 1),
+                "measured_on": host_description()}
+
+
+def host_description() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"this host ({cpu}, {os.cpu_count()} logical cores)"
+
+
+def quantize(x: np.ndarray, scale: float, zero_point: int, dtype) -> np.ndarray:
+    info = np.iinfo(dtype)
+    q = np.round(x / np.float32(scale)) + zero_point
+    return np.clip(q, info.min, info.max).astype(dtype)
+
+
+def dequantize(q: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
+    return ((q.astype(np.float32) - np.float32(zero_point)) * np.float32(scale)).astype(np.float32)
+
+
+class TfliteRunner:
+    """One LiteRT interpreter; batched when the model's batch dimension is dynamic."""
+
+    def __init__(self, model_path: Path, kernels: str = "xnnpack", threads: int = 1, batch_size: int = 256,
+                 input_layout: str = "NHWC"):
+        from ai_edge_litert.interpreter import Interpreter
+        if kernels not in KERNELS:
+            raise RuntimeStageError(f"unknown kernels {kernels!r}; choose one of {', '.join(KERNELS)}")
+        try:
+            self.interp = Interpreter(model_path=str(model_path), num_threads=int(threads),
+                                      experimental_op_resolver_type=_resolver(kernels))
+        except Exception as e:
+            raise RuntimeStageError(f"LiteRT cannot load {model_path}: {str(e).strip()[:200]}") from None
+        self.kernels, self.threads, self.input_layout = kernels, int(threads), input_layout
+        self.inp = self.interp.get_input_details()[0]
+        self.out = self.interp.get_output_details()[0]
+        sig = self.inp.get("shape_signature", self.inp["shape"])
+        self.dynamic = len(sig) > 0 and int(sig[0]) == -1
+        self.batch_size = int(batch_size) if self.dynamic else int(self.inp["shape"][0])
+        self._allocated = None
+        self.in_scale, self.in_zp = self.inp["quantization"]
+        self.out_scale, self.out_zp = self.out["quantization"]
+
+    def _allocate(self, batch: int) -> None:
+        if self._allocated == batch:
+            return
+        if self.dynamic:
+            shape = [batch, *[int(v) for v in self.inp["shape"][1:]]]
+            self.interp.resize_tensor_input(self.inp["index"], shape, strict=True)
+        self.interp.allocate_tensors()
+        self._allocated = batch
+
+    def to_model_input(self, x_nchw: np.ndarray) -> np.ndarray:
+        x = np.transpose(x_nchw, (0, 2, 3, 1)) if self.input_layout == "NHWC" else x_nchw
+        if np.issubdtype(self.inp["dtype"], np.integer):
+            return quantize(x, self.in_scale, self.in_zp, self.inp["dtype"])
+        return np.ascontiguousarray(x, dtype=self.inp["dtype"])
+
+    def run(self, x_nchw: np.ndarray, progress=None) -> RunResult:
+        n = len(x_nchw)
+        bs = self.batch_size
+        raw = None
+        t0 = time.perf_counter()
+        for i in range(0, n, bs):
+            chunk = self.to_model_input(x_nchw[i:i + bs])
+            m = len(chunk)
+            if m < bs:  # pad the last batch instead of re-allocating
+                chunk = np.concatenate([chunk, np.zeros((bs - m, *chunk.shape[1:]), chunk.dtype)])
+            self._allocate(bs)
+            try:
+                self.interp.set_tensor(self.inp["index"], chunk)
+                self.interp.invoke()
+            except Exception as e:
+                raise RuntimeStageError(f"LiteRT failed to run the model: {str(e).strip()[:200]}") from None
+            y = self.interp.get_tensor(self.out["index"])[:m]
+            if raw is None:
+                raw = np.empty((n, *y.shape[1:]), y.dtype)
+            raw[i:i + m] = y
+            if progress:
+                progress(m)
+        seconds = time.perf_counter() - t0
+        if np.issubdtype(raw.dtype, np.integer):
+            deq = dequantize(raw, self.out_scale, self.out_zp)
+        else:
+            deq = raw.astype(np.float32)
+        return RunResult(outputs=deq.reshape(n, -1), raw_outputs=raw, seconds=seconds,
+                         images_per_s=n / seconds if seconds > 0 else float("inf"), batch_size=bs,
+                         kernels=self.kernels, threads=self.threads)

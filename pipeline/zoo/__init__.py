@@ -1,0 +1,77 @@
+"""Built-in reference models (``--model zoo:NAME``).
+
+Each entry is a factory registered with ``@register_model`` plus the facts the pipeline
+needs: input shape, class count, the dataset it was trained on, its normalisation and the
+file of its shipped weights (a plain state dict, loaded with ``weights_only=True``).
+"""
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch.nn as nn
+
+from ..errors import ModelError
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    name: str
+    factory: Callable[[], nn.Module]
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    dataset: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    description: str
+
+    @property
+    def weights_path(self) -> Path:
+        return WEIGHTS_DIR / f"{self.name}.pt"
+
+    @property
+    def record_path(self) -> Path:
+        return WEIGHTS_DIR / f"{self.name}.json"
+
+    def training_record(self) -> dict | None:
+        if self.record_path.is_file():
+            return json.loads(self.record_path.read_text())
+        return None
+
+
+_REGISTRY: dict[str, ZooEntry] = {}
+
+
+def register_model(name: str, *, input_shape, num_classes, dataset, mean, std, description):
+    def deco(factory):
+        if name in _REGISTRY:
+            raise ValueError(f"zoo model {name!r} is registered twice")
+        _REGISTRY[name] = ZooEntry(
+            name=name, factory=factory, input_shape=tuple(input_shape), num_classes=num_classes,
+            dataset=dataset, mean=tuple(mean), std=tuple(std), description=description,
+        )
+        return factory
+    return deco
+
+
+def _load() -> None:
+    from . import refcnn  # noqa: F401
+
+
+def list_models() -> list[str]:
+    _load()
+    return sorted(_REGISTRY)
+
+
+def get_entry(name: str) -> ZooEntry:
+    _load()
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.5)
+        hint = f"did you mean zoo:{' or zoo:'.join(close)}?" if close else f"choose one of zoo:{', zoo:'.join(sorted(_REGISTRY))}"
+        raise ModelError(f"unknown zoo model {name!r}; {hint}")
+    return _REGISTRY[name]
