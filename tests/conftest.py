@@ -1,0 +1,126 @@
+"""Shared fixtures: tiny seeded models and data, and expensive exports shared per session."""
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from pipeline import quiet  # noqa: E402
+
+quiet.configure(verbose=False)
+
+FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+TINYNET_SRC = textwrap.dedent('''
+    import torch.nn as nn
+
+    def tinynet(channels=1, classes=4):
+        return nn.Sequential(
+            nn.Conv2d(channels, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, classes),
+        )
+
+    def not_a_module():
+        return 42
+
+    class NotCallable:
+        pass
+''')
+
+
+@pytest.fixture(scope="session")
+def fmnist():
+    from pipeline import data
+    if not FMNIST_DIR.is_dir():
+        pytest.fail(f"Fashion-MNIST is not installed at {FMNIST_DIR}: apt-get install dataset-fashion-mnist")
+    return data.load_fashion_mnist(FMNIST_DIR)
+
+
+def make_tiny_npz(path: Path, n_train: int = 400, n_test: int = 200, size: int = 12, classes: int = 4,
+                  layout: str = "NHW", seed: int = 0) -> Path:
+    """A learnable toy dataset: each class is a bright square in its own quadrant, plus noise."""
+    rng = np.random.default_rng(seed)
+
+    def split(n):
+        y = rng.integers(0, classes, n)
+        x = rng.integers(0, 60, (n, size, size)).astype(np.float32)
+        h = size // 2
+        for i, c in enumerate(y):
+            r, q = divmod(int(c) % 4, 2)
+            x[i, r * h:(r + 1) * h, q * h:(q + 1) * h] += 150
+        x = np.clip(x, 0, 255).astype(np.uint8)
+        if layout == "NCHW":
+            x = x[:, None]
+        elif layout == "NHWC":
+            x = x[..., None]
+        return x, y.astype(np.int64)
+
+    xtr, ytr = split(n_train)
+    xte, yte = split(n_test)
+    np.savez(path, x_train=xtr, y_train=ytr, x_test=xte, y_test=yte)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_npz(tmp_path_factory) -> Path:
+    return make_tiny_npz(tmp_path_factory.mktemp("data") / "tiny.npz")
+
+
+@pytest.fixture(scope="session")
+def tinynet_dir(tmp_path_factory, tiny_npz) -> Path:
+    """A folder holding tinynet.py (a factory) and tinynet.pt (weights trained on tiny.npz, seeded)."""
+    import torch
+    import torch.nn.functional as F
+    d = tmp_path_factory.mktemp("tinynet")
+    (d / "tinynet.py").write_text(TINYNET_SRC)
+    sys.path.insert(0, str(d))
+    import importlib
+    mod = importlib.import_module("tinynet")
+    torch.manual_seed(0)
+    model = mod.tinynet(classes=4)
+    z = np.load(tiny_npz)
+    x = torch.from_numpy(z["x_train"][:, None].astype(np.float32) / 255.0)
+    y = torch.from_numpy(z["y_train"])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(60):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.eval()
+    torch.save(model.state_dict(), d / "tinynet.pt")
+    return d
+
+
+@pytest.fixture()
+def in_dir(monkeypatch):
+    """Change into a folder for the test (the CLI imports factories from the current folder)."""
+    def _cd(path):
+        monkeypatch.chdir(path)
+        if str(path) not in sys.path:
+            monkeypatch.syspath_prepend(str(path))
+    return _cd
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory, tinynet_dir, tiny_npz):
+    """One CLI export of the tiny factory model on the toy data, shared by the tests that read its outputs."""
+    from pipeline.export import main
+    out = tmp_path_factory.mktemp("tiny_export") / "out"
+    cwd = os.getcwd()
+    os.chdir(tinynet_dir)
+    try:
+        status = main(["--model", "tinynet:tinynet", "--weights", str(tinynet_dir / "tinynet.pt"),
+                       "--data", str(tiny_npz), "--calib-size", "100", "--out", str(out)])
+    finally:
+        os.chdir(cwd)
+    return status, out
