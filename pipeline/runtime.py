@@ -93,10 +93,12 @@ class TfliteRunner:
     def _allocate(self, batch: int) -> None:
         if self._allocated == batch:
             return
-        if self.dynamic:
-            shape = [batch, *[int(v) for v in self.inp["shape"][1:]]]
-            self.interp.resize_tensor_input(self.inp["index"], shape, strict=True)
-        self.interp.allocate_tensors()
+        from .quiet import captured
+        with captured(verbose=False):  # LiteRT prints "Created TensorFlow Lite XNNPACK delegate" natively
+            if self.dynamic:
+                shape = [batch, *[int(v) for v in self.inp["shape"][1:]]]
+                self.interp.resize_tensor_input(self.inp["index"], shape, strict=True)
+            self.interp.allocate_tensors()
         self._allocated = batch
 
     def to_model_input(self, x_nchw: np.ndarray) -> np.ndarray:
