@@ -29,6 +29,20 @@ TINYNET_SRC = textwrap.dedent('''
             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, classes),
         )
 
+    def fixednet(classes=4):
+        # Only takes 1x12x12 inputs: the linear layer fixes the spatial size.
+        return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 12 * 12, classes))
+
+    class NoisyNet(nn.Module):
+        # Export-unsafe on purpose: random noise in forward makes ONNX differ from PyTorch.
+        def __init__(self):
+            super().__init__()
+            self.net = tinynet()
+
+        def forward(self, x):
+            import torch
+            return self.net(x) + 10 * torch.rand_like(self.net(x))
+
     def not_a_module():
         return 42
 
