@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# One command on a fresh Debian machine: install everything, then run the main job on its default
+# (zoo:refcnn on Fashion-MNIST -> fully-int8 TFLite, verified on LiteRT's kernels).
+#   ./setup.sh                 install + run `python -m pipeline.export` (extra args are passed to it)
+#   ./setup.sh --install-only  install only (what CI uses before running the tests)
+set -euo pipefail
+cd "$(dirname "$0")"
+
+RUN_JOB=1
+if [[ "${1:-}" == "--install-only" ]]; then RUN_JOB=0; shift; fi
+
+SUDO=""
+if [[ $(id -u) -ne 0 ]] && command -v sudo >/dev/null 2>&1; then SUDO="sudo"; fi
+can_apt() { command -v apt-get >/dev/null 2>&1 && { [[ $(id -u) -eq 0 ]] || [[ -n "$SUDO" ]]; }; }
+
+PY="${PYTHON:-}"
+if [[ -z "$PY" ]]; then
+  for cand in python3.11 python3; do
+    if command -v "$cand" >/dev/null 2>&1 && "$cand" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+      PY="$cand"; break
+    fi
+  done
+fi
+
+APT_PKGS=()
+[[ -d /usr/share/datasets/fashion-mnist ]] || APT_PKGS+=(dataset-fashion-mnist)
+if [[ -z "$PY" ]]; then APT_PKGS+=(python3 python3-venv python3-dev); fi
+if [[ -n "$PY" ]] && ! "$PY" -c 'import ensurepip, venv' >/dev/null 2>&1; then APT_PKGS+=(python3-venv); fi
+if (( ${#APT_PKGS[@]} )); then
+  if can_apt; then
+    echo "setup: apt-get install ${APT_PKGS[*]}" >&2
+    $SUDO apt-get update -qq >/dev/null || true
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${APT_PKGS[@]}" >/dev/null \
+      || echo "setup: could not install ${APT_PKGS[*]} with apt-get" >&2
+  else
+    echo "setup: cannot run apt-get here (need root or sudo) for: ${APT_PKGS[*]}" >&2
+  fi
+fi
+if [[ -z "$PY" ]]; then
+  command -v python3.11 >/dev/null 2>&1 && PY=python3.11
+  [[ -z "$PY" ]] && python3 -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null && PY=python3
+fi
+if [[ -z "$PY" ]]; then
+  echo "setup: Python 3.11 is required (onnx2tf 1.28 and tensorflow 2.21 pins); install python3.11 or set PYTHON=/path/to/python3.11" >&2
+  exit 2
+fi
+
+if [[ ! -x .venv/bin/python ]]; then
+  echo "setup: creating .venv with $PY" >&2
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+echo "setup: installing Python dependencies into .venv (pinned in pyproject.toml)" >&2
+.venv/bin/python -m pip install -q -e ".[dev,micro]"
+
+if [[ ! -d /usr/share/datasets/fashion-mnist ]]; then
+  echo "setup: Fashion-MNIST is not installed. Install the Debian package dataset-fashion-mnist," >&2
+  echo "       or pass --data-dir DIR (a folder with the four IDX files) or --data your.npz to the export." >&2
+fi
+
+if (( RUN_JOB )); then
+  echo "setup: running python -m pipeline.export $*" >&2
+  exec .venv/bin/python -m pipeline.export "$@"
+fi

@@ -1,0 +1,262 @@
+"""The export CLI end to end on a tiny model, and every bad input it must refuse cleanly."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.export import main
+
+REPORT_KEYS = {"target", "model", "versions", "preprocessing", "calibration", "quantization", "artifacts",
+               "accuracy", "timings_s", "gates", "passed", "schema_version"}
+
+
+def test_export_end_to_end(tiny_export, tiny_npz):
+    status, out = tiny_export
+    assert status == 0
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model_int8.tflite", "predictions.npz", "report.json"]
+    r = json.loads((out / "report.json").read_text())
+    assert REPORT_KEYS <= set(r)
+    assert r["target"]["name"] == "tflite-int8"
+    for pkg in ("torch", "tensorflow", "onnx", "onnx2tf", "ai-edge-litert"):
+        assert r["versions"][pkg]
+    assert r["preprocessing"]["input_shape"] == [1, 12, 12] and r["preprocessing"]["source_layout"] == "NHW"
+    assert r["preprocessing"]["scale"] == pytest.approx(1 / 255)
+    assert r["calibration"]["source"] == "balanced" and r["calibration"]["size"] == 100
+    assert r["calibration"]["split"] == "train" and r["calibration"]["seed"] == 0
+    q = r["quantization"]
+    assert q["fully_int8"] is True and q["input_dtype"] == "int8" and q["output_dtype"] == "int8"
+    assert "CONV_2D" in q["ops"]
+    a = r["accuracy"]
+    assert a["n"] == 200 and 0 <= a["int8_top1"] <= 1 and 0 <= a["fp32_top1"] <= 1
+    assert a["fp32_top1"] > 0.9  # the toy task is easy: the trained tiny model must really classify
+    assert a["drop_pp"] == pytest.approx((a["fp32_top1"] - a["int8_top1"]) * 100, abs=1e-6)
+    assert r["artifacts"]["tflite_int8"]["bytes"] == (out / "model_int8.tflite").stat().st_size
+    assert set(r["timings_s"]) >= {"export_onnx", "convert", "inspect", "run", "compare", "total"}
+    assert r["gates"]["max_drop_pp"]["limit"] == 1.0 and r["gates"]["min_agreement"]["limit"] == 0.98
+    assert r["passed"] is all(g["passed"] for g in r["gates"].values())
+    assert r["runtime"]["int8"]["kernels"] == "xnnpack" and r["runtime"]["int8"]["threads"] == 4
+
+    z = np.load(out / "predictions.npz", allow_pickle=False)
+    labels = np.load(tiny_npz)["y_test"]
+    np.testing.assert_array_equal(z["labels"], labels)
+    assert z["fp32_logits"].shape == z["int8_logits"].shape == (200, 4)
+    assert np.mean(z["int8_logits"].argmax(1) == labels) == pytest.approx(a["int8_top1"])
+    assert np.mean(z["int8_logits"].argmax(1) == z["fp32_logits"].argmax(1)) == pytest.approx(a["agreement"])
+
+
+def test_predictions_are_the_deployed_model(tiny_export, tiny_npz):
+    """The saved int8 logits are what a fresh LiteRT interpreter gives on the quantized test inputs."""
+    from ai_edge_litert.interpreter import Interpreter
+    _, out = tiny_export
+    r = json.loads((out / "report.json").read_text())
+    it = Interpreter(model_path=str(out / "model_int8.tflite"), num_threads=1)
+    it.allocate_tensors()
+    inp, outp = it.get_input_details()[0], it.get_output_details()[0]
+    x = np.load(tiny_npz)["x_test"][:5].astype(np.float32) / 255.0
+    x = (x - r["preprocessing"]["mean"][0]) / r["preprocessing"]["std"][0]
+    s, zp = inp["quantization"]
+    z = np.load(out / "predictions.npz")
+    for i in range(5):
+        q = np.clip(np.round(x[i] / s) + zp, -128, 127).astype(np.int8)[None, :, :, None]
+        it.set_tensor(inp["index"], q)
+        it.invoke()
+        os_, ozp = outp["quantization"]
+        got = (it.get_tensor(outp["index"]).astype(np.float32) - ozp) * os_
+        np.testing.assert_allclose(got[0], z["int8_logits"][i], atol=os_ * 1.01)
+
+
+def test_gate_failure_exits_1_and_still_writes(tmp_path, tinynet_dir, tiny_npz, in_dir, capsys):
+    in_dir(tinynet_dir)
+    out = tmp_path / "o"
+    status = main(["--model", "tinynet:tinynet", "--weights", str(tinynet_dir / "tinynet.pt"), "--data",
+                   str(tiny_npz), "--calib-size", "100", "--min-agreement", "1.01", "--out", str(out)])
+    assert status == 1
+    r = json.loads((out / "report.json").read_text())
+    assert r["passed"] is False and r["gates"]["min_agreement"]["passed"] is False
+    assert (out / "model_int8.tflite").is_file()
+    assert "FAIL (min_agreement)" in capsys.readouterr().out
+
+
+def test_list_targets(capsys):
+    assert main(["--list-targets"]) == 0
+    assert "tflite-int8" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- bad input
+
+@pytest.fixture()
+def bad(tmp_path, tinynet_dir, tiny_npz, in_dir, capsys):
+    """Run the CLI with bad input; check exit 2, one clean line, no trace of an output folder."""
+    in_dir(tinynet_dir)
+    out = tmp_path / "out"
+
+    def run(*argv, needle: str, base=True):
+        args = list(argv)
+        if base:
+            defaults = {"--model": "tinynet:tinynet", "--data": str(tiny_npz), "--calib-size": "50"}
+            for k, v in defaults.items():
+                if k not in args:
+                    args += [k, v]
+        if "--out" not in args:
+            args += ["--out", str(out)]
+        status = main(args)
+        err = capsys.readouterr().err
+        lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("warning:")]
+        assert status == 2, err
+        assert len(lines) == 1 and lines[0].startswith("error: "), err
+        assert "Traceback" not in err
+        assert needle in lines[0], lines[0]
+        assert not out.exists()
+        assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.tmp-")]
+        return lines[0]
+    return run
+
+
+def test_missing_model_file(bad):
+    bad("--model", "nothere.onnx", needle="does not exist")
+
+
+def test_model_path_is_a_folder(bad, tmp_path):
+    d = tmp_path / "dir.onnx"
+    d.mkdir()
+    bad("--model", str(d), needle="does not exist")
+
+
+def test_garbage_onnx(bad, tmp_path):
+    p = tmp_path / "garbage.onnx"
+    p.write_bytes(os.urandom(2000))
+    bad("--model", str(p), needle="not a valid ONNX model")
+
+
+def test_truncated_onnx(bad, tmp_path, tiny_export):
+    _, out = tiny_export
+    blob = (out / "model.onnx").read_bytes()
+    p = tmp_path / "cut.onnx"
+    p.write_bytes(blob[: len(blob) // 2])
+    bad("--model", str(p), needle="not a valid ONNX model")
+
+
+def test_missing_factory(bad):
+    bad("--model", "tinynet:nope", needle="has no attribute 'nope'")
+
+
+def test_missing_module(bad):
+    bad("--model", "no_such_module_xyz:factory", needle="cannot import module")
+
+
+def test_factory_not_returning_module(bad):
+    bad("--model", "tinynet:not_a_module", needle="not a torch.nn.Module")
+
+
+def test_weights_that_do_not_fit(bad, tmp_path):
+    import torch.nn as nn
+    p = tmp_path / "other.pt"
+    torch.save(nn.Linear(3, 2).state_dict(), p)
+    bad("--weights", str(p), needle="do not fit")
+
+
+def test_weights_not_a_state_dict_are_never_unpickled(bad, tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    p = tmp_path / "evil.pt"
+    with open(p, "wb") as f:
+        pickle.dump({"w": Evil()}, f)
+    bad("--weights", str(p), needle="not a plain state dict")
+    assert not marker.exists()
+
+
+def test_weights_missing(bad, tmp_path):
+    bad("--weights", str(tmp_path / "none.pt"), needle="does not exist")
+
+
+def test_input_shape_that_does_not_fit(bad):
+    bad("--input-shape", "3,12,12", needle="does not fit")
+
+
+def test_input_shape_malformed(bad):
+    bad("--input-shape", "1,x,12", needle="C,H,W")
+
+
+def test_images_that_do_not_fit_model(bad, tmp_path):
+    from conftest import make_tiny_npz
+    p = make_tiny_npz(tmp_path / "big.npz", size=16)
+    bad("--model", "tinynet:fixednet", "--data", str(p), needle="does not fit")
+
+
+def test_images_that_do_not_fit_given_shape(bad):
+    bad("--model", "tinynet:fixednet", "--input-shape", "1,12,12", "--data", "missing.npz",
+        needle="does not exist")
+
+
+def test_missing_data_file(bad):
+    bad("--data", "missing.npz", needle="does not exist")
+
+
+@pytest.mark.parametrize("what,needle", [("nokey", "lacks y_test"), ("object", "Python objects"),
+                                         ("nan", "NaN or inf"), ("inf", "NaN or inf"),
+                                         ("label", "labels go up to 9")])
+def test_bad_data_files(bad, tmp_path, what, needle):
+    rng = np.random.default_rng(0)
+    arrays = dict(x_train=rng.integers(0, 255, (120, 12, 12)).astype(np.uint8), y_train=np.arange(120) % 4,
+                  x_test=rng.integers(0, 255, (20, 12, 12)).astype(np.uint8), y_test=np.arange(20) % 4)
+    if what == "nokey":
+        del arrays["y_test"]
+    elif what == "object":
+        arrays["y_test"] = np.array([None] * 20, dtype=object)
+    elif what in ("nan", "inf"):
+        x = arrays["x_test"].astype(np.float32) / 255
+        x[0, 0, 0] = np.nan if what == "nan" else np.inf
+        arrays["x_test"] = x
+        arrays["x_train"] = arrays["x_train"].astype(np.float32) / 255
+    elif what == "label":
+        arrays["y_train"][5] = 9
+    p = tmp_path / f"{what}.npz"
+    np.savez(p, **arrays)
+    bad("--data", str(p), needle=needle)
+
+
+def test_calib_size_zero(bad):
+    bad("--calib-size", "0", needle="--calib-size 0")
+
+
+def test_calib_size_larger_than_train(bad):
+    bad("--calib-size", "401", needle="larger than the training split")
+
+
+def test_unwritable_output_folder(bad, tmp_path):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    out = f / "sub"
+    status = main(["--model", "tinynet:tinynet", "--data", "x.npz", "--out", str(out)])
+    assert status == 2
+    assert not out.exists()
+
+
+def test_output_is_a_file(bad, tmp_path):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    bad("--out", str(f), needle="not a folder")
+    assert f.read_text() == "x"
+
+
+def test_unknown_target(bad):
+    line = bad("--target", "tflite-in8", needle="unknown target")
+    assert "did you mean tflite-int8" in line
+
+
+def test_unknown_zoo_model(bad):
+    bad("--model", "zoo:refcn", needle="did you mean zoo:refcnn")
+
+
+def test_unknown_flag(bad):
+    bad("--frobnicate", needle="unrecognized arguments")
