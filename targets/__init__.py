@@ -18,7 +18,7 @@ class Target:
     name: str
     description: str
     format: str  # "tflite"
-    precision: str  # "int8", ...
+    precision: str  # "fp32", "fp16", "dynamic" (int8 weights, float activations), "int16x8" or "int8"
     runtime: str  # "litert" or "tflite-micro"
     kernels: str  # "xnnpack", "builtin", "ref" or "tflm-reference"
     threads: int
@@ -33,12 +33,40 @@ class Target:
     flash_bytes: int | None = None
     clock_mhz: int | None = None
     references: tuple[str, ...] = field(default_factory=tuple)
+    # The hardware the profile stands for, in one short phrase (shown by --list-targets).
+    device: str = "generic 64-bit CPU"
+    # LiteRT kernels for the full test-set run when ``runtime`` is not LiteRT itself
+    # (microcontroller targets cross-check TFLite-Micro against these); None: ``kernels``.
+    litert_kernels: str | None = None
+    # Headroom required on top of the measured need before it counts as fitting the budget:
+    # fits when need * (1 + margin) <= budget. Only checked where the budget is checked
+    # (microcontroller targets); the reason for each margin is in ``references``.
+    arena_margin: float = 0.0
+    flash_margin: float = 0.0
+    # Published figures for this device class with their source, as "figure: source" lines.
+    # They are shown for context, never as a measurement of the exported model.
+    published: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def run_kernels(self) -> str:
+        """The LiteRT kernels the run stage uses for this target."""
+        return self.litert_kernels or self.kernels
+
+    @property
+    def is_micro(self) -> bool:
+        return self.runtime == "tflite-micro"
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["references"] = list(self.references)
+        d["published"] = list(self.published)
         return d
 
+
+# The precision ladder, widest first. "dynamic" = int8 weights with float32 activations
+# (dynamic-range quantization); "int16x8" = int16 activations with int8 weights.
+PRECISIONS = ("fp32", "fp16", "dynamic", "int16x8", "int8")
+RUNTIMES = ("litert", "tflite-micro")
 
 _REGISTRY: dict[str, Target] = {}
 
@@ -46,6 +74,12 @@ _REGISTRY: dict[str, Target] = {}
 def register_target(target: Target) -> Target:
     if target.name in _REGISTRY:
         raise ValueError(f"target {target.name!r} is registered twice")
+    if target.precision not in PRECISIONS:
+        raise ValueError(f"target {target.name!r}: precision {target.precision!r} is not one of {PRECISIONS}")
+    if target.runtime not in RUNTIMES:
+        raise ValueError(f"target {target.name!r}: runtime {target.runtime!r} is not one of {RUNTIMES}")
+    if target.runtime == "tflite-micro" and target.precision != "int8":
+        raise ValueError(f"target {target.name!r}: TFLite-Micro targets are int8 (no hybrid or float16 kernels)")
     _REGISTRY[target.name] = target
     return target
 
