@@ -5,7 +5,9 @@ The conversion route sits behind the :class:`Converter` interface so a second ro
 what it is good at, turning the ONNX graph into an NHWC Keras graph in memory (no onnxsim
 subprocesses, no SavedModel write, no pile of variants), then runs TFLiteConverter's
 full-int8 pass once, with int8 built-ins only, so a model that cannot be fully int8 fails
-instead of silently keeping float ops.
+instead of silently keeping float ops. Other targets pick another rung of the precision
+ladder (``PRECISION_SETTINGS``: fp32, fp16, dynamic-range, int16x8); the inspect stage
+checks that the result meets that precision's contract.
 """
 from __future__ import annotations
 
@@ -44,7 +46,19 @@ class Converter(Protocol):
     name: str
 
     def convert(self, onnx: OnnxArtifact, representative: np.ndarray, pre: Preprocessing, *,
-                per_channel: bool, out_path: Path, verbose: bool = False) -> TfliteArtifact: ...
+                per_channel: bool, out_path: Path, verbose: bool = False,
+                precision: str = "int8") -> TfliteArtifact: ...
+
+
+# How TFLiteConverter is set up for each precision of the ladder (targets.PRECISIONS).
+PRECISION_SETTINGS = {
+    "fp32": "no optimizations: float32 weights and activations",
+    "fp16": "Optimize.DEFAULT + supported_types=[float16]: float16 weights, float32 activations and I/O",
+    "dynamic": "Optimize.DEFAULT, no representative dataset: int8 weights, float32 activations and I/O",
+    "int16x8": "Optimize.DEFAULT + representative dataset + EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_"
+               "WEIGHTS_INT8, int16 I/O: int16 activations, int8 weights, int64 biases",
+    "int8": "Optimize.DEFAULT + representative dataset + TFLITE_BUILTINS_INT8, int8 I/O: fully int8",
+}
 
 
 def _short(e: BaseException) -> str:
@@ -58,12 +72,16 @@ def _short(e: BaseException) -> str:
 
 
 class Onnx2TfConverter:
-    """onnx2tf (in memory, to an NHWC Keras graph) + TFLiteConverter full-int8."""
+    """onnx2tf (in memory, to an NHWC Keras graph) + TFLiteConverter at the target's precision."""
 
     name = "onnx2tf+tflite-converter"
 
     def convert(self, onnx: OnnxArtifact, representative: np.ndarray, pre: Preprocessing, *,
-                per_channel: bool = True, out_path: Path, verbose: bool = False) -> TfliteArtifact:
+                per_channel: bool = True, out_path: Path, verbose: bool = False,
+                precision: str = "int8") -> TfliteArtifact:
+        if precision not in PRECISION_SETTINGS:
+            raise ConversionError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISION_SETTINGS)}")
+        calibrated = precision in ("int8", "int16x8")
         timings = {}
         with tempfile.TemporaryDirectory(prefix="onnx2tf-") as work, quiet.captured(verbose) as cap:
             try:
@@ -92,20 +110,20 @@ class Onnx2TfConverter:
                 fn = tf.function(lambda x: keras_model(x),
                                  input_signature=[tf.TensorSpec(spec.shape, tf.float32, name="input")])
                 conv = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], keras_model)
-                conv.optimizations = [tf.lite.Optimize.DEFAULT]
-                conv.representative_dataset = lambda: ([s[None]] for s in samples)
-                conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-                conv.inference_input_type = tf.int8
-                conv.inference_output_type = tf.int8
-                conv._experimental_disable_per_channel = not per_channel
+                _configure(conv, tf, precision, samples, per_channel)
                 try:
                     blob = conv.convert()
                 except Exception as e:
+                    if precision == "int8":
+                        raise ConversionError(
+                            f"TFLiteConverter cannot make this model fully int8: {_short(e)}; replace the op with an "
+                            "int8-supported one (see the TFLite int8 op list) or choose a float target"
+                        ) from None
                     raise ConversionError(
-                        f"TFLiteConverter cannot make this model fully int8: {_short(e)}; replace the op with an "
-                        "int8-supported one (see the TFLite int8 op list) or choose a float target"
-                    ) from None
-                timings["tflite_int8_s"] = time.perf_counter() - t0
+                        f"TFLiteConverter cannot convert this model to {precision} ({PRECISION_SETTINGS[precision]}): "
+                        f"{_short(e)}; replace the op or choose another precision (python -m pipeline.export "
+                        "--list-targets)") from None
+                timings[f"tflite_{precision}_s"] = time.perf_counter() - t0
             except ConversionError:
                 raise
             except Exception as e:
@@ -114,8 +132,31 @@ class Onnx2TfConverter:
         tmp.write_bytes(blob)
         os.replace(tmp, out_path)
         return TfliteArtifact(path=out_path, bytes=len(blob), converter=self.name, input_layout=layout,
-                              calibration_samples=int(len(samples)),
+                              calibration_samples=int(len(samples)) if calibrated else 0,
                               timings_s={k: round(v, 3) for k, v in timings.items()})
+
+
+def _configure(conv, tf, precision: str, samples: np.ndarray, per_channel: bool) -> None:
+    """Set up TFLiteConverter for one precision (see PRECISION_SETTINGS)."""
+    if precision == "fp32":
+        return
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    if precision == "fp16":
+        conv.target_spec.supported_types = [tf.float16]
+    elif precision == "dynamic":
+        pass  # no representative dataset: weights int8, activations quantized on the fly
+    elif precision == "int16x8":
+        conv.representative_dataset = lambda: ([s[None]] for s in samples)
+        conv.target_spec.supported_ops = [tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
+        conv.inference_input_type = tf.int16
+        conv.inference_output_type = tf.int16
+        conv._experimental_disable_per_channel = not per_channel
+    elif precision == "int8":
+        conv.representative_dataset = lambda: ([s[None]] for s in samples)
+        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        conv.inference_input_type = tf.int8
+        conv.inference_output_type = tf.int8
+        conv._experimental_disable_per_channel = not per_channel
 
 
 def _input_layout(keras_shape: tuple, chw: tuple[int, int, int]) -> str:
