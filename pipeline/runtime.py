@@ -2,8 +2,10 @@
 
 Inputs arrive as normalised float32 NCHW (the preprocessing record's output); this module
 moves them to the TFLite input layout, quantizes them with the input tensor's scale and
-zero point, runs batched where the model has a dynamic batch dimension, and returns the
-dequantized outputs.
+zero point when the input is an integer tensor (int8, or int16 for int16x8 models; float
+inputs of the fp32/fp16/dynamic rungs are passed as float32), runs batched where the model
+has a dynamic batch dimension, and returns the dequantized outputs. ``measure_latency``
+times batch-1 ``invoke()`` on this host, labelled as a host measurement.
 """
 from __future__ import annotations
 
@@ -137,3 +139,82 @@ class TfliteRunner:
         return RunResult(outputs=deq.reshape(n, -1), raw_outputs=raw, seconds=seconds,
                          images_per_s=n / seconds if seconds > 0 else float("inf"), batch_size=bs,
                          kernels=self.kernels, threads=self.threads)
+
+
+# --------------------------------------------------------------------------- batch-1 latency on this host
+
+@dataclass(frozen=True)
+class Latency:
+    """Batch-1 latency of one model on this host, benchmark_model style (init, first, warmup, timed runs)."""
+
+    kernels: str
+    threads: int
+    runs: int
+    warmup_runs: int
+    init_ms: float  # interpreter construction + allocate_tensors
+    first_ms: float
+    mean_ms: float
+    median_ms: float
+    p90_ms: float
+    min_ms: float
+    max_ms: float
+    std_ms: float
+    xnnpack_applied: bool  # the interpreter's op list holds a DELEGATE node
+
+    def describe(self) -> dict:
+        d = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+        d.update({
+            "batch_size": 1, "runtime": "ai-edge-litert",
+            "measured_on": host_description(),
+            "label": f"host measurement: {host_description()}, LiteRT {self.kernels} kernels"
+                     f"{'' if self.kernels != 'xnnpack' or self.xnnpack_applied else ' (XNNPACK took no node)'}, "
+                     f"{self.threads} threads{_oversubscribed(self.threads)}, batch 1; not a device latency",
+        })
+        return d
+
+
+def _oversubscribed(threads: int) -> str:
+    cores = os.cpu_count() or 0
+    return f" on {cores} logical cores (oversubscribed)" if cores and threads > cores else ""
+
+
+def measure_latency(model_path: Path, x_nchw: np.ndarray, kernels: str, threads: int, input_layout: str = "NHWC",
+                    warmup_runs: int = 5, min_runs: int = 50, min_secs: float = 0.5,
+                    max_secs: float = 5.0) -> Latency:
+    """Time ``invoke()`` at batch 1 on one real input, as benchmark_model does: init, first, then at
+    least ``warmup_runs`` warmup runs, then at least ``min_runs`` runs and ``min_secs`` seconds
+    (capped at ``max_secs``). Inputs are set once; only ``invoke()`` is timed."""
+    t0 = time.perf_counter()
+    runner = TfliteRunner(model_path, kernels=kernels, threads=threads, batch_size=1, input_layout=input_layout)
+    runner._allocate(1)
+    init_s = time.perf_counter() - t0
+    x = runner.to_model_input(np.asarray(x_nchw[:1]))
+    it = runner.interp
+    try:
+        it.set_tensor(runner.inp["index"], x)
+        t0 = time.perf_counter()
+        it.invoke()
+        first_s = time.perf_counter() - t0
+        for _ in range(warmup_runs):
+            it.invoke()
+        times = []
+        start = time.perf_counter()
+        while True:
+            t0 = time.perf_counter()
+            it.invoke()
+            t1 = time.perf_counter()
+            times.append(t1 - t0)
+            elapsed = t1 - start
+            if (len(times) >= min_runs and elapsed >= min_secs) or elapsed >= max_secs:
+                break
+    except Exception as e:
+        raise RuntimeStageError(f"LiteRT failed to run the model at batch 1: {str(e).strip()[:200]}") from None
+    try:
+        delegated = any(o.get("op_name") == "DELEGATE" for o in it._get_ops_details())
+    except Exception:  # a private API: unknown, not claimed
+        delegated = False
+    ms = np.asarray(times) * 1e3
+    return Latency(kernels=kernels, threads=int(threads), runs=len(times), warmup_runs=warmup_runs,
+                   init_ms=init_s * 1e3, first_ms=first_s * 1e3, mean_ms=float(ms.mean()),
+                   median_ms=float(np.median(ms)), p90_ms=float(np.percentile(ms, 90)), min_ms=float(ms.min()),
+                   max_ms=float(ms.max()), std_ms=float(ms.std()), xnnpack_applied=bool(delegated))
