@@ -4,12 +4,28 @@ One interface (modelled on onnxruntime's ``CalibrationDataReader``): a source yi
 float32 samples in the model's input layout (C×H×W, already normalised with the
 preprocessing record), knows its length, and describes itself for the report.
 Builders are registered by name with ``@register_source``; ``--calib NAME[:ARG]`` picks one.
+
+Sources (one builder module each):
+
+- ``balanced``, ``real``, ``first`` (:mod:`calib_data.real`): training images, class-stratified,
+  random, or the first N;
+- ``fractal`` (:mod:`calib_data.fractal`): FractalDB-style IFS fractals generated on the fly;
+- ``noise[:gaussian|uniform]`` (:mod:`calib_data.noise`): noise matched to the data's value range;
+- ``shifted:CORRUPTION[:SEVERITY]`` (:mod:`calib_data.shifted`): training images with a corruption
+  from :mod:`pipeline.corruptions` applied;
+- ``folder:PATH`` and ``npz:PATH`` (:mod:`calib_data.user`): the user's own images or arrays.
+
+Every builder produces *raw* images (the value range of the training data, e.g. 0..255) and
+normalises them exactly once with :func:`pipeline.preprocessing.apply`. Generated sets are cached
+on disk (:mod:`calib_data.cache`).
 """
 from __future__ import annotations
 
 import difflib
+import time
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator, Protocol, runtime_checkable
 
 import numpy as np
@@ -17,12 +33,36 @@ import numpy as np
 from pipeline.errors import CalibrationError
 from pipeline.preprocessing import Preprocessing
 
+# Where generated sets are kept between exports (``--calib-cache DIR``; ``off`` disables it).
+DEFAULT_CACHE_DIR = "~/.cache/edge-int8-pipeline/calib"
+# Below this many samples the set is probably too small to find activation ranges.
+WARN_BELOW = 100
+
 
 @runtime_checkable
 class CalibrationSource(Protocol):
     def __iter__(self) -> Iterator[np.ndarray]: ...
     def __len__(self) -> int: ...
     def describe(self) -> dict: ...
+
+
+def value_statistics(samples: np.ndarray, pre: Preprocessing | None = None) -> dict:
+    """Value statistics of normalised N×C×H×W samples (the tensor the converter calibrates on)."""
+    if not len(samples):
+        return {}
+    s = samples.astype(np.float64, copy=False)
+    d = {
+        "space": "model input after preprocessing",
+        "min": float(s.min()), "max": float(s.max()),
+        "mean": float(s.mean()), "std": float(s.std()),
+        "per_channel_mean": [round(float(v), 6) for v in s.mean(axis=(0, 2, 3))],
+        "per_channel_std": [round(float(v), 6) for v in s.std(axis=(0, 2, 3))],
+    }
+    if pre is not None:
+        lo, hi = pre.value_range()
+        d["input_range"] = [lo, hi]
+        d["fraction_of_input_range"] = round((d["max"] - d["min"]) / (hi - lo), 4) if hi > lo else None
+    return d
 
 
 @dataclass
@@ -34,6 +74,7 @@ class ArraySource:
     seed: int | None
     origin: str
     extra: dict = field(default_factory=dict)
+    preprocessing: Preprocessing | None = None
 
     def __iter__(self) -> Iterator[np.ndarray]:
         for s in self.samples:
@@ -46,16 +87,12 @@ class ArraySource:
         return self.samples
 
     def describe(self) -> dict:
-        s = self.samples
         d = {
             "source": self.name,
             "size": len(self),
             "seed": self.seed,
             "origin": self.origin,
-            "statistics": {
-                "min": float(s.min()), "max": float(s.max()),
-                "mean": float(s.mean()), "std": float(s.std()),
-            } if len(s) else {},
+            "statistics": value_statistics(self.samples, self.preprocessing),
         }
         d.update(self.extra)
         return d
@@ -63,12 +100,14 @@ class ArraySource:
 
 @dataclass(frozen=True)
 class CalibContext:
-    """What a builder may draw from: the training split (raw NCHW) and the preprocessing record."""
+    """What a builder may draw from: the training split (raw NCHW), the preprocessing record and
+    the cache folder for generated sets (``None``: do not cache)."""
 
     x_train: np.ndarray
     y_train: np.ndarray
     preprocessing: Preprocessing
     dataset_name: str
+    cache_dir: Path | None = None
 
 
 Builder = Callable[[CalibContext, int, int, str | None], ArraySource]
@@ -90,7 +129,15 @@ def list_sources() -> list[str]:
 
 
 def _load() -> None:
-    from . import real  # noqa: F401
+    from . import fractal, noise, real, shifted, user  # noqa: F401
+
+
+def did_you_mean(what: str, name: str, choices) -> str:
+    """``unknown WHAT 'x'; did you mean y?`` (or the list of choices)."""
+    choices = list(choices)
+    close = difflib.get_close_matches(name, choices, n=3, cutoff=0.5)
+    hint = f"did you mean {' or '.join(close)}?" if close else f"choose one of {', '.join(sorted(choices))}"
+    return f"unknown {what} {name!r}; {hint}"
 
 
 def build(spec: str, ctx: CalibContext, size: int, seed: int) -> ArraySource:
@@ -98,17 +145,24 @@ def build(spec: str, ctx: CalibContext, size: int, seed: int) -> ArraySource:
     _load()
     name, _, arg = spec.partition(":")
     if name not in _REGISTRY:
-        close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.5)
-        hint = f"did you mean {' or '.join(close)}?" if close else f"choose one of {', '.join(sorted(_REGISTRY))}"
-        raise CalibrationError(f"unknown calibration source {name!r}; {hint}")
+        raise CalibrationError(did_you_mean("calibration source", name, _REGISTRY))
     if size <= 0:
         raise CalibrationError(f"--calib-size {size} gives an empty representative dataset; pass at least 1 (100-500 recommended)")
+    t0 = time.perf_counter()
     src = _REGISTRY[name](ctx, size, seed, arg or None)
+    build_s = time.perf_counter() - t0
+    if src.preprocessing is None:
+        src.preprocessing = ctx.preprocessing
+    src.extra = {"spec": spec, **src.extra, "build_s": round(build_s, 4)}
     check_source(src, ctx.preprocessing)
     return src
 
 
-def check_source(src: ArraySource, pre: Preprocessing, warn_below: int = 100) -> None:
+def _chw(shape) -> str:
+    return "x".join(map(str, shape))
+
+
+def check_source(src: ArraySource, pre: Preprocessing, warn_below: int = WARN_BELOW) -> None:
     """Fail loudly on an empty source or samples whose shape or value range do not fit the model."""
     n = len(src)
     if n == 0:
@@ -116,10 +170,18 @@ def check_source(src: ArraySource, pre: Preprocessing, warn_below: int = 100) ->
     s = src.array()
     if s.dtype != np.float32:
         raise CalibrationError(f"calibration source {src.name!r} yields {s.dtype} samples; sources must yield float32")
+    if s.ndim != 4:
+        raise CalibrationError(
+            f"calibration source {src.name!r} yields samples shaped {_chw(s.shape[1:])}; they must be C×H×W "
+            f"({_chw(pre.input_shape)} for this model)")
+    if s.shape[1] != pre.channels and tuple(s.shape[2:]) == tuple(pre.input_shape[1:]):
+        raise CalibrationError(
+            f"calibration samples have {s.shape[1]} channels but the model takes {pre.channels}; convert the "
+            f"images to {'grayscale' if pre.channels == 1 else f'{pre.channels} channels'} before calibrating")
     if tuple(s.shape[1:]) != tuple(pre.input_shape):
         raise CalibrationError(
-            f"calibration samples are {'x'.join(map(str, s.shape[1:]))} but the model takes "
-            f"{'x'.join(map(str, pre.input_shape))} (C×H×W); build the source at the model's input size and channels"
+            f"calibration samples are {_chw(s.shape[1:])} but the model takes "
+            f"{_chw(pre.input_shape)} (C×H×W); build the source at the model's input size and channels"
         )
     if not np.all(np.isfinite(s)):
         raise CalibrationError(f"calibration source {src.name!r} holds NaN or inf; clean the samples")
@@ -132,5 +194,50 @@ def check_source(src: ArraySource, pre: Preprocessing, warn_below: int = 100) ->
             "the samples are probably normalised twice or not at all - feed raw images and let the preprocessing "
             "record (--mean/--std) normalise them once"
         )
+    if n > 1 and (smax - smin) < 0.02 * (hi - lo):
+        raise CalibrationError(
+            f"calibration samples span only [{smin:.3g}, {smax:.3g}], under 2% of the input range [{lo:.3g}, {hi:.3g}]; "
+            "the images are probably scaled twice (e.g. divided by 255 twice) or constant - feed raw images"
+        )
     if n < warn_below:
         warnings.warn(f"only {n} calibration samples; 100-500 are recommended for full-int8 calibration", stacklevel=2)
+
+
+# --------------------------------------------------------------------------- helpers for builders
+
+def raw_bounds(pre: Preprocessing) -> tuple[float, float]:
+    """The raw value range of the data (e.g. 0..255 for uint8 images)."""
+    lo, hi = (float(v) for v in pre.raw_range)
+    if not hi > lo:
+        raise CalibrationError(f"the data's raw value range [{lo}, {hi}] is empty; the training images are constant")
+    return lo, hi
+
+
+def finish_raw(raw: np.ndarray, pre: Preprocessing) -> np.ndarray:
+    """Raw float images (N×C×H×W, raw value range) -> normalised float32 model input, exactly once.
+
+    Values are clipped to the raw range and, for uint8 data, rounded to whole grey levels like the data.
+    """
+    from pipeline.preprocessing import apply
+    lo, hi = raw_bounds(pre)
+    raw = np.clip(raw, lo, hi)
+    if pre.source_dtype == "uint8":
+        raw = np.rint(raw)
+    return apply(raw.astype(np.float32, copy=False), pre)
+
+
+def check_size(what: str, size: int, holds: int) -> None:
+    """Error when more samples are asked for than the source holds."""
+    if holds == 0:
+        raise CalibrationError(f"{what} holds no samples; give it data or pick another --calib")
+    if size > holds:
+        raise CalibrationError(f"--calib-size {size} is larger than {what} ({holds} samples); pass --calib-size {holds} or fewer")
+
+
+def pixel_sample(ctx: CalibContext, seed: int, max_images: int = 1000) -> np.ndarray:
+    """Up to ``max_images`` random training images (raw, float64, N×C×H×W) for value statistics."""
+    n = len(ctx.x_train)
+    if n == 0:
+        raise CalibrationError("the training split is empty; its value statistics cannot be matched")
+    idx = np.sort(np.random.default_rng([seed, 7]).choice(n, size=min(n, max_images), replace=False))
+    return ctx.x_train[idx].astype(np.float64)

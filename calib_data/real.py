@@ -6,31 +6,31 @@ import numpy as np
 from pipeline.errors import CalibrationError
 from pipeline.preprocessing import apply
 
-from . import ArraySource, CalibContext, register_source
+from . import ArraySource, CalibContext, check_size, register_source
 
 
 def _check_size(ctx: CalibContext, size: int) -> None:
-    if size > len(ctx.x_train):
-        raise CalibrationError(
-            f"--calib-size {size} is larger than the training split ({len(ctx.x_train)} images); pass at most {len(ctx.x_train)}"
-        )
+    check_size(f"the {ctx.dataset_name} training split", size, len(ctx.x_train))
+
+
+def _no_arg(name: str, arg: str | None) -> None:
+    if arg:
+        raise CalibrationError(f"--calib {name} takes no argument (got {name}:{arg}); pass --calib {name}")
 
 
 def _source(name: str, ctx: CalibContext, idx: np.ndarray, seed: int | None, **extra) -> ArraySource:
     samples = apply(ctx.x_train[np.sort(idx)], ctx.preprocessing)
     classes = np.bincount(ctx.y_train[idx], minlength=int(ctx.y_train.max()) + 1)
-    return ArraySource(name=name, samples=samples, seed=seed,
+    return ArraySource(name=name, samples=samples, seed=seed, preprocessing=ctx.preprocessing,
                        origin=f"{ctx.dataset_name} training split", extra={"split": "train",
                                                                            "per_class": classes.tolist(), **extra})
 
 
-@register_source("balanced")
-def balanced(ctx: CalibContext, size: int, seed: int, arg: str | None) -> ArraySource:
-    """Class-stratified random training images: as equal a share per class as the split allows."""
-    _check_size(ctx, size)
+def balanced_indices(y: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """Class-stratified random indices: as equal a share per class as the labels allow."""
     rng = np.random.default_rng(seed)
-    classes = np.unique(ctx.y_train)
-    pools = {c: rng.permutation(np.flatnonzero(ctx.y_train == c)) for c in classes}
+    classes = np.unique(y)
+    pools = {c: rng.permutation(np.flatnonzero(y == c)) for c in classes}
     take = {c: 0 for c in classes}
     remaining = size
     # Round-robin so every class gets floor(size/K) or one more, capped by what it holds.
@@ -43,13 +43,21 @@ def balanced(ctx: CalibContext, size: int, seed: int, arg: str | None) -> ArrayS
                 progressed = True
         if not progressed:
             break
-    idx = np.concatenate([pools[c][:take[c]] for c in classes])
-    return _source("balanced", ctx, idx, seed)
+    return np.concatenate([pools[c][:take[c]] for c in classes])
+
+
+@register_source("balanced")
+def balanced(ctx: CalibContext, size: int, seed: int, arg: str | None) -> ArraySource:
+    """Class-stratified random training images: as equal a share per class as the split allows."""
+    _no_arg("balanced", arg)
+    _check_size(ctx, size)
+    return _source("balanced", ctx, balanced_indices(ctx.y_train, size, seed), seed)
 
 
 @register_source("real")
 def real(ctx: CalibContext, size: int, seed: int, arg: str | None) -> ArraySource:
     """Plain random training images."""
+    _no_arg("real", arg)
     _check_size(ctx, size)
     idx = np.random.default_rng(seed).choice(len(ctx.x_train), size=size, replace=False)
     return _source("real", ctx, idx, seed)
@@ -58,5 +66,6 @@ def real(ctx: CalibContext, size: int, seed: int, arg: str | None) -> ArraySourc
 @register_source("first")
 def first(ctx: CalibContext, size: int, seed: int, arg: str | None) -> ArraySource:
     """The first N training images (the naive baseline some papers use)."""
+    _no_arg("first", arg)
     _check_size(ctx, size)
     return _source("first", ctx, np.arange(size), None)

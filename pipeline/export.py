@@ -37,6 +37,7 @@ class ExportConfig:
     std: tuple[float, ...] | None = None
     calib: str = "balanced"
     calib_size: int = 500
+    calib_cache: str | None = "~/.cache/edge-int8-pipeline/calib"  # generated calibration sets; None: no cache
     seed: int = 0
     target: str = "tflite-int8"
     out: str | None = None
@@ -197,7 +198,8 @@ def _prepare(cfg: ExportConfig, log) -> tuple[Run, Path]:
             scale=ds.scale, mean=mean, std=std,
             raw_range=(0.0, 255.0) if ds.source_dtype == "uint8" else (float(ds.x_train.min()), float(ds.x_train.max())),
         )
-        ctx = CalibContext(x_train=ds.x_train, y_train=ds.y_train, preprocessing=pre, dataset_name=ds.name)
+        ctx = CalibContext(x_train=ds.x_train, y_train=ds.y_train, preprocessing=pre, dataset_name=ds.name,
+                           cache_dir=Path(cfg.calib_cache).expanduser() if cfg.calib_cache else None)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             calib = build(cfg.calib, ctx, cfg.calib_size, cfg.seed)
@@ -267,7 +269,7 @@ def _build_report(run: Run, setup_s: float):
         data={**run.dataset.describe(), "evaluated": n, "split": "test"},
         preprocessing={**run.pre.to_dict(), "tflite_input_layout": tfl.input_layout,
                        "formula": "x = (raw * scale - mean[c]) / std[c]; int8 = round(x / in_scale) + in_zero_point"},
-        calibration=run.calib.describe() | {"split": "train", "seed": cfg.seed},
+        calibration=run.calib.describe(),
         onnx=onnx_art.describe(),
         conversion=tfl.describe(),
         quantization=q,
@@ -361,8 +363,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--list-targets", action="store_true", help="print the target registry and exit")
     g.add_argument("--converter", default="onnx2tf", help="conversion route (default onnx2tf)")
     g = p.add_argument_group("Calibration")
-    g.add_argument("--calib", default="balanced", help="representative dataset source (default balanced)")
+    g.add_argument("--calib", default="balanced",
+                   help="representative dataset source: balanced (default), real, first, fractal, "
+                        "noise[:gaussian|uniform], shifted:CORRUPTION[:SEVERITY], folder:PATH, npz:PATH")
     g.add_argument("--calib-size", type=int, default=500, help="number of calibration samples (default 500)")
+    g.add_argument("--calib-cache", default=ExportConfig.calib_cache, metavar="DIR",
+                   help="folder caching generated calibration sets, or 'off' (default %(default)s)")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("Verification")
     g.add_argument("--max-drop-pp", type=float, default=1.0, help="gate: largest top-1 drop in points (default 1.0)")
@@ -378,6 +384,7 @@ def config_from_args(args: argparse.Namespace) -> ExportConfig:
     return ExportConfig(
         model=args.model, weights=args.weights, input_shape=args.input_shape, data=args.data,
         data_dir=args.data_dir, mean=args.mean, std=args.std, calib=args.calib, calib_size=args.calib_size,
+        calib_cache=None if args.calib_cache in ("off", "") else args.calib_cache,
         seed=args.seed, target=args.target, out=args.out, max_drop_pp=args.max_drop_pp,
         min_agreement=args.min_agreement, converter=args.converter, batch_size=args.batch_size,
         eval_limit=args.eval_limit, verbose=args.verbose,

@@ -1,0 +1,117 @@
+"""On-disk cache of generated calibration sets.
+
+A generated set (fractal, noise, shifted) is stored as ``<name>-<size>-s<seed>-<CxHxW>-<key>.npy``
+(normalised float32 N×C×H×W, read back with ``allow_pickle=False``) plus a ``.json`` sidecar holding
+its description. The key hashes everything the set depends on: the source spec, size, seed, input
+shape, the preprocessing record, the generator version and a fingerprint of the training split
+(sources matched to the data's statistics depend on it). Files are written to a temporary name in the
+cache folder and renamed into place, so a crash never leaves a half-written entry. A cache folder that
+cannot be written is skipped with a warning: caching never fails an export.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from . import ArraySource, CalibContext
+
+_FINGERPRINTS: dict[tuple, str] = {}
+
+
+def data_fingerprint(x: np.ndarray) -> str:
+    """SHA-1 of the training images (memoised per array for the life of the process)."""
+    key = (id(x), x.shape, str(x.dtype), x.__array_interface__["data"][0])
+    if key not in _FINGERPRINTS:
+        h = hashlib.sha1()
+        h.update(f"{x.shape}{x.dtype}".encode())
+        h.update(np.ascontiguousarray(x).data)
+        _FINGERPRINTS[key] = h.hexdigest()
+    return _FINGERPRINTS[key]
+
+
+def cache_key(ctx: CalibContext, spec: str, size: int, seed: int, version: int | str) -> dict:
+    return {
+        "spec": spec, "size": int(size), "seed": int(seed), "version": version,
+        "input_shape": list(ctx.preprocessing.input_shape), "preprocessing": ctx.preprocessing.to_dict(),
+        "data": {"name": ctx.dataset_name, "sha1": data_fingerprint(ctx.x_train)},
+    }
+
+
+def entry_paths(cache_dir: Path, key: dict) -> tuple[Path, Path]:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    name = "".join(c if c.isalnum() or c in "-_" else "_" for c in key["spec"].split(":", 1)[0])
+    stem = f"{name}-{key['size']}-s{key['seed']}-{'x'.join(map(str, key['input_shape']))}-{digest}"
+    return cache_dir / f"{stem}.npy", cache_dir / f"{stem}.json"
+
+
+def cached(ctx: CalibContext, spec: str, size: int, seed: int, version: int | str,
+           make: Callable[[], ArraySource]) -> ArraySource:
+    """Return the set for this key from ``ctx.cache_dir`` or build it with ``make()`` and store it."""
+    if ctx.cache_dir is None:
+        src = make()
+        src.extra["cache"] = {"used": False}
+        return src
+    cache_dir = Path(ctx.cache_dir).expanduser()
+    key = cache_key(ctx, spec, size, seed, version)
+    npy, meta_path = entry_paths(cache_dir, key)
+    hit = _read(npy, meta_path, key, ctx)
+    if hit is not None:
+        return hit
+    t0 = time.perf_counter()
+    src = make()
+    generation_s = round(time.perf_counter() - t0, 4)
+    src.extra["cache"] = {"used": True, "hit": False, "path": str(npy)}
+    meta = {"key": key, "name": src.name, "seed": src.seed, "origin": src.origin,
+            "extra": {k: v for k, v in src.extra.items() if k != "cache"}, "generation_s": generation_s}
+    _write(cache_dir, npy, meta_path, src.samples, meta)
+    return src
+
+
+def _read(npy: Path, meta_path: Path, key: dict, ctx: CalibContext) -> ArraySource | None:
+    if not (npy.is_file() and meta_path.is_file()):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        samples = np.load(npy, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        warnings.warn(f"ignoring unreadable calibration cache entry {npy} ({type(e).__name__}); regenerating",
+                      stacklevel=3)
+        return None
+    expected = (key["size"], *key["input_shape"])
+    if meta.get("key") != key or samples.dtype != np.float32 or tuple(samples.shape) != expected:
+        return None
+    extra = dict(meta.get("extra", {}))
+    extra["cache"] = {"used": True, "hit": True, "path": str(npy), "generation_s": meta.get("generation_s")}
+    return ArraySource(name=meta["name"], samples=samples, seed=meta.get("seed"), origin=meta["origin"],
+                       extra=extra, preprocessing=ctx.preprocessing)
+
+
+def _write(cache_dir: Path, npy: Path, meta_path: Path, samples: np.ndarray, meta: dict) -> None:
+    tmp_paths = []
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        for path, write in ((meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode())),
+                            (npy, lambda f: np.save(f, samples, allow_pickle=False))):
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=cache_dir)
+            tmp_paths.append(tmp)
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+            os.replace(tmp, path)
+            tmp_paths.remove(tmp)
+    except OSError as e:
+        warnings.warn(f"cannot write the calibration cache in {cache_dir} ({e.strerror or e}); the set was built "
+                      "but not cached - pass a writable --calib-cache DIR or --calib-cache off", stacklevel=3)
+    finally:
+        for tmp in tmp_paths:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
