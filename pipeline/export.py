@@ -37,7 +37,6 @@ class ExportConfig:
     std: tuple[float, ...] | None = None
     calib: str = "balanced"
     calib_size: int = 500
-    calib_cache: str | None = "~/.cache/edge-int8-pipeline/calib"  # generated calibration sets; None: no cache
     seed: int = 0
     target: str = "tflite-int8"
     out: str | None = None
@@ -46,6 +45,7 @@ class ExportConfig:
     converter: str = "onnx2tf"
     batch_size: int = 256
     eval_limit: int | None = None
+    micro_limit: int = 1000  # TFLite-Micro targets: run the first N test inputs on the (batch-1, slow) interpreter
     verbose: bool = False
 
     def to_dict(self) -> dict:
@@ -80,18 +80,25 @@ def stage_convert(run: Run):
     from .convert import get_converter
     return get_converter(run.cfg.converter).convert(
         run.outputs["export_onnx"], run.calib.array(), run.pre,
-        per_channel=run.target.per_channel_weights, out_path=run.work / "model_int8.tflite",
-        verbose=run.cfg.verbose)
+        per_channel=run.target.per_channel_weights, out_path=run.work / f"model_{run.target.precision}.tflite",
+        verbose=run.cfg.verbose, precision=run.target.precision)
 
 
 def stage_inspect(run: Run):
     from .errors import NotFullyInt8Error
     from .inspect_tflite import inspect
     insp = inspect(run.outputs["convert"].path)
-    if not insp.fully_int8 and not run.target.allow_float_fallback:
+    if not insp.fully_int8 and not run.target.allow_float_fallback and run.target.precision == "int8":
         shown = "; ".join(insp.offending[:6]) + (f"; and {len(insp.offending) - 6} more" if len(insp.offending) > 6 else "")
         raise NotFullyInt8Error(f"the converted model is not fully int8: {shown}; replace these ops in the model "
                                 f"or choose a target that allows float fallback")
+    if run.target.precision != "int8":
+        from .errors import ConversionError
+        from .inspect_tflite import check_precision
+        chk = check_precision(insp, run.target.precision)
+        if not chk.precision_ok and not run.target.allow_float_fallback:
+            raise ConversionError(f"the converted model breaks the {run.target.name} precision contract: "
+                                  f"{chk.reason}; replace these ops or choose another precision")
     return insp
 
 
@@ -99,9 +106,9 @@ def stage_run(run: Run):
     from . import models
     from .runtime import TfliteRunner
     tfl = run.outputs["convert"]
-    runner = TfliteRunner(tfl.path, kernels=run.target.kernels, threads=run.target.threads,
+    runner = TfliteRunner(tfl.path, kernels=run.target.run_kernels, threads=run.target.threads,
                           batch_size=run.cfg.batch_size, input_layout=tfl.input_layout)
-    with _progress(2 * len(run.x_test), "run int8 + FP32", run.progress) as bar:
+    with _progress(2 * len(run.x_test), f"run {run.target.precision} + FP32", run.progress) as bar:
         int8 = runner.run(run.x_test, progress=bar)
         t0 = time.perf_counter()
         fp32 = models.run_fp32(run.model, run.x_test, batch_size=run.cfg.batch_size, progress=bar)
@@ -117,12 +124,36 @@ def stage_compare(run: Run):
                    output_scale=insp.outputs[0].scale[0] if insp.outputs[0].scale else 0.0)
 
 
+def stage_micro(run: Run):
+    """TFLite-Micro targets only: load, arena_bytes, flash_bytes, budgets, TFLM vs LiteRT (pipeline/micro.py)."""
+    if not run.target.is_micro:
+        return None
+    from .micro import check
+    tfl, r = run.outputs["convert"], run.outputs["run"]
+    n = min(run.cfg.micro_limit, len(run.x_test))
+    with _progress(n, "run TFLite-Micro", run.progress) as bar:
+        return check(tfl.path, run.x_test[:n], tfl.input_layout, r.int8.raw_outputs[:n], run.target,
+                     limit=n, progress=bar)
+
+
+def stage_latency(run: Run):
+    """LiteRT targets only: batch-1 host latency on the target's kernels and on the reference kernels."""
+    if run.target.is_micro:
+        return None
+    from .runtime import measure_latency
+    tfl = run.outputs["convert"]
+    kernels = [run.target.kernels] + (["ref"] if run.target.kernels != "ref" else [])
+    return {k: measure_latency(tfl.path, run.x_test[:1], k, run.target.threads, tfl.input_layout) for k in kernels}
+
+
 STAGES: list[tuple[str, Callable[[Run], object]]] = [
     ("export_onnx", stage_export_onnx),
     ("convert", stage_convert),
     ("inspect", stage_inspect),
     ("run", stage_run),
+    ("micro", stage_micro),  # TFLite-Micro targets only
     ("compare", stage_compare),
+    ("latency", stage_latency),  # LiteRT targets only
 ]
 
 
@@ -153,8 +184,7 @@ def export(cfg: ExportConfig, log=print) -> tuple[int, Path, "object"]:
             log(f"[{i}/{len(STAGES)}] {name:<12} {run.timings[name]:6.2f}s", file=sys.stderr)
         report = _build_report(run, setup_s)
         r = run.outputs["run"]
-        np.savez_compressed(run.work / "predictions.npz", labels=run.dataset.y_test[: len(run.x_test)],
-                            fp32_logits=r.fp32, int8_logits=r.int8.outputs, int8_raw=r.int8.raw_outputs)
+        np.savez_compressed(run.work / "predictions.npz", **_prediction_arrays(run))
         report.timings_s["total"] = round(time.perf_counter() - t_start, 3)
         report.write(run.work / "report.json")
         _publish(run.work, out)
@@ -198,8 +228,7 @@ def _prepare(cfg: ExportConfig, log) -> tuple[Run, Path]:
             scale=ds.scale, mean=mean, std=std,
             raw_range=(0.0, 255.0) if ds.source_dtype == "uint8" else (float(ds.x_train.min()), float(ds.x_train.max())),
         )
-        ctx = CalibContext(x_train=ds.x_train, y_train=ds.y_train, preprocessing=pre, dataset_name=ds.name,
-                           cache_dir=Path(cfg.calib_cache).expanduser() if cfg.calib_cache else None)
+        ctx = CalibContext(x_train=ds.x_train, y_train=ds.y_train, preprocessing=pre, dataset_name=ds.name)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             calib = build(cfg.calib, ctx, cfg.calib_size, cfg.seed)
@@ -251,17 +280,25 @@ def _publish(work: Path, out: Path) -> None:
 
 def _build_report(run: Run, setup_s: float):
     from .report import Report
+    from .inspect_tflite import check_precision
     o = run.outputs
     onnx_art, tfl, insp, r, cmp = o["export_onnx"], o["convert"], o["inspect"], o["run"], o["compare"]
     cfg = run.cfg
+    prec = run.target.precision
+    chk = check_precision(insp, prec)
     gates = {
-        "fully_int8": {"required": True, "value": insp.fully_int8, "passed": bool(insp.fully_int8)},
+        "fully_int8": {"required": True, "value": insp.fully_int8, "passed": bool(insp.fully_int8)} if prec == "int8"
+        else {"required": False, "applies": False, "value": insp.fully_int8, "passed": True,
+              "note": f"int8 targets only; this target is {prec} (see precision_ok)"},
+        "precision_ok": {"required": True, "precision": prec, "value": chk.precision_ok, "passed": chk.precision_ok,
+                         "rule": chk.rule, "reason": chk.reason},
         "max_drop_pp": {"limit": cfg.max_drop_pp, "value": cmp.drop_pp, "passed": cmp.drop_pp <= cfg.max_drop_pp},
         "min_agreement": {"limit": cfg.min_agreement, "value": cmp.agreement,
                           "passed": cmp.agreement >= cfg.min_agreement},
     }
+    gates.update(_device_gates(run))
     n = len(run.x_test)
-    q = insp.to_dict(with_tensors=True)
+    q = insp.to_dict(with_tensors=True) | {"precision": chk.to_dict()}
     return Report(
         kind="export",
         target=run.target.to_dict(),
@@ -269,7 +306,7 @@ def _build_report(run: Run, setup_s: float):
         data={**run.dataset.describe(), "evaluated": n, "split": "test"},
         preprocessing={**run.pre.to_dict(), "tflite_input_layout": tfl.input_layout,
                        "formula": "x = (raw * scale - mean[c]) / std[c]; int8 = round(x / in_scale) + in_zero_point"},
-        calibration=run.calib.describe(),
+        calibration=run.calib.describe() | {"split": "train", "seed": cfg.seed},
         onnx=onnx_art.describe(),
         conversion=tfl.describe(),
         quantization=q,
@@ -279,22 +316,80 @@ def _build_report(run: Run, setup_s: float):
                      "images_per_s": round(n / r.fp32_seconds, 1) if r.fp32_seconds else None,
                      "measured_on": r.int8.describe()["measured_on"]},
             "note": "host measurements on this machine's CPU, not device latency",
+            **_latency_section(run),
         },
         artifacts={
             "onnx": {"path": "model.onnx", "bytes": onnx_art.bytes},
-            "tflite_int8": {"path": "model_int8.tflite", "bytes": tfl.bytes},
+            f"tflite_{prec}": {"path": tfl.path.name, "bytes": tfl.bytes},
+            "tflite": {"path": tfl.path.name, "bytes": tfl.bytes, "precision": prec},
             "size_ratio_onnx_to_int8": round(onnx_art.bytes / tfl.bytes, 3) if tfl.bytes else None,
-            "predictions": {"path": "predictions.npz", "arrays": ["labels", "fp32_logits", "int8_logits", "int8_raw"]},
+            "predictions": {"path": "predictions.npz", "arrays": list(_prediction_arrays(run, names_only=True))},
             "report": {"path": "report.json"},
         },
-        accuracy=cmp.to_dict() | {"evaluated_on": f"{run.dataset.name} test split, {n} images; int8 on LiteRT "
-                                                  f"{run.target.kernels} kernels with {run.target.threads} threads, "
-                                                  f"FP32 on {run.model.reference_runtime}"},
+        accuracy=cmp.to_dict() | {"precision": prec, "tflite_top1": cmp.int8_top1,
+                                  "evaluated_on": f"{run.dataset.name} test split, {n} images; {prec} TFLite on LiteRT "
+                                                  f"{run.target.run_kernels} kernels with {run.target.threads} threads, "
+                                                  f"FP32 on {run.model.reference_runtime}"
+                                                  + ("" if prec == "int8" else f"; the int8_* fields hold the {prec} "
+                                                     "model's figures")},
         timings_s={"setup": round(setup_s, 3), **run.timings, **{f"convert.{k}": v for k, v in tfl.timings_s.items()}},
         gates=gates,
         passed=all(g["passed"] for g in gates.values()),
         config={k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.to_dict().items()},
+        sections={"device": _device_section(run)},
     )
+
+
+def _prediction_arrays(run: Run, names_only: bool = False) -> dict:
+    """predictions.npz: int8 keeps int8_logits/int8_raw; other precisions name theirs (fp16_logits, ...)."""
+    r, micro = run.outputs["run"], run.outputs.get("micro")
+    p = run.target.precision
+    arrays = {"labels": lambda: run.dataset.y_test[: len(run.x_test)], "fp32_logits": lambda: r.fp32,
+              f"{p}_logits": lambda: r.int8.outputs, f"{p}_raw": lambda: r.int8.raw_outputs}
+    if micro is not None:
+        arrays["tflm_raw"] = lambda: micro.raw_outputs  # TFLite-Micro on the first micro.images inputs
+    return {k: (None if names_only else v()) for k, v in arrays.items()}
+
+
+def _device_gates(run: Run) -> dict:
+    micro = run.outputs.get("micro")
+    if micro is None:
+        return {}
+    return {
+        "arena_fits_ram": {"required": True, "value": micro.ram.required_bytes, "limit": micro.ram.budget_bytes,
+                           "passed": micro.ram.fits, "reason": micro.ram.reason},
+        "model_fits_flash": {"required": True, "value": micro.flash.required_bytes, "limit": micro.flash.budget_bytes,
+                             "passed": micro.flash.fits, "reason": micro.flash.reason},
+        # TFLite-Micro's and LiteRT's reference kernels implement the same int8 arithmetic: a difference
+        # of more than one rounding step in any output means the two runtimes disagree on the model.
+        "tflm_matches_litert": {"required": True, "limit_steps": 1, "value": micro.max_diff_steps,
+                                "top1_agreement": micro.agreement, "images": micro.images,
+                                "passed": micro.max_diff_steps <= 1,
+                                "reason": f"TFLite-Micro vs LiteRT {micro.litert_kernels} kernels on the first "
+                                          f"{micro.images} test inputs: max difference {micro.max_diff_steps} output "
+                                          f"step(s), top-1 agreement {micro.agreement:.2%}"},
+    }
+
+
+def _latency_section(run: Run) -> dict:
+    lat = run.outputs.get("latency")
+    if not lat:
+        return {"latency": {"measured": False,
+                            "reason": "host timings say nothing about a microcontroller; see target.published"}}
+    return {"latency": {"measured": True, "batch_size": 1,
+                        "note": "host measurements (this machine's CPU), never device latency",
+                        "kernels": {k: v.describe() for k, v in lat.items()}}}
+
+
+def _device_section(run: Run) -> dict:
+    t, micro = run.target, run.outputs.get("micro")
+    d = {"device": t.device, "clock_mhz": t.clock_mhz, "ram_bytes": t.ram_bytes, "flash_bytes": t.flash_bytes,
+         "published": list(t.published), "references": list(t.references),
+         "device_latency": "not estimated: no anchor in the notes scales to this model honestly; published "
+                           "figures for reference models are in 'published'"}
+    if micro is not None:
+        d["tflite_micro"] = micro.describe()
+    return d
 
 
 class _progress:
@@ -362,13 +457,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--target", default="tflite-int8", help="target profile (see --list-targets)")
     g.add_argument("--list-targets", action="store_true", help="print the target registry and exit")
     g.add_argument("--converter", default="onnx2tf", help="conversion route (default onnx2tf)")
+    g.add_argument("--micro-limit", type=int, default=1000,
+                   help="TFLite-Micro targets: run the first N test inputs on TFLite-Micro (default 1000)")
     g = p.add_argument_group("Calibration")
-    g.add_argument("--calib", default="balanced",
-                   help="representative dataset source: balanced (default), real, first, fractal, "
-                        "noise[:gaussian|uniform], shifted:CORRUPTION[:SEVERITY], folder:PATH, npz:PATH")
+    g.add_argument("--calib", default="balanced", help="representative dataset source (default balanced)")
     g.add_argument("--calib-size", type=int, default=500, help="number of calibration samples (default 500)")
-    g.add_argument("--calib-cache", default=ExportConfig.calib_cache, metavar="DIR",
-                   help="folder caching generated calibration sets, or 'off' (default %(default)s)")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("Verification")
     g.add_argument("--max-drop-pp", type=float, default=1.0, help="gate: largest top-1 drop in points (default 1.0)")
@@ -384,40 +477,73 @@ def config_from_args(args: argparse.Namespace) -> ExportConfig:
     return ExportConfig(
         model=args.model, weights=args.weights, input_shape=args.input_shape, data=args.data,
         data_dir=args.data_dir, mean=args.mean, std=args.std, calib=args.calib, calib_size=args.calib_size,
-        calib_cache=None if args.calib_cache in ("off", "") else args.calib_cache,
         seed=args.seed, target=args.target, out=args.out, max_drop_pp=args.max_drop_pp,
         min_agreement=args.min_agreement, converter=args.converter, batch_size=args.batch_size,
-        eval_limit=args.eval_limit, verbose=args.verbose,
+        eval_limit=args.eval_limit, micro_limit=args.micro_limit, verbose=args.verbose,
     )
 
 
 def print_targets() -> None:
     import targets
-    rows = [("name", "precision", "runtime", "kernels", "threads", "description")]
+    def size(b):
+        return "-" if b is None else (f"{b / 2**30:g} GiB" if b >= 2**30 else f"{b / 1024:g} KiB")
+
+    rows = [("name", "precision", "I/O", "runtime", "kernels", "threads", "device", "clock", "RAM", "flash",
+             "margin")]
     for name in targets.list_targets():
         t = targets.get_target(name)
-        rows.append((t.name, t.precision, t.runtime, t.kernels, str(t.threads), t.description))
+        rows.append((t.name, t.precision, t.input_dtype, t.runtime, t.kernels, str(t.threads), t.device,
+                     f"{t.clock_mhz} MHz" if t.clock_mhz else "-", size(t.ram_bytes), size(t.flash_bytes),
+                     f"{t.arena_margin:.0%}/{t.flash_margin:.0%}" if t.is_micro else "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    print("\nRAM/flash: board budgets (checked with the margin, arena/flash, on TFLite-Micro targets only); "
+          "sources in each profile's references (report.json target.references)")
 
 
 def summary(report, out: Path) -> str:
     a, art, q = report.accuracy, report.artifacts, report.quantization
-    verdict = "PASS" if report.passed else "FAIL (" + ", ".join(k for k, g in report.gates.items() if not g["passed"]) + ")"
+    p = report.target["precision"]
+    failed = [k for k, g in report.gates.items() if not g["passed"]]
+    verdict = "PASS" if report.passed else "FAIL (" + ", ".join(failed) + ")"
+    reasons = [f"           {k}: {report.gates[k]['reason']}" for k in failed if report.gates[k].get("reason")]
+    pc = q["precision"]
     return "\n".join([
         f"model      {report.model['spec']}  ->  target {report.target['name']}",
-        f"int8       fully_int8={q['fully_int8']}  input {q['input_dtype']}  output {q['output_dtype']}  "
-        f"ops {sum(q['ops'].values())} ({', '.join(q['ops'])})",
-        f"sizes      ONNX {art['onnx']['bytes'] / 1024:.1f} KiB  ->  int8 TFLite {art['tflite_int8']['bytes'] / 1024:.1f} KiB "
+        (f"int8       fully_int8={q['fully_int8']}" if p == "int8" else f"{p:<10} precision_ok={pc['precision_ok']}")
+        + f"  input {q['input_dtype']}  output {q['output_dtype']}  ops {sum(q['ops'].values())} ({', '.join(q['ops'])})",
+        f"sizes      ONNX {art['onnx']['bytes'] / 1024:.1f} KiB  ->  {p} TFLite {art['tflite']['bytes'] / 1024:.1f} KiB "
         f"({art['size_ratio_onnx_to_int8']}x smaller)",
-        f"accuracy   FP32 {a['fp32_top1'] * 100:.2f}%  int8 {a['int8_top1'] * 100:.2f}%  drop {a['drop_pp']:+.2f} pp  "
+        f"accuracy   FP32 {a['fp32_top1'] * 100:.2f}%  {p} {a['int8_top1'] * 100:.2f}%  drop {a['drop_pp']:+.2f} pp  "
         f"agreement {a['agreement'] * 100:.2f}%  ({a['n']} test images)",
-        f"throughput int8 {report.runtime['int8']['images_per_s']:.0f} img/s on LiteRT {report.runtime['int8']['kernels']}, "
+        f"throughput {p} {report.runtime['int8']['images_per_s']:.0f} img/s on LiteRT {report.runtime['int8']['kernels']}, "
         f"{report.runtime['int8']['threads']} threads (host)",
+        *_device_lines(report),
         f"verdict    {verdict}  in {report.timings_s['total']:.1f}s",
+        *reasons,
         f"files      {out}/ (model.onnx, model_int8.tflite, report.json, predictions.npz)",
     ])
+
+
+def _device_lines(report) -> list[str]:
+    lat = report.runtime.get("latency", {})
+    lines = []
+    if lat.get("measured"):
+        ks = lat["kernels"]
+        first = next(iter(ks.values()))
+        lines.append("latency    " + "  ".join(f"{k} {v['median_ms']:.3f} ms" for k, v in ks.items())
+                     + f"  (median, batch 1, {first['threads']} threads; host measurement, not device latency)")
+    m = report.sections.get("device", {}).get("tflite_micro")
+    if m:
+        c = m["compared_with_litert"]
+        lines.append(f"tflm       arena_bytes {m['arena_bytes']:,}  flash_bytes {m['flash_bytes']:,}  "
+                     f"RAM {m['ram_check']['required_bytes']:,}/{m['ram_check']['budget_bytes']:,} B  "
+                     f"flash {m['flash_check']['required_bytes']:,}/{m['flash_check']['budget_bytes']:,} B "
+                     f"(+{m['ram_check']['margin']:.0%}/{m['flash_check']['margin']:.0%} margin)")
+        lines.append(f"tflm/LiteRT top-1 agreement {c['top1_agreement']:.2%}, max diff {c['max_diff_steps']} step(s) "
+                     f"on the first {c['images']} test inputs (TFLite-Micro reference kernels on this host)")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
