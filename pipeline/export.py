@@ -486,7 +486,12 @@ def config_from_args(args: argparse.Namespace) -> ExportConfig:
 def print_targets() -> None:
     import targets
     def size(b):
-        return "-" if b is None else (f"{b / 2**30:g} GiB" if b >= 2**30 else f"{b / 1024:g} KiB")
+        if b is None:
+            return "-"
+        for unit, n in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+            if b >= n and b % n == 0:
+                return f"{b // n} {unit}"
+        return f"{b:,} B"
 
     rows = [("name", "precision", "I/O", "runtime", "kernels", "threads", "device", "clock", "RAM", "flash",
              "margin")]
