@@ -37,6 +37,7 @@ class ExportConfig:
     std: tuple[float, ...] | None = None
     calib: str = "balanced"
     calib_size: int = 500
+    calib_cache: str | None = "~/.cache/edge-int8-pipeline/calib"  # generated calibration sets; None: no cache
     seed: int = 0
     target: str = "tflite-int8"
     out: str | None = None
@@ -185,6 +186,9 @@ def export(cfg: ExportConfig, log=print) -> tuple[int, Path, "object"]:
         report = _build_report(run, setup_s)
         r = run.outputs["run"]
         np.savez_compressed(run.work / "predictions.npz", **_prediction_arrays(run))
+        t0 = time.perf_counter()
+        report.artifacts["bundle"] = _write_bundle(run, report)
+        report.timings_s["bundle"] = round(time.perf_counter() - t0, 3)
         report.timings_s["total"] = round(time.perf_counter() - t_start, 3)
         report.write(run.work / "report.json")
         _publish(run.work, out)
@@ -228,7 +232,8 @@ def _prepare(cfg: ExportConfig, log) -> tuple[Run, Path]:
             scale=ds.scale, mean=mean, std=std,
             raw_range=(0.0, 255.0) if ds.source_dtype == "uint8" else (float(ds.x_train.min()), float(ds.x_train.max())),
         )
-        ctx = CalibContext(x_train=ds.x_train, y_train=ds.y_train, preprocessing=pre, dataset_name=ds.name)
+        ctx = CalibContext(x_train=ds.x_train, y_train=ds.y_train, preprocessing=pre, dataset_name=ds.name,
+                           cache_dir=Path(cfg.calib_cache).expanduser() if cfg.calib_cache else None)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             calib = build(cfg.calib, ctx, cfg.calib_size, cfg.seed)
@@ -275,7 +280,24 @@ def _make_workdir(out: Path) -> Path:
 def _publish(work: Path, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for f in sorted(work.iterdir()):
-        os.replace(f, out / f.name)
+        dest = out / f.name
+        if f.is_dir() and dest.is_dir():  # a folder left by an earlier export (the device bundle)
+            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+            os.replace(dest, old)
+            os.replace(f, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(f, dest)
+
+
+def _write_bundle(run: Run, report) -> dict:
+    """After the stages: the device bundle (bundle/ and bundle.tar.gz) in the work folder."""
+    from .bundle import write_bundle
+    tfl = run.outputs["convert"]
+    n = len(run.x_test)
+    return write_bundle(run.work, tfl.path, tfl.input_layout, report.preprocessing, run.dataset.x_test[:n],
+                        run.x_test, run.dataset.y_test[:n], model_spec=run.cfg.model,
+                        target=run.target.name).describe()
 
 
 def _build_report(run: Run, setup_s: float):
@@ -306,7 +328,7 @@ def _build_report(run: Run, setup_s: float):
         data={**run.dataset.describe(), "evaluated": n, "split": "test"},
         preprocessing={**run.pre.to_dict(), "tflite_input_layout": tfl.input_layout,
                        "formula": "x = (raw * scale - mean[c]) / std[c]; int8 = round(x / in_scale) + in_zero_point"},
-        calibration=run.calib.describe() | {"split": "train", "seed": cfg.seed},
+        calibration=run.calib.describe(),
         onnx=onnx_art.describe(),
         conversion=tfl.describe(),
         quantization=q,
@@ -460,8 +482,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--micro-limit", type=int, default=1000,
                    help="TFLite-Micro targets: run the first N test inputs on TFLite-Micro (default 1000)")
     g = p.add_argument_group("Calibration")
-    g.add_argument("--calib", default="balanced", help="representative dataset source (default balanced)")
+    g.add_argument("--calib", default="balanced",
+                   help="representative dataset source: balanced (default), real, first, fractal, "
+                        "noise[:gaussian|uniform], shifted:CORRUPTION[:SEVERITY], folder:PATH, npz:PATH")
     g.add_argument("--calib-size", type=int, default=500, help="number of calibration samples (default 500)")
+    g.add_argument("--calib-cache", default=ExportConfig.calib_cache, metavar="DIR",
+                   help="folder caching generated calibration sets, or 'off' (default %(default)s)")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("Verification")
     g.add_argument("--max-drop-pp", type=float, default=1.0, help="gate: largest top-1 drop in points (default 1.0)")
@@ -477,6 +503,7 @@ def config_from_args(args: argparse.Namespace) -> ExportConfig:
     return ExportConfig(
         model=args.model, weights=args.weights, input_shape=args.input_shape, data=args.data,
         data_dir=args.data_dir, mean=args.mean, std=args.std, calib=args.calib, calib_size=args.calib_size,
+        calib_cache=None if args.calib_cache in ("off", "") else args.calib_cache,
         seed=args.seed, target=args.target, out=args.out, max_drop_pp=args.max_drop_pp,
         min_agreement=args.min_agreement, converter=args.converter, batch_size=args.batch_size,
         eval_limit=args.eval_limit, micro_limit=args.micro_limit, verbose=args.verbose,
@@ -527,7 +554,7 @@ def summary(report, out: Path) -> str:
         *_device_lines(report),
         f"verdict    {verdict}  in {report.timings_s['total']:.1f}s",
         *reasons,
-        f"files      {out}/ (model.onnx, model_int8.tflite, report.json, predictions.npz)",
+        f"files      {out}/ (model.onnx, model_int8.tflite, report.json, predictions.npz, bundle/, bundle.tar.gz)",
     ])
 
 

@@ -19,7 +19,8 @@ REPORT_KEYS = {"target", "model", "versions", "preprocessing", "calibration", "q
 def test_export_end_to_end(tiny_export, tiny_npz):
     status, out = tiny_export
     assert status == 0
-    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model_int8.tflite", "predictions.npz", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["bundle", "bundle.tar.gz", "model.onnx", "model_int8.tflite",
+                                                    "predictions.npz", "report.json"]
     r = json.loads((out / "report.json").read_text())
     assert REPORT_KEYS <= set(r)
     assert r["target"]["name"] == "tflite-int8"
