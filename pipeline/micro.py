@@ -41,7 +41,7 @@ _TOTAL = re.compile(r"Arena allocation total (\d+) bytes")
 _HEAD = re.compile(r"Arena allocation head (\d+) bytes")
 _TAIL = re.compile(r"Arena allocation tail (\d+) bytes")
 _CATEGORY = re.compile(r"'([^']+)' used (\d+) bytes")
-_MISSING_OP = re.compile(r"Didn't find op for builtin opcode '([^']+)' version '(\d+)'")
+_MISSING_OP = re.compile(r"Didn't find op for builtin opcode '([^']+)'(?: version '(\d+)')?")
 _FAILED_NODE = re.compile(r"Node (\S+) \(number (\d+)\) failed to (prepare|invoke)")
 _ALLOC_FAIL = re.compile(r"Failed to allocate (?:tail|head|temp)? ?memory\. Requested: (\d+)")
 
@@ -78,7 +78,7 @@ def parse_allocations(text: str) -> ArenaUse:
 
 def _diagnose(text: str, model_ops: list[str], arena_size: int) -> str:
     """One line naming why TFLite-Micro refused the model, from its native log."""
-    missing = sorted({f"{op} (version {v})" for op, v in _MISSING_OP.findall(text)})
+    missing = sorted({f"{op} (version {v})" if v else op for op, v in _MISSING_OP.findall(text)})
     if missing:
         return (f"TFLite-Micro has no kernel for {', '.join(missing)} (the interpreter stops at the first missing "
                 f"op; the model's ops: {', '.join(model_ops)})")
