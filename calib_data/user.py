@@ -156,8 +156,8 @@ def npz(ctx: CalibContext, size: int, seed: int, arg: str | None) -> ArraySource
         raise CalibrationError(f"{where} holds NaN or inf; clean the images")
     lo, hi = raw_bounds(pre)
     xmin, xmax = float(x.min()), float(x.max())
-    margin = 0.05 * (hi - lo)
-    if xmin < lo - margin or xmax > hi + margin:
+    tol = 0.005 * (hi - lo)
+    if xmin < lo - tol or xmax > hi + tol:
         raise CalibrationError(
             f"{where} values span [{xmin:.3g}, {xmax:.3g}] but the training images' raw range is [{lo:g}, {hi:g}]; "
             "store raw images like the training data (not normalised) - the preprocessing record normalises once")
