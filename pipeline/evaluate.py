@@ -1,0 +1,255 @@
+"""``python -m pipeline.evaluate EXPORT_DIR``: the reliability report for an exported model.
+
+Reads the export's ``report.json`` (preprocessing record, model, data, target) and its TFLite model,
+runs FP32 and the deployed model on the same inputs (clean test split, a validation split of the training
+data, and the corruption suite), and writes the sections ``calibration_drift``, ``temperature_scaling``,
+``flips``, ``per_class``, ``shifts`` and ``reliability`` into ``report.json``, plus ``report.html``.
+With ``--out DIR`` both files go to DIR and the export folder is left untouched.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from .errors import DataError, OutputError, PipelineError, UsageError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, no usage dump
+        raise UsageError(f"{message}; see python -m pipeline.evaluate --help")
+
+
+def _severities(text: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of severities 1..5") from None
+    if not vals or any(v < 1 or v > 5 for v in vals) or len(set(vals)) != len(vals):
+        raise argparse.ArgumentTypeError(f"{text!r}: severities must be distinct integers from 1 to 5")
+    return tuple(sorted(vals))
+
+
+def add_reliability_arguments(p: argparse.ArgumentParser, in_export: bool) -> None:
+    """The flags shared by ``pipeline.evaluate`` and ``pipeline.export --reliability``."""
+    from .reliability import DEFAULT_MAX_ECE_INCREASE, DEFAULT_MAX_WORST_DROP_PP, DEFAULT_VAL_SIZE
+    g = p.add_argument_group("Reliability" + (" (with --reliability)" if in_export else ""))
+    g.add_argument("--corruptions", default="all",
+                   help="corruption suite: all (default), none, or a comma-separated list of names "
+                        "(see pipeline/corruptions.py)")
+    g.add_argument("--severities", type=_severities, default=(1, 2, 3, 4, 5), help="severities (default 1,2,3,4,5)")
+    g.add_argument("--val-size", type=int, default=DEFAULT_VAL_SIZE,
+                   help=f"training images held for fitting the temperature (default {DEFAULT_VAL_SIZE})")
+    g.add_argument("--workers", type=int, default=0, help="worker processes (default: one per core)")
+    g.add_argument("--max-ece-increase", type=float, default=DEFAULT_MAX_ECE_INCREASE,
+                   help=f"gate: largest int8-minus-FP32 ECE on the clean test split (default {DEFAULT_MAX_ECE_INCREASE})")
+    g.add_argument("--max-worst-drop-pp", type=float, default=DEFAULT_MAX_WORST_DROP_PP,
+                   help="gate: largest top-1 drop in points over every class and every shifted set "
+                        f"(default {DEFAULT_MAX_WORST_DROP_PP})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m pipeline.evaluate",
+                description="Reliability report (calibration drift, temperature scaling, flips, per-class, "
+                            "corruption suite) for an exported model; writes report.json and report.html.")
+    p.add_argument("export_dir", help="an export folder (holds report.json and the .tflite model)")
+    g = p.add_argument_group("Overrides (default: what the export's report.json says)")
+    g.add_argument("--model", help="FP32 model spec (zoo:NAME, file.onnx, file.pt, package.module:factory)")
+    g.add_argument("--weights", help="state_dict for a factory model")
+    g.add_argument("--tflite", help="the deployed .tflite model")
+    g.add_argument("--data", help="fashion-mnist or path/to/data.npz")
+    g.add_argument("--data-dir", help="folder with the Fashion-MNIST IDX files")
+    g.add_argument("--eval-limit", type=int, help="evaluate on the first N test images only")
+    g.add_argument("--kernels", help="LiteRT kernels: xnnpack, builtin or ref")
+    g.add_argument("--batch-size", type=int, default=256, help="batch for interpreter and FP32 runs (default 256)")
+    g.add_argument("--seed", type=int, help="seed of the validation split and the corruptions (default: the export's)")
+    add_reliability_arguments(p, in_export=False)
+    g = p.add_argument_group("Output")
+    g.add_argument("--out", help="write report.json and report.html here instead of into the export folder")
+    g.add_argument("-v", "--verbose", action="store_true", help="show the tools' own output")
+    return p
+
+
+def reliability_config(args: argparse.Namespace, seed: int):
+    from .reliability import ReliabilityConfig, parse_corruptions
+    if args.val_size <= 0:
+        raise UsageError(f"--val-size {args.val_size} is empty; pass at least 100 (5000 recommended)")
+    if args.workers < 0:
+        raise UsageError("--workers must be 0 (one per core) or more")
+    return ReliabilityConfig(corruptions=parse_corruptions(args.corruptions), severities=tuple(args.severities),
+                             val_size=args.val_size, seed=seed, workers=args.workers,
+                             max_ece_increase=args.max_ece_increase, max_worst_drop_pp=args.max_worst_drop_pp)
+
+
+def _read_report(export_dir: Path) -> dict:
+    path = export_dir / "report.json"
+    if not export_dir.is_dir():
+        raise UsageError(f"{export_dir} is not a folder; pass the folder an export wrote (python -m pipeline.export --out DIR)")
+    if not path.is_file():
+        raise DataError(f"{path} does not exist; pass a folder written by python -m pipeline.export")
+    try:
+        rep = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path} is not readable JSON ({type(e).__name__}); re-run the export") from None
+    for key in ("preprocessing", "model", "config", "target"):
+        if not isinstance(rep.get(key), dict):
+            raise DataError(f"{path} lacks the '{key}' section; re-run python -m pipeline.export with this version")
+    return rep
+
+
+def held_out_from_training(model) -> bool | None:
+    """Zoo models were trained on the whole training split (their training record says so)."""
+    if model.kind == "zoo":
+        from . import zoo
+        rec = zoo.get_entry(model.spec[4:]).training_record() or {}
+        ds = rec.get("dataset") or {}
+        if ds.get("train_size"):
+            return False
+    return None
+
+
+def evaluate_export(args: argparse.Namespace, log=print):
+    import numpy as np
+
+    from . import data as data_mod
+    from . import html_report, models, quiet
+    from .parallel_eval import ModelPair
+    from .preprocessing import Preprocessing
+    from .reliability import evaluate
+
+    quiet.configure(args.verbose)
+    t0 = time.perf_counter()
+    export_dir = Path(args.export_dir)
+    rep = _read_report(export_dir)
+    cfg = rep["config"]
+    pre = Preprocessing.from_dict(rep["preprocessing"])
+    model_spec = args.model or rep["model"].get("spec") or cfg.get("model")
+    weights = args.weights if args.model or args.weights else (cfg.get("weights") or None)
+    tfl_rel = (rep.get("artifacts", {}).get("tflite") or {}).get("path")
+    tflite = Path(args.tflite) if args.tflite else (export_dir / tfl_rel if tfl_rel else None)
+    if tflite is None or not tflite.is_file():
+        raise DataError(f"the TFLite model {tflite} does not exist; pass --tflite path/to/model.tflite")
+    data_spec = args.data or cfg.get("data") or "fashion-mnist"
+    data_dir = args.data_dir or (cfg.get("data_dir") if not args.data else None)
+    kernels = args.kernels or rep["target"].get("litert_kernels") or rep["target"].get("kernels") or "xnnpack"
+    if kernels not in ("xnnpack", "builtin", "ref"):
+        raise UsageError(f"--kernels {kernels!r}: choose xnnpack, builtin or ref")
+    if args.batch_size <= 0:
+        raise UsageError("--batch-size must be at least 1")
+    seed = args.seed if args.seed is not None else int(cfg.get("seed") or 0)
+    rcfg = reliability_config(args, seed)
+    model = models.load(model_spec, weights)
+    ds = data_mod.load(data_spec, data_dir, pre.input_shape)
+    data_mod.check_fits(ds, pre.input_shape, models.probe(model, pre.input_shape))
+    limit = args.eval_limit if args.eval_limit is not None else cfg.get("eval_limit")
+    n = len(ds.x_test) if limit is None else min(int(limit), len(ds.x_test))
+    if n <= 0:
+        raise UsageError("--eval-limit must be at least 1")
+    layout = rep["preprocessing"].get("tflite_input_layout") or rep.get("conversion", {}).get("input_layout") or "NHWC"
+    pair = ModelPair(model_spec=model_spec, weights=weights, tflite_path=str(tflite.resolve()), input_layout=layout,
+                     kernels=kernels, preprocessing=pre, batch_size=args.batch_size)
+    out_dir = Path(args.out) if args.out else export_dir
+    _check_writable(out_dir)
+    clean, clean_note = _export_predictions(export_dir, rep, n, own_models=not (args.model or args.tflite or args.weights
+                                                                                  or args.data or args.kernels))
+    result = evaluate(pair, ds, n, rcfg, clean=clean, loaded_model=model, held_out_from_training=held_out_from_training(model),
+                      runtime_note=clean_note, progress=not args.verbose and sys.stderr.isatty())
+    rep.update(result.sections)
+    rep.setdefault("gates", {}).update(result.gates)
+    rep["passed"] = all(g.get("passed", True) for g in rep["gates"].values())
+    rep.setdefault("timings_s", {})["reliability"] = round(time.perf_counter() - t0, 3)
+    rep["reliability"]["command"] = "python -m pipeline.evaluate " + " ".join(sys.argv[1:])
+    rep["reliability"]["config"] = {k: (list(v) if isinstance(v, tuple) else v)
+                                    for k, v in dataclasses.asdict(rcfg).items()}
+    rep.setdefault("artifacts", {})["report_html"] = {"path": "report.html"}
+    write_outputs(rep, out_dir)
+    return rep, out_dir
+
+
+def _export_predictions(export_dir: Path, rep: dict, n: int, own_models: bool):
+    """The export's clean-test logits (predictions.npz), when they belong to these models and inputs."""
+    import numpy as np
+    p = export_dir / "predictions.npz"
+    prec = rep.get("target", {}).get("precision", "int8")
+    if not own_models or not p.is_file():
+        return None, ""
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            if "fp32_logits" not in z.files or f"{prec}_logits" not in z.files:
+                return None, ""
+            fp32, q = z["fp32_logits"], z[f"{prec}_logits"]
+    except (OSError, ValueError):
+        return None, ""
+    if len(fp32) != n or len(q) != n:
+        return None, ""
+    return {"fp32": fp32, "int8": q}, "clean-test logits read from the export's predictions.npz"
+
+
+def _check_writable(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} exists and is not a folder; pass a folder path")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create {out} ({e.strerror or e}); pass a writable --out") from None
+    if not os.access(out, os.W_OK):
+        raise OutputError(f"{out} is not writable; pass a writable --out")
+
+
+def write_outputs(rep: dict, out_dir: Path) -> None:
+    """report.json and report.html, each written to a temp file and renamed into place."""
+    from . import html_report
+    from .report import _clean
+    html_report.write(rep, out_dir / "report.html")
+    path = out_dir / "report.json"
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    tmp.write_text(json.dumps(_clean(rep), indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def summary(rep: dict, out_dir: Path) -> str:
+    cd, fl, sh, ts, pc = (rep["calibration_drift"], rep["flips"], rep["shifts"], rep["temperature_scaling"],
+                          rep["per_class"])
+    failed = [k for k, g in rep["gates"].items() if not g.get("passed", True)]
+    lines = [
+        f"model      {rep['model'].get('spec')}  ->  {rep['target'].get('name')}",
+        f"clean      FP32 {cd['fp32']['top1']:.2%}  int8 {cd['int8']['top1']:.2%}  flips {fl['count']}/{fl['n']} "
+        f"({fl['rate']:.2%})  best flag {fl.get('best_detector')} AUROC "
+        f"{(fl['detectors'][fl['best_detector']]['auroc'] if fl.get('best_detector') else float('nan')):.3f}",
+        f"calibration ECE {cd['fp32']['ece']:.4f} -> {cd['int8']['ece']:.4f} ({cd['delta']['ece']:+.4f})  "
+        f"T fp32 {ts['fp32']['temperature']:.3f}  int8 {ts['int8']['temperature']:.3f}",
+        f"per class  worst {pc['worst_class']['name']} {pc['worst_class']['drop_pp']:+.2f} pp",
+    ]
+    if sh.get("records"):
+        w, m = sh["worst_by_int8_drop"], sh["mean"]
+        lines.append(f"shifts     {sh['sets']} sets x {sh['images_per_set']} images: mean drop {m['drop_pp']:+.2f} pp, "
+                     f"mean flip rate {1 - m['agreement']:.2%}; worst {w['corruption']} s{w['severity']} "
+                     f"{w['drop_pp']:+.2f} pp")
+    rel = rep["reliability"]
+    lines.append(f"speed      {rel['images_evaluated']:,} images through both models in {rel['seconds']['engine']:.1f}s "
+                 f"({rel['images_per_s']:.0f} img/s, {rel['workers']} workers; host)")
+    lines.append(f"verdict    {'PASS' if not failed else 'FAIL (' + ', '.join(failed) + ')'}")
+    lines.append(f"files      {out_dir}/report.json, {out_dir}/report.html")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        rep, out = evaluate_export(args)
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_status
+    except KeyboardInterrupt:
+        print("error: interrupted; report.json and report.html were not changed", file=sys.stderr)
+        return 130
+    print(summary(rep, out))
+    return 0 if rep["passed"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

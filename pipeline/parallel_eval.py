@@ -1,0 +1,184 @@
+"""Run the FP32 model and the deployed TFLite model on many (shifted) inputs, batched and across cores.
+
+The unit of work is a ``Job``: a block of images from one split (``test`` or ``val``), optionally
+corrupted. The worker that takes a job generates the block's inputs once (corrupt the raw pixels, then the
+preprocessing record's normalisation) and feeds that one array to both models, so FP32 and int8 always see
+exactly the same inputs. Blocks are corrupted with a seed derived from (seed, block index), so the
+shifted sets do not depend on the number of workers.
+
+Workers are processes (``spawn``), each holding its own LiteRT interpreter (1 thread, the target's
+kernels, batched) and its own FP32 model (PyTorch with 1 intra-op thread, or onnxruntime). LiteRT's
+``invoke()`` holds the GIL in this build, so threads would not run interpreters in parallel. With
+``workers=1`` everything runs in this process (no start-up cost; what the tests use).
+
+int8 outputs do not depend on the interpreter's thread count (integer kernels), so the per-worker
+interpreters reproduce the target's outputs exactly; ``tests/test_reliability.py`` checks this.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .preprocessing import Preprocessing
+
+BLOCK = 1000  # images per job; part of the shifted sets' definition (the per-block seed)
+
+
+@dataclass(frozen=True)
+class ModelPair:
+    """What a worker needs to rebuild both models on its own."""
+
+    model_spec: str
+    weights: str | None
+    tflite_path: str
+    input_layout: str
+    kernels: str
+    preprocessing: Preprocessing
+    batch_size: int = 256
+
+
+@dataclass(frozen=True)
+class Job:
+    split: str  # key into the arrays handed to the engine ("test", "val")
+    start: int
+    stop: int
+    corruption: str | None = None
+    severity: int = 0
+    seed: int = 0
+
+    @property
+    def key(self) -> tuple:
+        return (self.split, self.corruption, self.severity)
+
+
+def block_seed(seed: int, start: int) -> int:
+    return zlib.crc32(f"{int(seed)}:{int(start) // BLOCK}".encode())
+
+
+def shift_jobs(split: str, n: int, corruptions, severities, seed: int) -> list[Job]:
+    return [Job(split, s, min(s + BLOCK, n), c, sev, seed)
+            for c in corruptions for sev in severities for s in range(0, n, BLOCK)]
+
+
+def clean_jobs(split: str, n: int) -> list[Job]:
+    return [Job(split, s, min(s + BLOCK, n)) for s in range(0, n, BLOCK)]
+
+
+def make_inputs(raw: np.ndarray, job: Job, pre: Preprocessing) -> np.ndarray:
+    """Raw images of one block -> (corrupted) -> normalised float32 NCHW model input."""
+    from . import corruptions
+    from .preprocessing import apply
+    x = raw[job.start:job.stop]
+    if job.corruption is None:
+        return apply(x, pre)
+    lo, hi = pre.raw_range
+    # Corruptions work on pixels in [0, 1]; map the raw range there and back so the preprocessing
+    # record is applied exactly as for clean data (uint8 data is rounded back to uint8, as a camera
+    # or a JPEG decoder would deliver it).
+    unit = ((x.astype(np.float32) - np.float32(lo)) / np.float32(hi - lo)).clip(0, 1)
+    c = corruptions.corrupt(unit, job.corruption, job.severity, seed=block_seed(job.seed, job.start))
+    back = c * np.float32(hi - lo) + np.float32(lo)
+    if x.dtype == np.uint8:
+        back = np.rint(back).astype(np.uint8)
+    return apply(back, pre)
+
+
+class _Worker:
+    """Both models in one process; ``loaded_model`` reuses an in-process model instead of reloading."""
+
+    def __init__(self, pair: ModelPair, arrays: dict, loaded_model=None, threads: int = 1):
+        from . import models
+        from .runtime import TfliteRunner
+        self.pair, self.arrays = pair, arrays
+        self.model = loaded_model if loaded_model is not None else models.load(pair.model_spec, pair.weights)
+        if self.model.kind == "onnx":
+            self.model.extra.pop("_session", None)
+        self.runner = TfliteRunner(Path(pair.tflite_path), kernels=pair.kernels, threads=threads,
+                                   batch_size=pair.batch_size, input_layout=pair.input_layout)
+
+    def __call__(self, job: Job):
+        from . import models
+        x = make_inputs(self.arrays[job.split], job, self.pair.preprocessing)
+        fp32 = models.run_fp32(self.model, x, batch_size=self.pair.batch_size)
+        r = self.runner.run(x)
+        return job, fp32.astype(np.float32), r.outputs, r.raw_outputs
+
+
+_WORKER: _Worker | None = None
+
+
+def _init_worker(pair: ModelPair, arrays: dict) -> None:
+    global _WORKER
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from . import quiet
+    quiet.configure(False)
+    import torch
+    torch.set_num_threads(1)
+    _WORKER = _Worker(pair, arrays)
+
+
+def _run_job(job: Job):
+    assert _WORKER is not None
+    return _WORKER(job)
+
+
+def default_workers() -> int:
+    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)))
+
+
+class Engine:
+    """Evaluate jobs on both models; results are gathered per (split, corruption, severity)."""
+
+    def __init__(self, pair: ModelPair, arrays: dict[str, np.ndarray], workers: int = 1, loaded_model=None):
+        self.pair, self.arrays, self.workers = pair, arrays, max(1, int(workers))
+        self._loaded_model = loaded_model
+        self._pool = None
+        self._inline: _Worker | None = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+            self._pool = None
+
+    def _ensure(self):
+        if self.workers == 1:
+            if self._inline is None:
+                self._inline = _Worker(self.pair, self.arrays, self._loaded_model)
+            return None
+        if self._pool is None:
+            ctx = mp.get_context("spawn")
+            self._pool = ctx.Pool(self.workers, initializer=_init_worker, initargs=(self.pair, self.arrays))
+        return self._pool
+
+    def run(self, jobs: list[Job], progress=None) -> dict[tuple, dict[str, np.ndarray]]:
+        """Run every job; returns {job.key: {"fp32": [N,K], "int8": [N,K] dequantized, "int8_raw": ...}}."""
+        pool = self._ensure()
+        parts: dict[tuple, list] = {}
+        if pool is None:
+            results = (self._inline(j) for j in jobs)
+        else:
+            results = pool.imap_unordered(_run_job, jobs, chunksize=1)
+        for job, fp32, int8, raw in results:
+            parts.setdefault(job.key, []).append((job.start, fp32, int8, raw))
+            if progress:
+                progress(job.stop - job.start)
+        out = {}
+        for key, items in parts.items():
+            items.sort(key=lambda t: t[0])
+            out[key] = {"fp32": np.concatenate([t[1] for t in items]),
+                        "int8": np.concatenate([t[2] for t in items]),
+                        "int8_raw": np.concatenate([t[3] for t in items])}
+        return out

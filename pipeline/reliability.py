@@ -1,0 +1,277 @@
+"""The reliability report: what accuracy alone hides about the int8 model.
+
+Sections written into ``report.json`` (and rendered into ``report.html`` by :mod:`pipeline.html_report`):
+
+- ``calibration_drift``: top1, ece, ace, mce, nll, brier of FP32 and int8 on the clean test split, and
+  int8 minus FP32 (:mod:`pipeline.calibration_metrics`), plus reliability-diagram and histogram data;
+- ``temperature_scaling``: T fitted on a validation split carved from the *training* data, for FP32 and
+  for int8; test metrics before/after; the FP32 temperature applied to int8 (:mod:`pipeline.temperature`);
+- ``flips``: top-1 disagreements and how well margin/entropy/DeepGini/least confidence flag them
+  (:mod:`pipeline.flips`);
+- ``per_class``: FP32 and int8 accuracy per class, the drop, the worst class;
+- ``shifts``: the corruption suite (:mod:`pipeline.corruptions`, :mod:`pipeline.shifts`);
+- ``reliability``: how all of the above was obtained (kernels, threads, workers, seeds, timings).
+
+Gates: ``max_ece_increase`` (int8 ECE minus FP32 ECE on the clean test split) and ``max_worst_drop_pp``
+(the largest top-1 drop over the worst-case groups: every class of the clean test split and every
+corruption x severity set).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import calibration_metrics as cm
+from .corruptions import CORRUPTIONS, SEVERITIES
+from .errors import UsageError
+from .flips import flips_section
+from .parallel_eval import BLOCK, Engine, ModelPair, clean_jobs, default_workers, shift_jobs
+from .shifts import record, shifts_section
+from .temperature import fit_temperature
+
+DEFAULT_VAL_SIZE = 5000
+DEFAULT_MAX_ECE_INCREASE = 0.02
+DEFAULT_MAX_WORST_DROP_PP = 5.0
+SECTIONS = ("calibration_drift", "temperature_scaling", "flips", "per_class", "shifts")
+
+
+@dataclass(frozen=True)
+class ReliabilityConfig:
+    corruptions: tuple[str, ...] = CORRUPTIONS
+    severities: tuple[int, ...] = SEVERITIES
+    val_size: int = DEFAULT_VAL_SIZE
+    seed: int = 0
+    workers: int = 0  # 0: one per available core
+    max_ece_increase: float = DEFAULT_MAX_ECE_INCREASE
+    max_worst_drop_pp: float = DEFAULT_MAX_WORST_DROP_PP
+
+
+def parse_corruptions(text: str | None) -> tuple[str, ...]:
+    """``--corruptions``: 'all' (default), 'none', or a comma-separated list of suite names."""
+    if text is None or text.strip() in ("", "all"):
+        return CORRUPTIONS
+    if text.strip() == "none":
+        return ()
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    import difflib
+    for n in names:
+        if n not in CORRUPTIONS:
+            close = difflib.get_close_matches(n, CORRUPTIONS, n=3, cutoff=0.5)
+            hint = f"did you mean {' or '.join(close)}?" if close else f"choose from {', '.join(CORRUPTIONS)}"
+            raise UsageError(f"--corruptions: unknown corruption {n!r}; {hint}")
+    if len(set(names)) != len(names):
+        raise UsageError("--corruptions lists a corruption twice; list each once")
+    return names
+
+
+def validation_indices(y_train: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """A class-balanced random subset of the training split (never the test split) for fitting T."""
+    from calib_data.real import balanced_indices
+    if size <= 0:
+        raise UsageError(f"--val-size {size} is empty; pass at least 100 (5000 recommended)")
+    if size > len(y_train):
+        raise UsageError(f"--val-size {size} exceeds the {len(y_train)} training images; pass at most {len(y_train)}")
+    # A seed stream of its own, so the split is not the same draw as a 'balanced' representative dataset.
+    stream = int(np.random.default_rng([int(seed), 0x7E3]).integers(2**31))
+    return np.sort(balanced_indices(y_train, size, stream))
+
+
+# --------------------------------------------------------------------------- sections from logits
+
+def calibration_drift(fp32: np.ndarray, int8: np.ndarray, labels: np.ndarray) -> dict:
+    f, q = cm.summary(fp32, labels), cm.summary(int8, labels)
+    pf, pq = cm.softmax(fp32), cm.softmax(int8)
+    return {
+        "fp32": f, "int8": q, "delta": {k: q[k] - f[k] for k in f},
+        "n": int(len(labels)),
+        "reliability_diagram": {"fp32": cm.reliability_bins(pf, labels), "int8": cm.reliability_bins(pq, labels)},
+        "confidence_histogram": {"edges": cm.reliability_bins(pf, labels)["edges"],
+                                 "fp32": cm.confidence_histogram(pf), "int8": cm.confidence_histogram(pq)},
+        "definitions": {
+            "ece": f"top-label, {cm.N_BINS} equal-width bins on [0, 1], weighted by bin size",
+            "ace": f"top-label, {cm.N_BINS} adaptive equal-mass bins",
+            "mce": f"largest |accuracy - confidence| over the non-empty {cm.N_BINS} equal-width bins",
+            "nll": "mean -log p(true class), natural log",
+            "brier": "mean over samples of sum_k (p_k - onehot_k)^2 (range 0..2)",
+            "delta": "int8 minus FP32",
+            "probabilities": "softmax of the FP32 logits and of the dequantized int8 outputs",
+        },
+    }
+
+
+def temperature_scaling(fp32_val: np.ndarray, int8_val: np.ndarray, y_val: np.ndarray, fp32_test: np.ndarray,
+                        int8_test: np.ndarray, y_test: np.ndarray, validation: dict) -> dict:
+    tf, tq = fit_temperature(fp32_val, y_val), fit_temperature(int8_val, y_val)
+
+    def side(fit, val, test):
+        return {"temperature": fit.temperature, "fit": fit.to_dict(),
+                "val_nll_before": fit.nll_before, "val_nll_after": fit.nll_after,
+                "test_before": cm.summary(test, y_test), "test_after": cm.summary(test, y_test, fit.temperature)}
+
+    fp32, int8 = side(tf, fp32_val, fp32_test), side(tq, int8_val, int8_test)
+    transfer = cm.summary(int8_test, y_test, tf.temperature)
+    return {
+        "validation": validation,
+        "method": "one scalar T minimising mean NLL of softmax(z / T) on the validation split (Newton on 1/T; "
+                  "convex); fitted separately for FP32 and for the int8 outputs (dequantized)",
+        "fp32": fp32,
+        "int8": int8,
+        "int8_with_fp32_temperature": {
+            "temperature": tf.temperature, "test": transfer,
+            "gap_vs_own_temperature": {k: transfer[k] - int8["test_after"][k] for k in ("ece", "nll", "brier")},
+            "note": "a temperature fitted on the FP32 model before quantization, applied to the int8 model",
+        },
+        "temperature_ratio_int8_to_fp32": tq.temperature / tf.temperature,
+    }
+
+
+def per_class(fp32: np.ndarray, int8: np.ndarray, labels: np.ndarray, class_names=None) -> dict:
+    k = max(int(labels.max()) + 1, fp32.shape[1])
+    pf, pq = np.argmax(fp32, 1), np.argmax(int8, 1)
+    rows = []
+    for c in range(k):
+        m = labels == c
+        n = int(m.sum())
+        if n == 0:
+            continue
+        f, q = float(np.mean(pf[m] == c)), float(np.mean(pq[m] == c))
+        rows.append({"class": c, "name": (class_names[c] if class_names and c < len(class_names) else str(c)),
+                     "n": n, "fp32_top1": f, "int8_top1": q, "drop_pp": (f - q) * 100.0,
+                     "flips": int(np.sum(pf[m] != pq[m]))})
+    worst = max(rows, key=lambda r: (r["drop_pp"], r["flips"]))
+    return {"classes": rows, "worst_class": worst,
+            "delta_worst_pp": worst["drop_pp"],
+            "note": "drop_pp = FP32 minus int8 top-1 on that class's test images; worst class = largest drop "
+                    "(Yuan et al.'s worst-group view, groups = classes)"}
+
+
+def gates(sections: dict, cfg: ReliabilityConfig) -> dict:
+    d = sections["calibration_drift"]["delta"]["ece"]
+    cls = sections["per_class"]["worst_class"]
+    worst = {"group": f"class {cls['name']}", "drop_pp": cls["drop_pp"]}
+    sh = sections["shifts"]
+    if sh.get("records"):
+        w = sh["worst_by_int8_drop"]
+        if w["drop_pp"] > worst["drop_pp"]:
+            worst = {"group": f"{w['corruption']} severity {w['severity']}", "drop_pp": w["drop_pp"]}
+    return {
+        "max_ece_increase": {"limit": cfg.max_ece_increase, "value": d, "passed": bool(d <= cfg.max_ece_increase),
+                             "reason": f"int8 ECE minus FP32 ECE on the clean test split: {d:+.4f} "
+                                       f"(limit {cfg.max_ece_increase:+.4f})"},
+        "max_worst_drop_pp": {"limit": cfg.max_worst_drop_pp, "value": worst["drop_pp"], "group": worst["group"],
+                              "passed": bool(worst["drop_pp"] <= cfg.max_worst_drop_pp),
+                              "reason": f"largest FP32-minus-int8 top-1 drop over every class and every shifted set: "
+                                        f"{worst['drop_pp']:+.2f} pp on {worst['group']} "
+                                        f"(limit {cfg.max_worst_drop_pp:+.2f} pp)"},
+    }
+
+
+# --------------------------------------------------------------------------- the whole evaluation
+
+@dataclass
+class ReliabilityResult:
+    sections: dict
+    gates: dict
+    timings_s: dict = field(default_factory=dict)
+
+
+def evaluate(pair: ModelPair, dataset, n_test: int, cfg: ReliabilityConfig, *, clean: dict | None = None,
+             loaded_model=None, held_out_from_training: bool | None = None, runtime_note: str = "",
+             progress: bool = False, log=None) -> ReliabilityResult:
+    """Run FP32 and int8 on the validation split and every shifted test set, and build all sections.
+
+    ``clean``: {"fp32": logits, "int8": logits} already computed on the first ``n_test`` test images
+    (the export's predictions.npz); computed here when None.
+    """
+    t_all = time.perf_counter()
+    clean_given = clean is not None
+    y_test = np.asarray(dataset.y_test[:n_test])
+    vidx = validation_indices(dataset.y_train, cfg.val_size, cfg.seed)
+    arrays = {"test": np.ascontiguousarray(dataset.x_test[:n_test]),
+              "val": np.ascontiguousarray(dataset.x_train[vidx])}
+    workers = cfg.workers or default_workers()
+    jobs = clean_jobs("val", len(vidx))
+    if clean is None:
+        jobs += clean_jobs("test", n_test)
+    jobs += shift_jobs("test", n_test, cfg.corruptions, cfg.severities, cfg.seed)
+    total = sum(j.stop - j.start for j in jobs)
+    timings = {}
+    t0 = time.perf_counter()
+    with _bar(total, "reliability: FP32 + int8", progress) as bar, \
+            Engine(pair, arrays, workers=workers, loaded_model=loaded_model) as engine:
+        results = engine.run(jobs, progress=bar)
+    timings["engine"] = round(time.perf_counter() - t0, 3)
+    if clean is None:
+        clean = results[("test", None, 0)]
+    fp32, int8 = clean["fp32"], clean["int8"]
+    probabilities = cm.outputs_are_probabilities(fp32)
+    if probabilities:  # the model ends in a softmax: its outputs are probabilities, use log p as logits
+        results = {k: {m: (cm.as_logits(v, True) if m in ("fp32", "int8") else v) for m, v in r.items()}
+                   for k, r in results.items()}
+        fp32, int8 = cm.as_logits(fp32, True), cm.as_logits(int8, True)
+    val = results[("val", None, 0)]
+    y_val = np.asarray(dataset.y_train[vidx])
+    validation = {
+        "split": "train", "size": int(len(vidx)), "seed": cfg.seed,
+        "selection": "class-balanced random subset of the training split (own seed stream); the test split is "
+                     "never used for fitting",
+        "held_out_from_training": held_out_from_training,
+        "note": ("the model was trained on these images, so T is fitted on data it has seen; a held-out "
+                 "split would typically give a larger T (more softening)") if held_out_from_training is False
+        else ("unknown whether the model saw these images in training" if held_out_from_training is None else ""),
+    }
+    t0 = time.perf_counter()
+    clean_rec = record(None, 0, fp32, int8, y_test)
+    sections = {
+        "calibration_drift": calibration_drift(fp32, int8, y_test),
+        "temperature_scaling": temperature_scaling(val["fp32"], val["int8"], y_val, fp32, int8, y_test, validation),
+        "flips": flips_section(fp32, int8),
+        "per_class": per_class(fp32, int8, y_test, getattr(dataset, "class_names", None)),
+        "shifts": shifts_section(results, y_test, cfg.corruptions, cfg.severities, clean=clean_rec),
+    }
+    timings["metrics"] = round(time.perf_counter() - t0, 3)
+    timings["total"] = round(time.perf_counter() - t_all, 3)
+    images_run = total
+    sections["reliability"] = {
+        "how": f"FP32 ({'onnxruntime' if pair.model_spec.lower().endswith('.onnx') else 'PyTorch'}, 1 intra-op "
+               f"thread per worker) and the deployed TFLite model (LiteRT {pair.kernels} kernels, 1 thread per "
+               f"worker, batch {pair.batch_size}) on the same inputs, {workers} worker process(es) on this host; "
+               "int8 metrics use the dequantized outputs" + (f"; {runtime_note}" if runtime_note else ""),
+        "outputs": "probabilities (model ends in softmax; log p used as logits)" if probabilities else "logits",
+        "test_images": int(n_test),
+        "validation_images": int(len(vidx)),
+        "shifted_sets": len(cfg.corruptions) * len(cfg.severities),
+        "images_evaluated": int(images_run),
+        "model_runs": int(2 * images_run),
+        "workers": workers,
+        "block": BLOCK,
+        "seed": cfg.seed,
+        "seconds": timings,
+        "images_per_s": round(images_run / timings["engine"], 1) if timings["engine"] else None,
+        "throughput_note": "images per second through both models (each image run by FP32 and int8), "
+                           "measured on this host during this evaluation, including corruption generation",
+        "clean_outputs": "the export's run stage (the arrays in predictions.npz)" if clean_given
+        else "computed here by the same workers",
+    }
+    return ReliabilityResult(sections=sections, gates=gates(sections, cfg), timings_s=timings)
+
+
+class _bar:
+    def __init__(self, total: int, desc: str, enabled: bool):
+        self.total, self.desc, self.enabled, self.bar = total, desc, enabled, None
+
+    def __enter__(self):
+        if self.enabled:
+            import sys
+
+            from tqdm import tqdm
+            self.bar = tqdm(total=self.total, desc=self.desc, unit="img", leave=False, file=sys.stderr)
+            return self.bar.update
+        return None
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
+        return False
