@@ -404,6 +404,11 @@ def worker(spec):
     peak, peak_source = _peak_rss_kib()
     p50, p90, p99 = (float(v) for v in np.percentile(steady, [50, 90, 99]))
     batch = int(inputs[0]["shape"][0]) if len(inputs[0]["shape"]) else 1
+    try:  # a private API: None when it is not there
+        ops = interp._get_ops_details()
+        delegated = sum(1 for o in ops if o.get("op_name") == "DELEGATE")
+    except Exception:
+        ops, delegated = None, None
     result.update({
         "batch": batch,
         "input": ", ".join(sorted(set(described))),
@@ -426,6 +431,9 @@ def worker(spec):
         "rss_after_init_kib": rss_init,
         "rss_at_start_kib": rss_start,
         "rss_source": peak_source,
+        "delegate_applied": None if delegated is None else delegated > 0,
+        "ops": None if ops is None else len(ops),
+        "pid": os.getpid(),
         "runtime": rt_name,
         "runtime_version": rt_version,
     })
@@ -776,7 +784,7 @@ def run(args, rt_name, rt_version, mod):
     d = doc["device"]
     print("device   %s | %s | %s | kernel %s | governor %s" % (
         d["board"] or "unknown board", d["cpu"] or d["machine"], d["os"] or "unknown OS", d["kernel"],
-        d["governor"] if isinstance(d["governor"], (str, type(None))) else "mixed"))
+        d["governor"] if isinstance(d["governor"], str) else ("unknown" if d["governor"] is None else "mixed")))
     print("runtime  %s %s, Python %s, numpy %s" % (rt_name, rt_version, platform.python_version(), np.__version__))
     print("model    %s (%d bytes, input %s %s)" % (os.path.basename(args.model), model["bytes"],
                                                   model["inputs"][0]["dtype"], model["inputs"][0]["shape"]))
@@ -813,7 +821,9 @@ def run(args, rt_name, rt_version, mod):
                     res, log = run_worker(script, spec, timeout)
                     res["runtime_log"] = log
                     doc["results"].append(res)
+                    sys.stdout.flush()
                     sys.stderr.write("  measured kernels=%s threads=%d: mean %.1f us\n" % (k, t, res["mean_us"]))
+                    sys.stderr.flush()
         print()
         print_table(doc["results"])
         print("(us per invoke(), batch %s; each setting in its own process; peak RSS = that process's VmHWM)"
