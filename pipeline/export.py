@@ -48,6 +48,15 @@ class ExportConfig:
     eval_limit: int | None = None
     micro_limit: int = 1000  # TFLite-Micro targets: run the first N test inputs on the (batch-1, slow) interpreter
     verbose: bool = False
+    # --reliability (pipeline/reliability.py): calibration drift, temperature scaling, flips, per-class,
+    # the corruption suite, two more gates and report.html, in one extra step after the stages
+    reliability: bool = False
+    corruptions: str = "all"
+    severities: tuple[int, ...] = (1, 2, 3, 4, 5)
+    val_size: int = 5000
+    workers: int = 0
+    max_ece_increase: float = 0.02
+    max_worst_drop_pp: float = 5.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -189,8 +198,16 @@ def export(cfg: ExportConfig, log=print) -> tuple[int, Path, "object"]:
         t0 = time.perf_counter()
         report.artifacts["bundle"] = _write_bundle(run, report)
         report.timings_s["bundle"] = round(time.perf_counter() - t0, 3)
+        if cfg.reliability:
+            t0 = time.perf_counter()
+            _add_reliability(run, report)
+            report.timings_s["reliability"] = round(time.perf_counter() - t0, 3)
+            log(f"[+] reliability  {report.timings_s['reliability']:6.2f}s", file=sys.stderr)
         report.timings_s["total"] = round(time.perf_counter() - t_start, 3)
         report.write(run.work / "report.json")
+        if cfg.reliability:
+            from .html_report import write as write_html
+            write_html(report.to_dict(), run.work / "report.html")
         _publish(run.work, out)
     finally:
         shutil.rmtree(run.work, ignore_errors=True)
@@ -298,6 +315,28 @@ def _write_bundle(run: Run, report) -> dict:
     return write_bundle(run.work, tfl.path, tfl.input_layout, report.preprocessing, run.dataset.x_test[:n],
                         run.x_test, run.dataset.y_test[:n], model_spec=run.cfg.model,
                         target=run.target.name).describe()
+
+
+def _add_reliability(run: Run, report) -> None:
+    """After the stages (--reliability): the reliability sections and gates (pipeline/reliability.py)."""
+    from .evaluate import held_out_from_training
+    from .parallel_eval import ModelPair
+    from .reliability import ReliabilityConfig, evaluate, parse_corruptions
+    cfg, tfl, r = run.cfg, run.outputs["convert"], run.outputs["run"]
+    pair = ModelPair(model_spec=cfg.model, weights=cfg.weights, tflite_path=str(Path(tfl.path).resolve()),
+                     input_layout=tfl.input_layout, kernels=run.target.run_kernels, preprocessing=run.pre,
+                     batch_size=cfg.batch_size)
+    rcfg = ReliabilityConfig(corruptions=parse_corruptions(cfg.corruptions), severities=tuple(cfg.severities),
+                             val_size=cfg.val_size, seed=cfg.seed, workers=cfg.workers,
+                             max_ece_increase=cfg.max_ece_increase, max_worst_drop_pp=cfg.max_worst_drop_pp)
+    res = evaluate(pair, run.dataset, len(run.x_test), rcfg, clean={"fp32": r.fp32, "int8": r.int8.outputs},
+                   loaded_model=run.model, held_out_from_training=held_out_from_training(run.model),
+                   runtime_note="clean-test logits from the run stage (the arrays in predictions.npz)",
+                   progress=run.progress)
+    report.sections.update(res.sections)
+    report.gates.update(res.gates)
+    report.passed = all(g["passed"] for g in report.gates.values())
+    report.artifacts["report_html"] = {"path": "report.html"}
 
 
 def _build_report(run: Run, setup_s: float):
@@ -493,6 +532,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-drop-pp", type=float, default=1.0, help="gate: largest top-1 drop in points (default 1.0)")
     g.add_argument("--min-agreement", type=float, default=0.98, help="gate: smallest top-1 agreement (default 0.98)")
     g.add_argument("--batch-size", type=int, default=256, help="batch for interpreter and FP32 runs")
+    g.add_argument("--reliability", action="store_true",
+                   help="also write the reliability report (calibration drift, temperature scaling, flips, "
+                        "per-class, corruption suite) into report.json and report.html")
+    from .evaluate import add_reliability_arguments
+    add_reliability_arguments(p, in_export=True)
     g = p.add_argument_group("Output")
     g.add_argument("--out", help="output folder (default MODEL-TARGET in the current folder)")
     g.add_argument("-v", "--verbose", action="store_true", help="show the tools' own output")
@@ -507,7 +551,20 @@ def config_from_args(args: argparse.Namespace) -> ExportConfig:
         seed=args.seed, target=args.target, out=args.out, max_drop_pp=args.max_drop_pp,
         min_agreement=args.min_agreement, converter=args.converter, batch_size=args.batch_size,
         eval_limit=args.eval_limit, micro_limit=args.micro_limit, verbose=args.verbose,
+        **_reliability_args(args),
     )
+
+
+def _reliability_args(args: argparse.Namespace) -> dict:
+    if not args.reliability:
+        return {}
+    from .reliability import parse_corruptions
+    parse_corruptions(args.corruptions)  # fail before the conversion, not after
+    if args.val_size <= 0 or args.workers < 0:
+        raise UsageError("--val-size must be at least 1 and --workers at least 0")
+    return {"reliability": True, "corruptions": args.corruptions, "severities": tuple(args.severities),
+            "val_size": args.val_size, "workers": args.workers, "max_ece_increase": args.max_ece_increase,
+            "max_worst_drop_pp": args.max_worst_drop_pp}
 
 
 def print_targets() -> None:
@@ -554,8 +611,24 @@ def summary(report, out: Path) -> str:
         *_device_lines(report),
         f"verdict    {verdict}  in {report.timings_s['total']:.1f}s",
         *reasons,
-        f"files      {out}/ (model.onnx, model_int8.tflite, report.json, predictions.npz, bundle/, bundle.tar.gz)",
+        *_reliability_lines(report),
+        f"files      {out}/ (model.onnx, model_int8.tflite, report.json, predictions.npz, bundle/, bundle.tar.gz"
+        + (", report.html)" if "calibration_drift" in report.sections else ")"),
     ])
+
+
+def _reliability_lines(report) -> list[str]:
+    s = report.sections
+    if "calibration_drift" not in s:
+        return []
+    cd, fl, sh = s["calibration_drift"], s["flips"], s["shifts"]
+    lines = [f"reliability ECE {cd['fp32']['ece']:.4f} -> {cd['int8']['ece']:.4f}  flips {fl['count']}/{fl['n']}  "
+             f"worst class {s['per_class']['worst_class']['name']} {s['per_class']['worst_class']['drop_pp']:+.2f} pp"]
+    if sh.get("records"):
+        w = sh["worst_by_int8_drop"]
+        lines.append(f"shifts     {sh['sets']} sets: mean drop {sh['mean']['drop_pp']:+.2f} pp, mean flip rate "
+                     f"{1 - sh['mean']['agreement']:.2%}, worst {w['corruption']} s{w['severity']} {w['drop_pp']:+.2f} pp")
+    return lines
 
 
 def _device_lines(report) -> list[str]:

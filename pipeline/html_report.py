@@ -6,6 +6,7 @@ how to read it. Every number comes from ``report.json``; the page says how it wa
 from __future__ import annotations
 
 import html
+import math
 import os
 from pathlib import Path
 
@@ -124,9 +125,9 @@ def _legend(x, y, items) -> list[str]:
 
 
 def svg_lines(xs, series: list[tuple[str, list, str, str]], title: str, y_fmt, y_min: float | None = None,
-              y_max: float | None = None, w: int = 230, h: int = 160, legend: bool = False) -> str:
+              y_max: float | None = None, w: int = 185, h: int = 150, legend: bool = False) -> str:
     """A small line chart: value against severity (0 = clean) for each series."""
-    left, bottom, top, right = 40, 30, 20, 6
+    left, bottom, top, right = 38, 30, 20, 6
     pw, ph = w - left - right, h - top - bottom
     vals = [v for _, ys, _, _ in series for v in ys if v is not None]
     lo = min(vals) if y_min is None else y_min
@@ -150,7 +151,7 @@ def svg_lines(xs, series: list[tuple[str, list, str, str]], title: str, y_fmt, y
             parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.2" fill="{color}"><title>{_e(name)}: '
                          f'{_e(y_fmt(v))}</title></circle>')
     if legend:
-        parts += _legend(left + 6, top + 8, [(n, c, d) for n, _, c, d in series])
+        parts += _legend(left + 6, top + ph - 8 - 13 * (len(series) - 1), [(n, c, d) for n, _, c, d in series])
     parts.append("</svg>")
     return "".join(parts)
 
@@ -159,7 +160,7 @@ def svg_lines(xs, series: list[tuple[str, list, str, str]], title: str, y_fmt, y
 
 _CSS = """
 body{font-family:-apple-system,"Segoe UI",Roboto,"DejaVu Sans",Arial,sans-serif;margin:0;color:#222;background:#fafafa}
-main{max-width:1180px;margin:0 auto;padding:18px 24px 60px}
+main{max-width:1240px;margin:0 auto;padding:18px 24px 60px}
 h1{font-size:22px;margin:6px 0 2px}h2{font-size:18px;margin:30px 0 6px;border-bottom:1px solid #ddd;padding-bottom:4px}
 h3{font-size:14px;margin:14px 0 4px}
 p,li{font-size:14px;line-height:1.45}.muted{color:#666;font-size:12.5px}
@@ -173,7 +174,8 @@ table{border-collapse:collapse;font-size:13px;background:#fff;margin:6px 0}
 th,td{border:1px solid #ddd;padding:3px 8px;text-align:right}th{background:#f0f0f0}
 td.l,th.l{text-align:left}tr.bad td{background:#fdecea}tr.ok td{background:#edf7ed}
 .row{display:flex;flex-wrap:wrap;gap:14px;align-items:flex-start}
-.grid3{display:grid;grid-template-columns:repeat(auto-fill,minmax(720px,1fr));gap:8px}
+.grid3{display:grid;grid-template-columns:repeat(auto-fill,minmax(585px,1fr));gap:8px}
+.corr .row{gap:6px}
 .corr{background:#fff;border:1px solid #e3e3e3;border-radius:6px;padding:4px 8px}
 .corr h3{margin:4px 0}
 svg{background:#fff}svg .ct{font-size:12px;font-weight:600}svg .tk{font-size:10px;fill:#444}
@@ -365,7 +367,7 @@ def _shifts_html(sh: dict) -> str:
         by.setdefault(r["corruption"], {})[r["severity"]] = r
     all_acc = [v for r in sh["records"] for v in (r["fp32_top1"], r["int8_top1"])] + \
               ([clean["fp32_top1"], clean["int8_top1"]] if clean else [])
-    acc_lo = max(0.0, min(all_acc) - 0.02)
+    acc_lo = max(0.0, math.floor((min(all_acc) - 0.02) * 10) / 10)
     flip_hi = max([1 - r["agreement"] for r in sh["records"]] + [1 - clean["agreement"] if clean else 0]) * 1.05 + 1e-4
     ece_hi = max([max(r["fp32_ece"], r["int8_ece"]) for r in sh["records"]]) * 1.05 + 1e-4
     for c in sh["corruptions"]:

@@ -50,6 +50,7 @@ class Job:
     corruption: str | None = None
     severity: int = 0
     seed: int = 0
+    fp32: bool = True  # False: run the TFLite model only (benchmarks)
 
     @property
     def key(self) -> tuple:
@@ -104,9 +105,9 @@ class _Worker:
     def __call__(self, job: Job):
         from . import models
         x = make_inputs(self.arrays[job.split], job, self.pair.preprocessing)
-        fp32 = models.run_fp32(self.model, x, batch_size=self.pair.batch_size)
+        fp32 = models.run_fp32(self.model, x, batch_size=self.pair.batch_size).astype(np.float32) if job.fp32 else None
         r = self.runner.run(x)
-        return job, fp32.astype(np.float32), r.outputs, r.raw_outputs
+        return job, fp32, r.outputs, r.raw_outputs
 
 
 _WORKER: _Worker | None = None
@@ -178,7 +179,7 @@ class Engine:
         out = {}
         for key, items in parts.items():
             items.sort(key=lambda t: t[0])
-            out[key] = {"fp32": np.concatenate([t[1] for t in items]),
+            out[key] = {"fp32": np.concatenate([t[1] for t in items]) if items[0][1] is not None else None,
                         "int8": np.concatenate([t[2] for t in items]),
                         "int8_raw": np.concatenate([t[3] for t in items])}
         return out
