@@ -231,7 +231,7 @@ def test_calib_size_zero(bad):
 
 
 def test_calib_size_larger_than_train(bad):
-    bad("--calib-size", "401", needle="larger than the training split")
+    bad("--calib-size", "401", needle="is larger than the")
 
 
 def test_unwritable_output_folder(bad, tmp_path):

@@ -176,7 +176,7 @@ def test_calibration_sources_are_balanced_seeded_and_from_train():
     assert sum(per_class) == 60 and per_class[2] == 10  # class 2 holds only 10: the others share the rest
     others = [per_class[i] for i in (0, 1, 3)]
     assert max(others) - min(others) <= 1
-    with pytest.raises(CalibrationError, match="larger than the training split"):
+    with pytest.raises(CalibrationError, match="is larger than the"):
         build("balanced", ctx, 201, seed=0)
     with pytest.raises(CalibrationError, match="empty"):
         build("balanced", ctx, 0, seed=0)
