@@ -261,3 +261,54 @@ def test_unknown_zoo_model(bad):
 
 def test_unknown_flag(bad):
     bad("--frobnicate", needle="unrecognized arguments")
+
+
+# --------------------------------------------------------------------------- other model sources
+
+def _tiny_module(tinynet_dir):
+    import importlib
+    import sys
+    sys.path.insert(0, str(tinynet_dir))
+    mod = importlib.import_module("tinynet")
+    m = mod.tinynet()
+    m.load_state_dict(torch.load(tinynet_dir / "tinynet.pt", weights_only=True))
+    return m.eval()
+
+
+@pytest.mark.parametrize("dynamic", [True, False], ids=["dynamic-batch", "fixed-batch-1"])
+def test_onnx_model_source_uses_onnxruntime_reference(tmp_path, tinynet_dir, tiny_npz, dynamic):
+    m = _tiny_module(tinynet_dir)
+    onnx_path = tmp_path / "user.onnx"
+    kw = {"dynamic_axes": {"x": {0: "n"}, "y": {0: "n"}}} if dynamic else {}
+    torch.onnx.export(m, (torch.zeros(1, 1, 12, 12),), str(onnx_path), input_names=["x"], output_names=["y"],
+                      opset_version=17, dynamo=False, **kw)
+    out = tmp_path / "o"
+    assert main(["--model", str(onnx_path), "--data", str(tiny_npz), "--calib-size", "100", "--out", str(out)]) == 0
+    r = json.loads((out / "report.json").read_text())
+    assert r["model"]["kind"] == "onnx" and r["model"]["fp32_reference"] == "onnxruntime"
+    assert r["onnx"]["source"] == "given" and r["onnx"]["dynamic_batch"] is dynamic
+    assert r["quantization"]["fully_int8"] is True
+    assert r["runtime"]["int8"]["batch_size"] == (256 if dynamic else 1)
+    z = np.load(out / "predictions.npz")
+    x = np.load(tiny_npz)["x_test"][:, None].astype(np.float32) / 255
+    with torch.no_grad():
+        np.testing.assert_allclose(z["fp32_logits"], m(torch.from_numpy(x)).numpy(), atol=1e-4)
+
+
+def test_torchscript_model_source(tmp_path, tinynet_dir, tiny_npz):
+    m = _tiny_module(tinynet_dir)
+    p = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.trace(m, torch.zeros(1, 1, 12, 12)), str(p))
+    out = tmp_path / "o"
+    assert main(["--model", str(p), "--data", str(tiny_npz), "--calib-size", "100", "--out", str(out)]) == 0
+    r = json.loads((out / "report.json").read_text())
+    assert r["model"]["kind"] == "torchscript" and r["quantization"]["fully_int8"] is True
+    assert r["accuracy"]["agreement"] >= 0.95
+
+
+def test_state_dict_is_not_torchscript(bad, tinynet_dir):
+    bad("--model", str(tinynet_dir / "tinynet.pt"), needle="not a TorchScript archive")
+
+
+def test_fashion_mnist_data_dir_missing_files(bad, tmp_path):
+    bad("--data", "fashion-mnist", "--data-dir", str(tmp_path), needle="dataset-fashion-mnist")
