@@ -92,7 +92,8 @@ class Onnx2TfConverter:
                 t0 = time.perf_counter()
                 try:
                     keras_model = onnx2tf.convert(
-                        input_onnx_file_path=str(onnx.path), output_folder_path=work,
+                        input_onnx_file_path=str(constants_as_initializers(onnx.path, Path(work) / "in.onnx")),
+                        output_folder_path=work,
                         disable_model_save=True, not_use_onnxsim=True, non_verbose=not verbose,
                         verbosity="debug" if verbose else "error",
                     )
@@ -157,6 +158,36 @@ def _configure(conv, tf, precision: str, samples: np.ndarray, per_channel: bool)
         conv.inference_input_type = tf.int8
         conv.inference_output_type = tf.int8
         conv._experimental_disable_per_channel = not per_channel
+
+
+def constants_as_initializers(src: Path, dst: Path) -> Path:
+    """Write ``src`` to ``dst`` with every tensor-valued top-level Constant node made an initializer.
+
+    torch.onnx.export feeds the starts/ends/axes/steps of Slice (and other shape operands)
+    from Constant nodes. onnx2tf 1.28 maps an NCHW axis to NHWC only when those operands are
+    initializers (as onnxsim, which we skip for speed, would leave them), so a channel slice
+    ``x[:, 0::2]`` fed by Constant nodes was applied to the H axis instead (found with
+    ShuffleNetV2's channel split: a wrong shape at best, a silently wrong model at worst).
+    Returns ``src`` itself when there is nothing to move.
+    """
+    import onnx
+    proto = onnx.load(str(src))
+    keep, moved = [], 0
+    for node in proto.graph.node:
+        if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(node.attribute[0].t)
+            tensor.name = node.output[0]
+            proto.graph.initializer.append(tensor)
+            moved += 1
+        else:
+            keep.append(node)
+    if not moved:
+        return src
+    del proto.graph.node[:]
+    proto.graph.node.extend(keep)
+    onnx.save(proto, str(dst))
+    return dst
 
 
 def _input_layout(keras_shape: tuple, chw: tuple[int, int, int]) -> str:
