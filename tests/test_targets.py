@@ -168,7 +168,7 @@ def test_target_exports_and_meets_its_contract(name, exported, tiny_npz):
             assert r["gates"][gate]["passed"], r["gates"][gate]
         assert m["ram_check"]["required_bytes"] == int(np.ceil(m["arena_bytes"] * (1 + t.arena_margin)))
         c = m["compared_with_litert"]
-        assert c["images"] == len(z["tflm_raw"]) == 200 and c["litert_kernels"] == "ref"
+        assert c["images"] == len(z["tflm_raw"]) == 200 and c["litert_kernels"] == t.run_kernels
         assert c["max_diff_steps"] == int(np.abs(z["tflm_raw"].astype(int) - raw[:200].astype(int)).max())
         assert r["runtime"]["latency"]["measured"] is False
     else:
