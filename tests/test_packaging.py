@@ -1,0 +1,28 @@
+"""A non-editable install carries every package and the shipped weights."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_non_editable_install_has_packages_and_weights(tmp_path):
+    wheel_dir, target = tmp_path / "wheel", tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                    "-w", str(wheel_dir), str(ROOT)], check=True, capture_output=True)
+    wheel = next(wheel_dir.glob("*.whl"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True)
+    probe = ("import pipeline, targets, calib_data, pathlib, sys;"
+             "from pipeline import zoo, export;"
+             "assert pathlib.Path(pipeline.__file__).parent.parent == pathlib.Path(sys.argv[1]);"
+             "[zoo.get_entry(n) for n in zoo.list_models()];"
+             "missing=[n for n in zoo.list_models() if not zoo.get_entry(n).weights_path.is_file()];"
+             "assert not missing, missing;"
+             "import calib_data; calib_data.list_sources(); targets.list_targets();"
+             "print('ok')")
+    proc = subprocess.run([sys.executable, "-c", probe, str(target)], cwd=tmp_path, capture_output=True, text=True,
+                          env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
