@@ -173,6 +173,11 @@ def load_runtime():
         version = metadata.version(name)
     except Exception:
         version = getattr(sys.modules.get(top), "__version__", None)
+    import numpy as np
+    if name == "tflite-runtime" and int(np.__version__.split(".")[0]) >= 2:
+        # tflite-runtime (last release 2.14.0) is built against numpy 1.x and fails on numpy 2.
+        raise BadInput("tflite-runtime %s needs numpy < 2 but numpy %s is installed; pip install 'numpy<2', "
+                       "or use ai-edge-litert instead" % (version, np.__version__))
     return name, version, mod
 
 
@@ -828,6 +833,9 @@ def run(args, rt_name, rt_version, mod):
         print_table(doc["results"])
         print("(us per invoke(), batch %s; each setting in its own process; peak RSS = that process's VmHWM)"
               % (doc["results"][0]["batch"] if doc["results"] else "?"))
+        if any(r["kernels"] == "xnnpack" and r["delegate_applied"] is False for r in doc["results"]):
+            print("note: with kernels=xnnpack, %s %s did not apply the XNNPACK delegate to this model: those rows "
+                  "ran the built-in kernels" % (rt_name, rt_version))
     doc["conditions"]["after"] = conditions()
     thr = doc["conditions"]["after"]["throttled"]
     if thr and thr["flags"]:

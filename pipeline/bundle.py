@@ -48,8 +48,8 @@ REQUIREMENTS = """\
 ai-edge-litert==2.3.0
 numpy==2.4.6; python_version >= "3.11"
 numpy==2.2.6; python_version < "3.11"
-# Python 3.9 or a 32-bit OS has no ai-edge-litert 2.3.0 wheel: install numpy and tflite-runtime==2.14.0
-# instead (Python <= 3.11); pi_benchmark.py falls back to it.
+# Python 3.9 or a 32-bit OS has no ai-edge-litert 2.3.0 wheel: pip install "numpy<2" tflite-runtime==2.14.0
+# instead (Python 3.9-3.11; tflite-runtime needs numpy 1.x); pi_benchmark.py falls back to it.
 """
 
 README = """\
