@@ -45,6 +45,9 @@ def add_reliability_arguments(p: argparse.ArgumentParser, in_export: bool) -> No
     g.add_argument("--val-size", type=int, default=DEFAULT_VAL_SIZE,
                    help=f"training images held for fitting the temperature (default {DEFAULT_VAL_SIZE})")
     g.add_argument("--workers", type=int, default=0, help="worker processes (default: one per core)")
+    g.add_argument("--fp32-runtime", choices=("reference", "onnxruntime"), default="reference",
+                   help="FP32 side: the model's own runtime (default; PyTorch for torch models) or onnxruntime on "
+                        "the export's model.onnx (checked against PyTorch by the export; faster on CPU)")
     g.add_argument("--max-ece-increase", type=float, default=DEFAULT_MAX_ECE_INCREASE,
                    help=f"gate: largest int8-minus-FP32 ECE on the clean test split (default {DEFAULT_MAX_ECE_INCREASE})")
     g.add_argument("--max-worst-drop-pp", type=float, default=DEFAULT_MAX_WORST_DROP_PP,
@@ -150,8 +153,16 @@ def evaluate_export(args: argparse.Namespace, log=print):
     if n <= 0:
         raise UsageError("--eval-limit must be at least 1")
     layout = rep["preprocessing"].get("tflite_input_layout") or rep.get("conversion", {}).get("input_layout") or "NHWC"
+    fp32_onnx = None
+    if args.fp32_runtime == "onnxruntime" and model.kind != "onnx":
+        onnx_rel = (rep.get("artifacts", {}).get("onnx") or {}).get("path")
+        fp32_onnx = export_dir / onnx_rel if onnx_rel and not args.model else None
+        if fp32_onnx is None or not fp32_onnx.is_file():
+            raise UsageError("--fp32-runtime onnxruntime needs the export's model.onnx (and no --model override); "
+                             "drop --fp32-runtime or re-run the export")
+        fp32_onnx = str(fp32_onnx.resolve())
     pair = ModelPair(model_spec=model_spec, weights=weights, tflite_path=str(tflite.resolve()), input_layout=layout,
-                     kernels=kernels, preprocessing=pre, batch_size=args.batch_size)
+                     kernels=kernels, preprocessing=pre, batch_size=args.batch_size, fp32_onnx=fp32_onnx)
     out_dir = Path(args.out) if args.out else export_dir
     _check_writable(out_dir)
     clean, clean_note = _export_predictions(export_dir, rep, n, own_models=not (args.model or args.tflite or args.weights

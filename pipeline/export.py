@@ -57,6 +57,7 @@ class ExportConfig:
     workers: int = 0
     max_ece_increase: float = 0.02
     max_worst_drop_pp: float = 5.0
+    fp32_runtime: str = "reference"  # or "onnxruntime": FP32 side of --reliability on the exported model.onnx
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -325,7 +326,9 @@ def _add_reliability(run: Run, report) -> None:
     cfg, tfl, r = run.cfg, run.outputs["convert"], run.outputs["run"]
     pair = ModelPair(model_spec=cfg.model, weights=cfg.weights, tflite_path=str(Path(tfl.path).resolve()),
                      input_layout=tfl.input_layout, kernels=run.target.run_kernels, preprocessing=run.pre,
-                     batch_size=cfg.batch_size)
+                     batch_size=cfg.batch_size,
+                     fp32_onnx=str((run.work / "model.onnx").resolve())
+                     if cfg.fp32_runtime == "onnxruntime" and run.model.kind != "onnx" else None)
     rcfg = ReliabilityConfig(corruptions=parse_corruptions(cfg.corruptions), severities=tuple(cfg.severities),
                              val_size=cfg.val_size, seed=cfg.seed, workers=cfg.workers,
                              max_ece_increase=cfg.max_ece_increase, max_worst_drop_pp=cfg.max_worst_drop_pp)
@@ -565,7 +568,7 @@ def _reliability_args(args: argparse.Namespace) -> dict:
         raise UsageError("--val-size must be at least 1 and --workers at least 0")
     return {"reliability": True, "corruptions": args.corruptions, "severities": tuple(args.severities),
             "val_size": args.val_size, "workers": args.workers, "max_ece_increase": args.max_ece_increase,
-            "max_worst_drop_pp": args.max_worst_drop_pp}
+            "max_worst_drop_pp": args.max_worst_drop_pp, "fp32_runtime": args.fp32_runtime}
 
 
 def print_targets() -> None:

@@ -40,6 +40,13 @@ class ModelPair:
     kernels: str
     preprocessing: Preprocessing
     batch_size: int = 256
+    fp32_onnx: str | None = None  # run FP32 from this ONNX file on onnxruntime instead of model_spec
+
+    @property
+    def fp32_runtime(self) -> str:
+        if self.fp32_onnx or self.model_spec.lower().endswith(".onnx"):
+            return "onnxruntime"
+        return "pytorch"
 
 
 @dataclass(frozen=True)
@@ -96,9 +103,18 @@ class _Worker:
         from . import models
         from .runtime import TfliteRunner
         self.pair, self.arrays = pair, arrays
-        self.model = loaded_model if loaded_model is not None else models.load(pair.model_spec, pair.weights)
-        if self.model.kind == "onnx":
-            self.model.extra.pop("_session", None)
+        if pair.fp32_onnx:
+            self.model = models.load(pair.fp32_onnx)
+        else:
+            self.model = loaded_model if loaded_model is not None else models.load(pair.model_spec, pair.weights)
+        if self.model.kind == "onnx":  # an onnxruntime session of its own, on this worker's thread budget
+            import onnxruntime as ort
+            so = ort.SessionOptions()
+            so.log_severity_level = 3
+            so.intra_op_num_threads = threads
+            so.inter_op_num_threads = 1
+            self.model.extra["_session"] = ort.InferenceSession(str(self.model.onnx_path), so,
+                                                                providers=["CPUExecutionProvider"])
         self.runner = TfliteRunner(Path(pair.tflite_path), kernels=pair.kernels, threads=threads,
                                    batch_size=pair.batch_size, input_layout=pair.input_layout)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -186,6 +187,8 @@ def evaluate(pair: ModelPair, dataset, n_test: int, cfg: ReliabilityConfig, *, c
     (the export's predictions.npz); computed here when None.
     """
     t_all = time.perf_counter()
+    if pair.fp32_onnx:
+        clean, runtime_note = None, ""  # the given clean logits came from another FP32 runtime: recompute
     clean_given = clean is not None
     y_test = np.asarray(dataset.y_test[:n_test])
     vidx = validation_indices(dataset.y_train, cfg.val_size, cfg.seed)
@@ -235,10 +238,13 @@ def evaluate(pair: ModelPair, dataset, n_test: int, cfg: ReliabilityConfig, *, c
     timings["total"] = round(time.perf_counter() - t_all, 3)
     images_run = total
     sections["reliability"] = {
-        "how": f"FP32 ({'onnxruntime' if pair.model_spec.lower().endswith('.onnx') else 'PyTorch'}, 1 intra-op "
-               f"thread per worker) and the deployed TFLite model (LiteRT {pair.kernels} kernels, 1 thread per "
+        "how": f"FP32 ({pair.fp32_runtime}"
+               + (f" on the export's ONNX file {Path(pair.fp32_onnx).name}, checked against PyTorch by the export"
+                  if pair.fp32_onnx else "")
+               + f", 1 intra-op thread per worker) and the deployed TFLite model (LiteRT {pair.kernels} kernels, 1 thread per "
                f"worker, batch {pair.batch_size}) on the same inputs, {workers} worker process(es) on this host; "
                "int8 metrics use the dequantized outputs" + (f"; {runtime_note}" if runtime_note else ""),
+        "fp32_runtime": pair.fp32_runtime,
         "outputs": "probabilities (model ends in softmax; log p used as logits)" if probabilities else "logits",
         "test_images": int(n_test),
         "validation_images": int(len(vidx)),
