@@ -296,3 +296,36 @@ def test_budget_check_applies_the_margin():
     over = micro.check_budget("RAM", 801, 0.25, 1000, "arena_bytes", "board")
     assert fits.fits and fits.required_bytes == 1000
     assert not over.fits and over.required_bytes == 1002 and "does not fit the 1,000 B RAM budget" in over.reason
+
+
+# --------------------------------------------------------------------------- the precision ladder
+
+@pytest.mark.slow
+def test_precision_study_prints_one_row_per_rung(tmp_path, tinynet_dir, tiny_npz, in_dir, capsys):
+    from pipeline import study
+    from pipeline.calibration_metrics import ece, softmax
+    in_dir(tinynet_dir)
+    out = tmp_path / "ladder"
+    a = _export_args(tinynet_dir, tiny_npz)
+    status = study.main(["precision", "--model", a["model"], "--weights", a["weights"], "--data", a["data"],
+                         "--calib-size", "100", "--targets", "tflite-fp32,tflite-int8", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert status == 0
+    rows = [ln for ln in text.splitlines() if ln.startswith("| ")]
+    assert [ln.split(" | ")[1] for ln in rows[1:]] == ["-", "tflite-fp32", "tflite-int8"]  # FP32 reference + 2 rungs
+    assert "not device latency" in text
+    s = json.loads((out / "study.json").read_text())
+    for row in s["rows"]:
+        z = np.load(Path(row["folder"]) / "predictions.npz")
+        logits = z[f"{row['precision']}_logits"]
+        assert row["ece"] == pytest.approx(ece(softmax(logits), z["labels"]))
+        assert row["agreement"] == pytest.approx(np.mean(logits.argmax(1) == z["fp32_logits"].argmax(1)))
+        assert row["bytes"] == (Path(row["folder"]) / f"model_{row['precision']}.tflite").stat().st_size
+        assert row["latency_ms"]["ref"] > 0 and "host measurement" in row["latency_label"]["ref"]
+    assert (out / "study.md").read_text().strip() in text
+
+
+def test_precision_study_refuses_an_unknown_target(capsys):
+    from pipeline import study
+    assert study.main(["precision", "--targets", "tflite-fp33"]) == 2
+    assert "did you mean tflite-fp32" in capsys.readouterr().err
