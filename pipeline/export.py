@@ -616,7 +616,7 @@ def summary(report, out: Path) -> str:
         f"verdict    {verdict}  in {report.timings_s['total']:.1f}s",
         *reasons,
         *_reliability_lines(report),
-        f"files      {out}/ (model.onnx, model_int8.tflite, report.json, predictions.npz, bundle/, bundle.tar.gz"
+        f"files      {out}/ (model.onnx, {art['tflite']['path']}, report.json, predictions.npz, bundle/, bundle.tar.gz"
         + (", report.html)" if "calibration_drift" in report.sections else ")"),
     ])
 
