@@ -3,6 +3,11 @@
 Each entry is a factory registered with ``@register_model`` plus the facts the pipeline
 needs: input shape, class count, the dataset it was trained on, its normalisation and the
 file of its shipped weights (a plain state dict, loaded with ``weights_only=True``).
+
+The factory builds the deployed form, the one that is exported and whose weights are
+shipped. A model trained in another form (MobileOne's over-parameterised branches) also
+registers ``train_factory`` (the form ``python -m pipeline.train`` trains) and ``to_deploy``
+(turns the trained module into the factory's form, e.g. by re-parameterisation).
 """
 from __future__ import annotations
 
@@ -29,6 +34,11 @@ class ZooEntry:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     description: str
+    train_factory: Callable[[], nn.Module] | None = None
+    to_deploy: Callable[[nn.Module], nn.Module] | None = None
+
+    def build_for_training(self) -> nn.Module:
+        return (self.train_factory or self.factory)()
 
     @property
     def weights_path(self) -> Path:
@@ -47,13 +57,15 @@ class ZooEntry:
 _REGISTRY: dict[str, ZooEntry] = {}
 
 
-def register_model(name: str, *, input_shape, num_classes, dataset, mean, std, description):
+def register_model(name: str, *, input_shape, num_classes, dataset, mean, std, description,
+                   train_factory=None, to_deploy=None):
     def deco(factory):
         if name in _REGISTRY:
             raise ValueError(f"zoo model {name!r} is registered twice")
         _REGISTRY[name] = ZooEntry(
             name=name, factory=factory, input_shape=tuple(input_shape), num_classes=num_classes,
             dataset=dataset, mean=tuple(mean), std=tuple(std), description=description,
+            train_factory=train_factory, to_deploy=to_deploy,
         )
         return factory
     return deco
