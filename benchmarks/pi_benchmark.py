@@ -226,7 +226,7 @@ def device_facts():
         if line.startswith("MemTotal:"):
             mem_total = int(line.split()[1])
     freq = lambda name: _khz_to_mhz(_read("/sys/devices/system/cpu/cpu0/cpufreq/" + name))  # noqa: E731
-    board = _read("/proc/device-tree/model")
+    board = _read("/proc/device-tree/model") or fields.get("Model")  # Raspberry Pi kernels also put it in cpuinfo
     return {
         "board": board,
         "is_raspberry_pi": bool(board and board.startswith("Raspberry Pi")),
