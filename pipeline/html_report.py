@@ -127,7 +127,7 @@ def _legend(x, y, items) -> list[str]:
 def svg_lines(xs, series: list[tuple[str, list, str, str]], title: str, y_fmt, y_min: float | None = None,
               y_max: float | None = None, w: int = 185, h: int = 150, legend: bool = False) -> str:
     """A small line chart: value against severity (0 = clean) for each series."""
-    left, bottom, top, right = 38, 30, 20, 6
+    left, bottom, top, right = 42, 30, 20, 6
     pw, ph = w - left - right, h - top - bottom
     vals = [v for _, ys, _, _ in series for v in ys if v is not None]
     lo = min(vals) if y_min is None else y_min
@@ -361,7 +361,10 @@ def _shifts_html(sh: dict) -> str:
     if fr.get("ratio") is not None:
         out.append(f"<p class='muted'>Flip rate: clean {pct(fr['clean'])}, shifted mean {pct(fr['shifted_mean'])} "
                    f"({fr['ratio']:.1f}×), shifted max {pct(fr['shifted_max'])}.</p>")
-    out.append("<div class='grid3'>")
+    out.append(f"<p class='muted'><span style='color:{FP32_COLOR}'>&#9473;&#9473; FP32</span> &nbsp; "
+               f"<span style='color:{INT8_COLOR}'>&#9476;&#9476; int8</span> &nbsp; "
+               f"<span style='color:#9467bd'>&#9473;&#9473; flip rate</span> &nbsp; axes are shared by all "
+               "corruptions; hover a point for its value.</p><div class='grid3'>")
     by = {}
     for r in sh["records"]:
         by.setdefault(r["corruption"], {})[r["severity"]] = r
@@ -377,10 +380,9 @@ def _shifts_html(sh: dict) -> str:
         def col(key, fn=lambda v: v):
             return [fn(r[key]) for r in seq]
 
-        legend = c == sh["corruptions"][0]
         out.append(f"<div class='corr'><h3>{_e(c)}</h3><div class='row'>")
         out.append(svg_lines(xs, [("FP32", col("fp32_top1"), FP32_COLOR, ""), ("int8", col("int8_top1"), INT8_COLOR, "4 2")],
-                             "top-1 accuracy", lambda v: f"{v:.1%}", acc_lo, 1.0, legend=legend))
+                             "top-1 accuracy", lambda v: f"{v:.1%}" if v < 0.9995 else "100%", acc_lo, 1.0))
         out.append(svg_lines(xs, [("flip rate", col("agreement", lambda v: 1 - v), "#9467bd", "")],
                              "flip rate", lambda v: f"{v:.1%}", 0.0, flip_hi))
         out.append(svg_lines(xs, [("FP32", col("fp32_ece"), FP32_COLOR, ""), ("int8", col("int8_ece"), INT8_COLOR, "4 2")],
