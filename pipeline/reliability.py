@@ -234,6 +234,11 @@ def evaluate(pair: ModelPair, dataset, n_test: int, cfg: ReliabilityConfig, *, c
         "per_class": per_class(fp32, int8, y_test, getattr(dataset, "class_names", None)),
         "shifts": shifts_section(results, y_test, cfg.corruptions, cfg.severities, clean=clean_rec),
     }
+    sections["shifts"]["generated"] = (
+        f"on the fly from the raw test pixels by pipeline/corruptions.py (strength tables after CIFAR-10-C and "
+        f"MNIST-C; not the published files), in blocks of {BLOCK} images seeded by (seed {cfg.seed}, block); each "
+        f"shifted set generated once and fed to both models; FP32 on {pair.fp32_runtime}, int8 on LiteRT "
+        f"{pair.kernels} kernels")
     timings["metrics"] = round(time.perf_counter() - t0, 3)
     timings["total"] = round(time.perf_counter() - t_all, 3)
     images_run = total
@@ -257,7 +262,8 @@ def evaluate(pair: ModelPair, dataset, n_test: int, cfg: ReliabilityConfig, *, c
         "seconds": timings,
         "images_per_s": round(images_run / timings["engine"], 1) if timings["engine"] else None,
         "throughput_note": "images per second through both models (each image run by FP32 and int8), "
-                           "measured on this host during this evaluation, including corruption generation",
+                           "measured on this host during this evaluation, including corruption generation and "
+                           "worker start-up",
         "clean_outputs": "the export's run stage (the arrays in predictions.npz)" if clean_given
         else "computed here by the same workers",
     }
