@@ -226,8 +226,7 @@ def assert_tflite_matches_golden(tflite_path, folder, *, max_steps: int = 0, ker
                         f"output {k} ({int(raw[s, k])} vs golden {int(golden[s, k])}); {int((diff > max_steps).sum())} "
                         f"of {diff.size} outputs exceed the limit")
     if problems:
-        versions = {k: v for k, v in meta.items() if k.endswith("_version") or k in ("tensorflow", "onnx2tf",
-                                                                                     "ai_edge_litert", "torch")}
+        versions = meta.get("versions")
         raise AssertionError(f"{Path(tflite_path).name} on {kernels} kernels vs golden {folder}: " + "; ".join(problems)
                              + (f" (golden written with {versions})" if versions else "")
                              + "; if the change is intended, regenerate the goldens")

@@ -179,7 +179,7 @@ def test_float_output_model_is_refused(converted):
 def test_golden_round_trip_and_a_changed_output_is_reported(converted, tmp_path):
     _, path, *_ = converted
     x = _toy_inputs(10, seed=5)
-    folder = write_golden(tmp_path / "g", path, x, meta={"tensorflow": "test"})
+    folder = write_golden(tmp_path / "g", path, x, meta={"versions": {"tensorflow": "test"}})
     xs, raw, meta = load_golden(folder)
     np.testing.assert_array_equal(xs, x)
     assert raw.dtype == np.int8 and raw.shape == (10, 4) and meta["kernels"] == "ref"
@@ -195,7 +195,7 @@ def test_golden_round_trip_and_a_changed_output_is_reported(converted, tmp_path)
 
     meta["output_scale"] *= 1.01
     (folder / "meta.json").write_text(json.dumps(meta))
-    with pytest.raises(AssertionError, match="output quantization changed"):
+    with pytest.raises(AssertionError, match=r"output quantization changed.*written with \{'tensorflow': 'test'\}"):
         assert_tflite_matches_golden(path, folder, max_steps=2)
 
 

@@ -36,6 +36,9 @@ class ZooEntry:
     description: str
     train_factory: Callable[[], nn.Module] | None = None
     to_deploy: Callable[[nn.Module], nn.Module] | None = None
+    # The regression suite's bound on |int8 - FP32| per output, in output quantization steps, on
+    # fixed test inputs (tests/test_zoo_regression.py); set from the measured value with headroom.
+    int8_max_steps: float | None = None
 
     def build_for_training(self) -> nn.Module:
         return (self.train_factory or self.factory)()
@@ -58,14 +61,14 @@ _REGISTRY: dict[str, ZooEntry] = {}
 
 
 def register_model(name: str, *, input_shape, num_classes, dataset, mean, std, description,
-                   train_factory=None, to_deploy=None):
+                   train_factory=None, to_deploy=None, int8_max_steps=None):
     def deco(factory):
         if name in _REGISTRY:
             raise ValueError(f"zoo model {name!r} is registered twice")
         _REGISTRY[name] = ZooEntry(
             name=name, factory=factory, input_shape=tuple(input_shape), num_classes=num_classes,
             dataset=dataset, mean=tuple(mean), std=tuple(std), description=description,
-            train_factory=train_factory, to_deploy=to_deploy,
+            train_factory=train_factory, to_deploy=to_deploy, int8_max_steps=int8_max_steps,
         )
         return factory
     return deco
