@@ -108,7 +108,10 @@ def held_out_from_training(model) -> bool | None:
     """Zoo models were trained on the whole training split (their training record says so)."""
     if model.kind == "zoo":
         from . import zoo
-        rec = zoo.get_entry(model.spec[4:]).training_record() or {}
+        entry = zoo.get_entry(model.spec[4:])
+        if str(model.extra.get("weights")) != str(entry.weights_path):
+            return None  # --weights: not the shipped checkpoint the record describes
+        rec = entry.training_record() or {}
         ds = rec.get("dataset") or {}
         if ds.get("train_size"):
             return False
