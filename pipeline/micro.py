@@ -243,7 +243,11 @@ def check(model_path: Path, x_nchw: np.ndarray, input_layout: str, litert_raw: n
     del interp
 
     arena_bytes = arena.total_bytes
-    tight = load(model_path, arena_bytes + ALIGNMENT_SLACK, list(model_ops))
+    try:
+        tight = load(model_path, arena_bytes + ALIGNMENT_SLACK, list(model_ops))
+    except MicroUnsupportedError as e:
+        raise RuntimeStageError(f"TFLite-Micro reported an arena of {arena_bytes:,} bytes but cannot allocate the "
+                                f"model in {arena_bytes + ALIGNMENT_SLACK:,} bytes ({e}); report this with the model") from None
     raw = None
     t0 = time.perf_counter()
     try:
