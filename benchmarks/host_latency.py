@@ -136,8 +136,14 @@ def main(argv: list[str] | None = None) -> int:
              "vs ORT int8"]))
         print("Timed call: PyTorch module(x); ONNX Runtime session.run; LiteRT set_tensor+invoke+get_tensor. "
               "Ratios: p50 of the peer / p50 of the row (>1 = faster).")
-        tops = {r["top1_on_sample"] for r in rows}
-        print(f"All engines' top-1 on the timed image: {sorted(tops)}" + ("" if len(tops) == 1 else "  (they differ!)"))
+        tops = {}
+        for r in rows:
+            tops.setdefault(r["top1_on_sample"], []).append(f"{r['engine']} {r['kernels']}")
+        if len(tops) == 1:
+            print(f"Every engine gives top-1 class {next(iter(tops))} on the timed image.")
+        else:
+            print("Engines disagree on the timed image's top-1: " + "; ".join(f"class {c}: {', '.join(v)}"
+                                                                          for c, v in sorted(tops.items())))
         rep = Report(
             kind="benchmark", model=report.model, data={"input": f"{report.data.get('name', 'test')} test image 0, "
                                                                  "preprocessed by the export's record", "batch": 1},
