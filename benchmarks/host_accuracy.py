@@ -103,8 +103,14 @@ def main(argv: list[str] | None = None) -> int:
              "bytes": ort_int8_path.stat().st_size, "fully_int8": None,
              "max_abs_logit_error_vs_fp32": float(np.abs(ort_int8 - fp32).max()), "quantize_s": round(quant_s, 2)},
         ]
+        out_scale = report.quantization["outputs"][0]["quantization"]["scale"][0]
+        diff_steps = np.abs(ours.astype(np.float64) - ort_int8.astype(np.float64)) / out_scale
         between = {"agreement_ours_vs_ort_int8": agreement(ours, ort_int8), "only_ours_correct": only_ours,
-                   "only_ort_int8_correct": only_ort, "sign_test_p": round(sign_test_p(only_ours, only_ort), 4)}
+                   "only_ort_int8_correct": only_ort, "sign_test_p": round(sign_test_p(only_ours, only_ort), 4),
+                   "logits_max_diff_steps": round(float(diff_steps.max()), 3),
+                   "logits_mean_diff_steps": round(float(diff_steps.mean()), 5),
+                   "logits_identical_fraction": round(float(np.mean(diff_steps < 1e-3)), 6),
+                   "steps_of": f"this pipeline's int8 output scale {out_scale:.6g}"}
 
         print(f"Int8 accuracy of {args.model} on the {ds.name} test split ({n} images), calibration: "
               f"{report.calibration['source']} x{report.calibration['size']} (seed {report.calibration['seed']}), "
@@ -115,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
             ["model", "precision", "KiB", "top-1", "drop pp", "agreement vs FP32"]))
         print(f"this pipeline vs ONNX Runtime int8: top-1 agreement {between['agreement_ours_vs_ort_int8'] * 100:.2f}%; "
               f"images only ours gets right {only_ours}, only ORT int8 gets right {only_ort} "
-              f"(exact sign test p = {between['sign_test_p']})")
+              f"(exact sign test p = {between['sign_test_p']}); logits differ by at most "
+              f"{between['logits_max_diff_steps']} output steps, {between['logits_identical_fraction'] * 100:.2f}% identical")
         print(f"ours: {rows[2]['runtime']}; peer: {peers.ORT_QUANT}")
         Report(
             kind="benchmark", model=report.model,
