@@ -111,7 +111,10 @@ class Onnx2TfConverter:
                 fn = tf.function(lambda x: keras_model(x),
                                  input_signature=[tf.TensorSpec(spec.shape, tf.float32, name="input")])
                 conv = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], keras_model)
-                _configure(conv, tf, precision, samples, per_channel)
+                # Calibration batches: min/max statistics do not depend on batching (checked: byte-identical
+                # models), and batches of 32 calibrate several times faster than one sample at a time.
+                calib_batch = 32 if spec.shape[0] is None else 1
+                _configure(conv, tf, precision, samples, per_channel, calib_batch)
                 try:
                     blob = conv.convert()
                 except Exception as e:
@@ -137,7 +140,11 @@ class Onnx2TfConverter:
                               timings_s={k: round(v, 3) for k, v in timings.items()})
 
 
-def _configure(conv, tf, precision: str, samples: np.ndarray, per_channel: bool) -> None:
+def _representative_dataset(samples: np.ndarray, batch: int):
+    return lambda: ([samples[i:i + batch]] for i in range(0, len(samples), batch))
+
+
+def _configure(conv, tf, precision: str, samples: np.ndarray, per_channel: bool, calib_batch: int = 1) -> None:
     """Set up TFLiteConverter for one precision (see PRECISION_SETTINGS)."""
     if precision == "fp32":
         return
@@ -147,13 +154,13 @@ def _configure(conv, tf, precision: str, samples: np.ndarray, per_channel: bool)
     elif precision == "dynamic":
         pass  # no representative dataset: weights int8, activations quantized on the fly
     elif precision == "int16x8":
-        conv.representative_dataset = lambda: ([s[None]] for s in samples)
+        conv.representative_dataset = _representative_dataset(samples, calib_batch)
         conv.target_spec.supported_ops = [tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
         conv.inference_input_type = tf.int16
         conv.inference_output_type = tf.int16
         conv._experimental_disable_per_channel = not per_channel
     elif precision == "int8":
-        conv.representative_dataset = lambda: ([s[None]] for s in samples)
+        conv.representative_dataset = _representative_dataset(samples, calib_batch)
         conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         conv.inference_input_type = tf.int8
         conv.inference_output_type = tf.int8

@@ -192,7 +192,8 @@ def export(cfg: ExportConfig, log=print) -> tuple[int, Path, "object"]:
             t0 = time.perf_counter()
             run.outputs[name] = fn(run)
             run.timings[name] = round(time.perf_counter() - t0, 3)
-            log(f"[{i}/{len(STAGES)}] {name:<12} {run.timings[name]:6.2f}s", file=sys.stderr)
+            shown = "skipped (not this target)" if run.outputs[name] is None else f"{run.timings[name]:6.2f}s"
+            log(f"[{i}/{len(STAGES)}] {name:<12} {shown}", file=sys.stderr)
         report = _build_report(run, setup_s)
         r = run.outputs["run"]
         np.savez_compressed(run.work / "predictions.npz", **_prediction_arrays(run))
