@@ -29,7 +29,6 @@ import numpy as np
 from .errors import UsageError
 
 GOLDEN_INPUTS = "inputs.npy"
-GOLDEN_OUTPUTS = "int8_outputs.npy"
 GOLDEN_META = "meta.json"
 
 
@@ -174,48 +173,65 @@ def run_tflite_raw(tflite_path, inputs, *, kernels: str = "ref", threads: int = 
     return raw.reshape(len(x), -1), scale, zp
 
 
-def write_golden(folder, tflite_path, inputs, *, kernels: str = "ref", meta: dict | None = None) -> Path:
-    """Store ``inputs`` and the ``.tflite``'s raw outputs on them (``kernels``, 1 thread) in ``folder``."""
+def golden_outputs_file(kernels: str) -> str:
+    return f"int8_outputs_{kernels}.npy"
+
+
+def _write_atomic(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".part")
+    with os.fdopen(fd, "wb") as f:
+        write(f)
+    os.chmod(tmp, 0o644)  # mkstemp makes the file private; goldens are plain repository files
+    os.replace(tmp, path)
+
+
+def write_golden(folder, tflite_path, inputs, *, kernels: tuple[tuple[str, int], ...] = (("ref", 1),),
+                 meta: dict | None = None) -> Path:
+    """Store ``inputs`` and the ``.tflite``'s raw outputs on them for each (kernels, threads) in ``folder``.
+
+    Files: ``inputs.npy`` (float32 N×C×H×W), ``int8_outputs_<kernels>.npy`` (raw integer outputs
+    [N, K]) and ``meta.json`` (output scale/zero point, kernels, threads, host, plus ``meta``).
+    """
+    from .runtime import host_description
     x = _as_float_nchw(inputs)
-    raw, scale, zp = run_tflite_raw(tflite_path, x, kernels=kernels)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    record = {"kernels": kernels, "threads": 1, "output_scale": scale, "output_zero_point": zp,
-              "output_dtype": raw.dtype.name, "samples": int(len(x)), **(meta or {})}
-    for name, write in ((GOLDEN_INPUTS, lambda f: np.save(f, x, allow_pickle=False)),
-                        (GOLDEN_OUTPUTS, lambda f: np.save(f, raw, allow_pickle=False)),
-                        (GOLDEN_META, lambda f: f.write((json.dumps(record, indent=2) + "\n").encode()))):
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".part")
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, folder / name)
+    record = {"samples": int(len(x)), "inputs": GOLDEN_INPUTS, "outputs": {}, "written_on": host_description()}
+    for name, threads in kernels:
+        raw, scale, zp = run_tflite_raw(tflite_path, x, kernels=name, threads=threads)
+        record.update(output_scale=scale, output_zero_point=zp, output_dtype=raw.dtype.name)
+        record["outputs"][name] = {"file": golden_outputs_file(name), "threads": threads}
+        _write_atomic(folder / golden_outputs_file(name), lambda f, raw=raw: np.save(f, raw, allow_pickle=False))
+    record.update(meta or {})
+    _write_atomic(folder / GOLDEN_INPUTS, lambda f: np.save(f, x, allow_pickle=False))
+    _write_atomic(folder / GOLDEN_META, lambda f: f.write((json.dumps(record, indent=2) + "\n").encode()))
     return folder
 
 
-def load_golden(folder) -> tuple[np.ndarray, np.ndarray, dict]:
-    """(inputs, raw int outputs, meta) of a golden folder; arrays are read with allow_pickle=False."""
+def load_golden(folder) -> tuple[np.ndarray, dict[str, np.ndarray], dict]:
+    """(inputs, {kernels: raw int outputs}, meta) of a golden folder; arrays are read with allow_pickle=False."""
     folder = Path(folder)
-    missing = [n for n in (GOLDEN_INPUTS, GOLDEN_OUTPUTS, GOLDEN_META) if not (folder / n).is_file()]
-    if missing:
-        raise UsageError(f"golden folder {folder} lacks {', '.join(missing)}; write it with write_golden")
+    if not (folder / GOLDEN_META).is_file() or not (folder / GOLDEN_INPUTS).is_file():
+        raise UsageError(f"golden folder {folder} lacks {GOLDEN_META} or {GOLDEN_INPUTS}; write it with write_golden")
+    meta = json.loads((folder / GOLDEN_META).read_text())
     x = np.load(folder / GOLDEN_INPUTS, allow_pickle=False)
-    y = np.load(folder / GOLDEN_OUTPUTS, allow_pickle=False)
-    return x, y, json.loads((folder / GOLDEN_META).read_text())
+    outputs = {k: np.load(folder / v["file"], allow_pickle=False) for k, v in meta.get("outputs", {}).items()}
+    return x, outputs, meta
 
 
-def assert_tflite_matches_golden(tflite_path, folder, *, max_steps: int = 0, kernels: str | None = None,
-                                 threads: int = 1) -> np.ndarray:
-    """Fail unless the ``.tflite``'s raw outputs on the golden inputs are within ``max_steps`` of the golden ones.
-
-    ``kernels`` defaults to the kernels the golden was written with. Returns the raw outputs.
-    """
-    x, golden, meta = load_golden(folder)
-    kernels = kernels or meta["kernels"]
-    raw, scale, zp = run_tflite_raw(tflite_path, x, kernels=kernels, threads=threads)
-    problems = []
+def assert_tflite_matches_golden(tflite_path, folder, *, kernels: str = "ref", max_steps: int = 0) -> np.ndarray:
+    """Fail unless the ``.tflite``'s raw outputs on the golden inputs are within ``max_steps`` of the golden ones
+    written for ``kernels`` (run with the thread count the golden was written with). Returns the raw outputs."""
+    x, outputs, meta = load_golden(folder)
+    if kernels not in outputs:
+        raise UsageError(f"golden folder {folder} holds outputs for {', '.join(outputs) or 'no kernels'}, not "
+                         f"{kernels!r}; write them with write_golden(..., kernels=(({kernels!r}, threads),))")
+    golden = outputs[kernels]
+    raw, scale, zp = run_tflite_raw(tflite_path, x, kernels=kernels, threads=meta["outputs"][kernels]["threads"])
     if raw.shape != golden.shape or raw.dtype != golden.dtype:
         raise AssertionError(f"outputs are {raw.dtype}{list(raw.shape)} but the golden {folder} holds "
                              f"{golden.dtype}{list(golden.shape)}")
+    problems = []
     if not np.isclose(scale, meta["output_scale"], rtol=1e-6, atol=0) or zp != meta["output_zero_point"]:
         problems.append(f"output quantization changed: scale {scale:.8g} zero point {zp} vs golden "
                         f"{meta['output_scale']:.8g} / {meta['output_zero_point']}")
@@ -228,6 +244,6 @@ def assert_tflite_matches_golden(tflite_path, folder, *, max_steps: int = 0, ker
     if problems:
         versions = meta.get("versions")
         raise AssertionError(f"{Path(tflite_path).name} on {kernels} kernels vs golden {folder}: " + "; ".join(problems)
-                             + (f" (golden written with {versions})" if versions else "")
+                             + (f" (golden written with {versions} on {meta.get('written_on')})" if versions else "")
                              + "; if the change is intended, regenerate the goldens")
     return raw

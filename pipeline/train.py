@@ -122,6 +122,7 @@ def train(name: str, data_spec: str, data_dir: str | None, epochs: int, seed: in
     with tempfile.NamedTemporaryFile(dir=out_dir, delete=False, suffix=".tmp") as f:
         torch.save(model.state_dict(), f)
     os.chmod(f.name, 0o644)
+    os.chmod(f.name, 0o644)  # NamedTemporaryFile is private; the weights ship with the package
     os.replace(f.name, weights)
     (out_dir / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
     return record

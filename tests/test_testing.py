@@ -179,16 +179,21 @@ def test_float_output_model_is_refused(converted):
 def test_golden_round_trip_and_a_changed_output_is_reported(converted, tmp_path):
     _, path, *_ = converted
     x = _toy_inputs(10, seed=5)
-    folder = write_golden(tmp_path / "g", path, x, meta={"versions": {"tensorflow": "test"}})
-    xs, raw, meta = load_golden(folder)
+    folder = write_golden(tmp_path / "g", path, x, kernels=(("ref", 1), ("xnnpack", 2)),
+                          meta={"versions": {"tensorflow": "test"}})
+    xs, outputs, meta = load_golden(folder)
     np.testing.assert_array_equal(xs, x)
-    assert raw.dtype == np.int8 and raw.shape == (10, 4) and meta["kernels"] == "ref"
+    raw = outputs["ref"]
+    assert raw.dtype == np.int8 and raw.shape == (10, 4) and meta["outputs"]["xnnpack"]["threads"] == 2
     np.testing.assert_array_equal(assert_tflite_matches_golden(path, folder), raw)
+    np.testing.assert_array_equal(assert_tflite_matches_golden(path, folder, kernels="xnnpack"), outputs["xnnpack"])
+    with pytest.raises(UsageError, match="not 'builtin'"):
+        assert_tflite_matches_golden(path, folder, kernels="builtin")
 
     tampered = raw.copy()
     v = int(raw[3, 1])
     tampered[3, 1] = v + 2 if v <= 125 else v - 2
-    np.save(folder / "int8_outputs.npy", tampered, allow_pickle=False)
+    np.save(folder / "int8_outputs_ref.npy", tampered, allow_pickle=False)
     with pytest.raises(AssertionError, match=r"differ by up to 2 step\(s\) \(limit 0\) at sample 3, output 1"):
         assert_tflite_matches_golden(path, folder)
     assert_tflite_matches_golden(path, folder, max_steps=2)
@@ -202,6 +207,6 @@ def test_golden_round_trip_and_a_changed_output_is_reported(converted, tmp_path)
 def test_golden_arrays_are_never_unpickled(converted, tmp_path):
     _, path, *_ = converted
     folder = write_golden(tmp_path / "g", path, _toy_inputs(2, 0))
-    np.save(folder / "int8_outputs.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    np.save(folder / "int8_outputs_ref.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(ValueError, match="allow_pickle"):
         load_golden(folder)

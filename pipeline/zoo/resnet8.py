@@ -60,6 +60,7 @@ class ResNet8(nn.Module):
     mean=(0.2860,),
     std=(0.3530,),
     description="ResNet-8 (MLPerf Tiny image classification), 1-channel input, global average pool",
+    int8_max_steps=5,  # measured 2.98 steps on the regression suite's fixed inputs (XNNPACK, 4 threads), x1.5
 )
 def resnet8() -> nn.Module:
     return ResNet8(in_channels=1, num_classes=10)
