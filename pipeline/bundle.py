@@ -38,7 +38,7 @@ SAMPLES = 64
 # (XNNPACK is bit-identical across x86 and aarch64; the optimized built-in kernels may differ by a step).
 # Reference kernels are slow, so they are recorded on the first REF_SAMPLES only.
 RECORDED_KERNELS = ("xnnpack", "builtin", "ref")
-REF_SAMPLES = 16
+REF_SAMPLES = 8
 CHECK_TOLERANCE_STEPS = 1
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "pi_benchmark.py"
 
