@@ -639,7 +639,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser():
     p = _Parser(prog="pi_benchmark.py", description=__doc__.split("\n\n")[0],
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+                epilog="\n\n".join(__doc__.split("\n\n")[1:]), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", help="the .tflite model (default: the bundle's model beside this script)")
     p.add_argument("--threads", default="1,2,4", help="comma-separated thread counts (default 1,2,4)")
     p.add_argument("--kernels", default="xnnpack,builtin",
