@@ -149,7 +149,7 @@ def test_torch_tensor_inputs_give_the_same_comparison(converted):
 def test_bad_inputs_raise_usage_errors(converted, bad, fragment):
     model, path, *_ = converted
     with pytest.raises(UsageError, match=fragment):
-        assert_tflite_matches_torch(model, path, bad)
+        assert_tflite_matches_torch(model, path, bad, max_steps=4)
 
 
 def test_training_mode_missing_file_and_negative_limit_are_refused(converted, tmp_path):
@@ -158,11 +158,11 @@ def test_training_mode_missing_file_and_negative_limit_are_refused(converted, tm
     model.train()
     try:
         with pytest.raises(UsageError, match="model.eval"):
-            assert_tflite_matches_torch(model, path, x)
+            assert_tflite_matches_torch(model, path, x, max_steps=4)
     finally:
         model.eval()
     with pytest.raises(UsageError, match="does not exist"):
-        assert_tflite_matches_torch(model, tmp_path / "none.tflite", x)
+        assert_tflite_matches_torch(model, tmp_path / "none.tflite", x, max_steps=4)
     with pytest.raises(UsageError, match="negative"):
         assert_tflite_matches_torch(model, path, x, max_steps=-1)
 
@@ -173,7 +173,7 @@ def test_float_output_model_is_refused(converted):
     fp32 = get_converter("onnx2tf").convert(onnx, _toy_inputs(8, 1), pre, per_channel=True,
                                             out_path=d / "model_fp32.tflite", precision="fp32")
     with pytest.raises(UsageError, match="no quantization step"):
-        assert_tflite_matches_torch(model, fp32.path, _toy_inputs(2, 0))
+        assert_tflite_matches_torch(model, fp32.path, _toy_inputs(2, 0), max_steps=4)
 
 
 def test_golden_round_trip_and_a_changed_output_is_reported(converted, tmp_path):
@@ -210,3 +210,21 @@ def test_golden_arrays_are_never_unpickled(converted, tmp_path):
     np.save(folder / "int8_outputs_ref.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(ValueError, match="allow_pickle"):
         load_golden(folder)
+
+
+def test_tuple_outputs_use_the_first_and_other_outputs_are_refused(converted):
+    model, path, *_ = converted
+    x = _toy_inputs(6, seed=2)
+
+    class Pair(nn.Module):
+        def forward(self, t):
+            return model(t), t.mean()
+
+    class Dict(nn.Module):
+        def forward(self, t):
+            return {"logits": model(t)}
+
+    a = compare_tflite_torch(Pair().eval(), path, x)
+    np.testing.assert_array_equal(a.reference, compare_tflite_torch(model, path, x).reference)
+    with pytest.raises(UsageError, match="returned dict"):
+        compare_tflite_torch(Dict().eval(), path, x)
