@@ -96,7 +96,12 @@ def _diagnose(text: str, model_ops: list[str], arena_size: int) -> str:
 
 def load(model_path: Path, arena_size: int, model_ops: list[str] | None = None):
     """A TFLite-Micro interpreter with the recording allocator; raise MicroUnsupportedError naming the cause."""
-    from tflite_micro import runtime
+    try:
+        from tflite_micro import runtime
+    except ImportError:
+        from .errors import TargetError
+        raise TargetError("microcontroller targets need the tflite-micro package (x86_64 Linux wheels only): "
+                          "pip install -e '.[micro]'") from None
     with quiet.captured(verbose=False) as cap:  # TFLite-Micro logs to the native stdout/stderr
         try:
             interp = runtime.Interpreter.from_file(
