@@ -16,6 +16,7 @@ import os
 import tempfile
 import time
 import warnings
+import weakref
 from pathlib import Path
 from typing import Callable
 
@@ -23,18 +24,23 @@ import numpy as np
 
 from . import ArraySource, CalibContext
 
-_FINGERPRINTS: dict[tuple, str] = {}
+_FINGERPRINTS: dict[int, tuple[weakref.ref, str]] = {}
 
 
 def data_fingerprint(x: np.ndarray) -> str:
-    """SHA-1 of the training images (memoised per array for the life of the process)."""
-    key = (id(x), x.shape, str(x.dtype), x.__array_interface__["data"][0])
-    if key not in _FINGERPRINTS:
-        h = hashlib.sha1()
-        h.update(f"{x.shape}{x.dtype}".encode())
-        h.update(np.ascontiguousarray(x).data)
-        _FINGERPRINTS[key] = h.hexdigest()
-    return _FINGERPRINTS[key]
+    """SHA-1 of the training images (remembered while that very array is alive)."""
+    hit = _FINGERPRINTS.get(id(x))
+    if hit is not None and hit[0]() is x:
+        return hit[1]
+    h = hashlib.sha1()
+    h.update(f"{x.shape}{x.dtype}".encode())
+    h.update(np.ascontiguousarray(x).data)
+    digest = h.hexdigest()
+    try:
+        _FINGERPRINTS[id(x)] = (weakref.ref(x), digest)
+    except TypeError:  # not weak-referenceable: just do not remember it
+        pass
+    return digest
 
 
 def cache_key(ctx: CalibContext, spec: str, size: int, seed: int, version: int | str) -> dict:
