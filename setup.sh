@@ -51,7 +51,7 @@ if [[ ! -x .venv/bin/python ]]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 echo "setup: installing Python dependencies into .venv (pinned in pyproject.toml)" >&2
-.venv/bin/python -m pip install -q -e ".[dev,micro]"
+.venv/bin/python -m pip install -q -e ".[dev]"
 
 if [[ ! -d /usr/share/datasets/fashion-mnist ]]; then
   echo "setup: Fashion-MNIST is not installed. Install the Debian package dataset-fashion-mnist," >&2
