@@ -155,7 +155,31 @@ def build(spec: str, ctx: CalibContext, size: int, seed: int) -> ArraySource:
         src.preprocessing = ctx.preprocessing
     src.extra = {"spec": spec, **src.extra, "build_s": round(build_s, 4)}
     check_source(src, ctx.preprocessing)
+    _check_coverage(src, ctx)
     return src
+
+
+def _check_coverage(src: ArraySource, ctx: CalibContext, warn_below: float = 0.9) -> None:
+    """Warn when the set spans much less than the training data's value range.
+
+    The converter calibrates the int8 *input* from the set too: a set that misses part of the range
+    makes the deployed model clip real inputs there (e.g. a low-contrast set).
+    """
+    if not len(ctx.x_train):
+        return
+    from pipeline.preprocessing import apply
+    pre = ctx.preprocessing
+    raw = np.array([[ctx.x_train.min(axis=(0, 2, 3)), ctx.x_train.max(axis=(0, 2, 3))]], np.float64)  # 1x2xC
+    d = apply(np.moveaxis(raw, 2, 1)[..., None], pre)[0]  # C x 2 x 1 (normalised min, max per channel)
+    lo, hi = float(d[:, 0].min()), float(d[:, 1].max())
+    s = src.array()
+    smin, smax = float(s.min()), float(s.max())
+    cover = (min(smax, hi) - max(smin, lo)) / (hi - lo) if hi > lo else 1.0
+    src.extra["coverage_of_training_range"] = round(cover, 4)
+    if cover < warn_below:
+        warnings.warn(f"calibration samples span [{smin:.3g}, {smax:.3g}], only {cover:.0%} of the training data's "
+                      f"range [{lo:.3g}, {hi:.3g}]; the int8 input quantization will clip real inputs outside it - "
+                      "calibrate on data covering the full range", stacklevel=3)
 
 
 def _chw(shape) -> str:

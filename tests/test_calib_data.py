@@ -263,6 +263,18 @@ def test_value_range_mismatch_is_an_error():
         check_source(ArraySource("bad", scaled_twice, 0, "test"), pre)
 
 
+def test_set_missing_part_of_the_input_range_warns():
+    ctx = make_ctx(SHAPES["gray"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        low = build("shifted:contrast:5", ctx, 100, 0)
+        full = build("balanced", ctx, 100, 0)
+    msgs = [str(w.message) for w in caught]
+    assert any("of the training data's range" in m for m in msgs)
+    assert low.describe()["coverage_of_training_range"] < 0.9
+    assert full.describe()["coverage_of_training_range"] == pytest.approx(1.0)
+
+
 def test_unknown_names_get_did_you_mean():
     ctx = make_ctx(SHAPES["gray"])
     with pytest.raises(CalibrationError, match="did you mean fractal"):
