@@ -272,12 +272,21 @@ def run_fp32(model: LoadedModel, x: np.ndarray, batch_size: int = 512, progress=
     return np.concatenate(outs)
 
 
+def onnx_reference(path: Path) -> LoadedModel:
+    """The exported ONNX model as an FP32 reference run by onnxruntime."""
+    return LoadedModel(spec=str(path), kind="onnx", onnx_path=Path(path), description=f"ONNX {Path(path).name}",
+                       extra={"batch_dim": None})
+
+
 def _ort_session(model: LoadedModel):
     sess = model.extra.get("_session")
     if sess is None:
         import onnxruntime as ort
         so = ort.SessionOptions()
         so.log_severity_level = 3
+        so.intra_op_num_threads = os.cpu_count() or 1
+        # No busy-waiting: spinning worker threads collapse throughput when the cores are shared.
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         sess = ort.InferenceSession(str(model.onnx_path), so, providers=["CPUExecutionProvider"])
         model.extra["_session"] = sess
     return sess
