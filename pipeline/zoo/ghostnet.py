@@ -151,6 +151,9 @@ class GhostNet(nn.Module):
     mean=(0.2860,),
     std=(0.3530,),
     description="GhostNet (ghost modules, ghost bottlenecks, SE with hard sigmoid), width 0.75, 9 bottlenecks",
+    # Measured 10.50 steps on the regression suite's fixed inputs on XNNPACK (4 threads; 5.59 on the
+    # reference kernels: the two kernel families' raw outputs differ by up to 7 steps here), x1.5.
+    int8_max_steps=16,
 )
 def ghostnet() -> nn.Module:
     return GhostNet(in_channels=1, num_classes=10)
