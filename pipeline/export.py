@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import OutputError, PipelineError, UsageError
+from .quiet import progress as _progress
 
 DEFAULT_MODEL = "zoo:refcnn"
 
@@ -473,25 +474,6 @@ def _device_section(run: Run) -> dict:
     if micro is not None:
         d["tflite_micro"] = micro.describe()
     return d
-
-
-class _progress:
-    """A tqdm bar on stderr when it is a terminal; otherwise nothing."""
-
-    def __init__(self, total: int, desc: str, enabled: bool):
-        self.total, self.desc, self.enabled, self.bar = total, desc, enabled, None
-
-    def __enter__(self):
-        if self.enabled:
-            from tqdm import tqdm
-            self.bar = tqdm(total=self.total, desc=self.desc, unit="img", leave=False, file=sys.stderr)
-            return self.bar.update
-        return None
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.close()
-        return False
 
 
 # --------------------------------------------------------------------------- CLI

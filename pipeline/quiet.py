@@ -65,3 +65,22 @@ def tail(text: str, lines: int = 3) -> str:
     """The last meaningful lines of captured tool output, joined on one line."""
     keep = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith(("I0000", "W0000", "WARNING: All log"))]
     return " | ".join(keep[-lines:])[:400]
+
+
+class progress:
+    """A tqdm bar on stderr when ``enabled`` (a terminal); yields its ``update`` callable, or None."""
+
+    def __init__(self, total: int, desc: str, enabled: bool):
+        self.total, self.desc, self.enabled, self.bar = total, desc, enabled, None
+
+    def __enter__(self):
+        if self.enabled:
+            from tqdm import tqdm
+            self.bar = tqdm(total=self.total, desc=self.desc, unit="img", leave=False, file=sys.stderr)
+            return self.bar.update
+        return None
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
+        return False

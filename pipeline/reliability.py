@@ -29,6 +29,7 @@ from .corruptions import CORRUPTIONS, SEVERITIES
 from .errors import UsageError
 from .flips import flips_section
 from .parallel_eval import BLOCK, Engine, ModelPair, clean_jobs, default_workers, shift_jobs
+from .quiet import progress as progress_bar
 from .shifts import record, shifts_section
 from .temperature import fit_temperature
 
@@ -202,7 +203,7 @@ def evaluate(pair: ModelPair, dataset, n_test: int, cfg: ReliabilityConfig, *, c
     total = sum(j.stop - j.start for j in jobs)
     timings = {}
     t0 = time.perf_counter()
-    with _bar(total, "reliability: FP32 + int8", progress) as bar, \
+    with progress_bar(total, "reliability: FP32 + int8", progress) as bar, \
             Engine(pair, arrays, workers=workers, loaded_model=loaded_model) as engine:
         results = engine.run(jobs, progress=bar)
     timings["engine"] = round(time.perf_counter() - t0, 3)
@@ -268,22 +269,3 @@ def evaluate(pair: ModelPair, dataset, n_test: int, cfg: ReliabilityConfig, *, c
         else "computed here by the same workers",
     }
     return ReliabilityResult(sections=sections, gates=gates(sections, cfg), timings_s=timings)
-
-
-class _bar:
-    def __init__(self, total: int, desc: str, enabled: bool):
-        self.total, self.desc, self.enabled, self.bar = total, desc, enabled, None
-
-    def __enter__(self):
-        if self.enabled:
-            import sys
-
-            from tqdm import tqdm
-            self.bar = tqdm(total=self.total, desc=self.desc, unit="img", leave=False, file=sys.stderr)
-            return self.bar.update
-        return None
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.close()
-        return False
