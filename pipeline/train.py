@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         if not args.model.startswith("zoo:"):
-            raise UsageError(f"{args.model!r} is not a zoo model; pass zoo:NAME (one of {', '.join(zoo.list_models())})")
+            raise UsageError(f"{args.model!r} is not a zoo model; pass zoo:NAME (one of {', '.join(zoo.list_models(include_unshipped=True))})")
         if args.epochs < 1:
             raise UsageError("--epochs must be at least 1")
         rec = train(args.model[4:], args.data, args.data_dir, args.epochs, args.seed, args.batch_size,
