@@ -75,7 +75,7 @@ def register_model(name: str, *, input_shape, num_classes, dataset, mean, std, d
 
 
 def _load() -> None:
-    from . import ghostnet, mobilenetv2, refcnn, resnet8, shufflenetv2  # noqa: F401
+    from . import ghostnet, mobilenetv2, mobileone, refcnn, resnet8, shufflenetv2  # noqa: F401
 
 
 def list_models(include_unshipped: bool = False) -> list[str]:
