@@ -90,6 +90,11 @@ class Onnx2TfConverter:
                 import tensorflow as tf
                 timings["import_s"] = time.perf_counter() - t0
                 t0 = time.perf_counter()
+                # Keras numbers layer names per process (tf.nn.relu_9, ...) and the names end up in the
+                # flatbuffer: without a reset, a second conversion in the same process writes a larger,
+                # byte-different file than the CLI would (same numbers, longer tensor names).
+                import tf_keras
+                tf_keras.backend.clear_session()
                 try:
                     keras_model = onnx2tf.convert(
                         input_onnx_file_path=str(constants_as_initializers(onnx.path, Path(work) / "in.onnx")),
