@@ -38,6 +38,7 @@ def row_from_report(name: str, report) -> dict:
         "images": a["n"],
         "evaluated_on": a["evaluated_on"],
         "max_error_steps": a.get("max_error_steps"),
+        "onnx_max_abs_error_vs_pytorch": report.onnx.get("max_abs_error_vs_pytorch"),
         "export_seconds": report.timings_s.get("total"),
     }
 
@@ -61,7 +62,10 @@ def provenance(rows: list[dict], target) -> str:
     import tensorflow as tf
     import torch
     from .runtime import host_description
-    evaluated = rows[0]["evaluated_on"] if rows else ""
+    # The per-model part of evaluated_on ("(matches PyTorch within ...)") belongs to each row, not the table.
+    evaluated = rows[0]["evaluated_on"].split(" (matches PyTorch")[0] if rows else ""
+    if any(r["evaluated_on"].startswith(evaluated) and "(matches PyTorch" in r["evaluated_on"] for r in rows):
+        evaluated += " (the FP32 ONNX model was checked against PyTorch for each model; the figures are in --json)"
     cfg = ExportConfig()
     try:
         litert = ai_edge_litert.__version__

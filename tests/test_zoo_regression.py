@@ -134,6 +134,23 @@ def test_golden_inputs_are_the_fixed_inputs(exported):
     assert meta["outputs"][exported.target.run_kernels]["threads"] == exported.target.threads
 
 
+def test_zoo_table_row_reads_the_export(exported):
+    from pipeline.zoo_table import markdown, row_from_report
+    row = row_from_report(exported.name, exported.report)
+    assert row["int8_bytes"] == exported.tflite.stat().st_size
+    assert row["parameters"] == sum(p.numel() for p in exported.module.parameters())
+    assert row["fully_int8"] and row["images"] == FAST_EVAL
+    line = markdown([row]).splitlines()[-1]
+    assert line.startswith(f"| `zoo:{exported.name}` |") and f"{row['int8_bytes'] / 1024:.1f} KiB" in line
+
+
+def test_zoo_table_cli_refuses_unknown_models(capsys):
+    from pipeline.zoo_table import main
+    assert main(["--models", "resnt8"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: unknown zoo model 'resnt8'; did you mean zoo:resnet8 or "
+                                               "zoo:refcnn?")
+
+
 @pytest.mark.slow
 def test_full_test_split_drop_and_agreement(exported):
     """The export's gates on all 10,000 test images, with the shared conversion (no second conversion)."""
