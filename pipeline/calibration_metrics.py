@@ -58,24 +58,31 @@ def reliability_bins(probs: np.ndarray, labels: np.ndarray, n_bins: int = N_BINS
     }
 
 
-def ece(probs: np.ndarray, labels: np.ndarray, n_bins: int = N_BINS) -> float:
+def _equal_width_gaps(probs: np.ndarray, labels: np.ndarray, n_bins: int):
+    """Per equal-width bin: sample count and |sum(correct) - sum(confidence)|; None when there are no samples."""
     conf, correct = _top_label(probs, labels)
     if len(conf) == 0:
-        return float("nan")
+        return None
     idx = equal_width_bins(conf, n_bins)
     count = np.bincount(idx, minlength=n_bins)
     gap = np.abs(np.bincount(idx, weights=correct, minlength=n_bins) - np.bincount(idx, weights=conf, minlength=n_bins))
+    return count, gap
+
+
+def ece(probs: np.ndarray, labels: np.ndarray, n_bins: int = N_BINS) -> float:
+    binned = _equal_width_gaps(probs, labels, n_bins)
+    if binned is None:
+        return float("nan")
+    count, gap = binned
     # sum_b n_b/N * |acc_b - conf_b| = sum_b |sum(correct) - sum(conf)| / N
-    return float(gap.sum() / len(conf)) if count.sum() else float("nan")
+    return float(gap.sum() / count.sum())
 
 
 def mce(probs: np.ndarray, labels: np.ndarray, n_bins: int = N_BINS) -> float:
-    conf, correct = _top_label(probs, labels)
-    if len(conf) == 0:
+    binned = _equal_width_gaps(probs, labels, n_bins)
+    if binned is None:
         return float("nan")
-    idx = equal_width_bins(conf, n_bins)
-    count = np.bincount(idx, minlength=n_bins)
-    gap = np.abs(np.bincount(idx, weights=correct, minlength=n_bins) - np.bincount(idx, weights=conf, minlength=n_bins))
+    count, gap = binned
     nonempty = count > 0
     return float((gap[nonempty] / count[nonempty]).max())
 

@@ -158,17 +158,13 @@ def _configure(conv, tf, precision: str, samples: np.ndarray, per_channel: bool,
         conv.target_spec.supported_types = [tf.float16]
     elif precision == "dynamic":
         pass  # no representative dataset: weights int8, activations quantized on the fly
-    elif precision == "int16x8":
+    elif precision in ("int16x8", "int8"):  # calibrated: ops set and graph I/O type per precision
+        ops, io = {"int16x8": (tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8, tf.int16),
+                   "int8": (tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.int8)}[precision]
         conv.representative_dataset = _representative_dataset(samples, calib_batch)
-        conv.target_spec.supported_ops = [tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
-        conv.inference_input_type = tf.int16
-        conv.inference_output_type = tf.int16
-        conv._experimental_disable_per_channel = not per_channel
-    elif precision == "int8":
-        conv.representative_dataset = _representative_dataset(samples, calib_batch)
-        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        conv.inference_input_type = tf.int8
-        conv.inference_output_type = tf.int8
+        conv.target_spec.supported_ops = [ops]
+        conv.inference_input_type = io
+        conv.inference_output_type = io
         conv._experimental_disable_per_channel = not per_channel
 
 

@@ -382,6 +382,7 @@ def _build_report(run: Run, setup_s: float):
     gates.update(_device_gates(run))
     n = len(run.x_test)
     q = insp.to_dict(with_tensors=True) | {"precision": chk.to_dict()}
+    int8_run = r.int8.describe()
     return Report(
         kind="export",
         target=run.target.to_dict(),
@@ -394,10 +395,10 @@ def _build_report(run: Run, setup_s: float):
         conversion=tfl.describe(),
         quantization=q,
         runtime={
-            "int8": r.int8.describe(),
+            "int8": int8_run,
             "fp32": {"runtime": r.fp32_runtime, "images": n, "seconds": round(r.fp32_seconds, 4),
                      "images_per_s": round(n / r.fp32_seconds, 1) if r.fp32_seconds else None,
-                     "measured_on": r.int8.describe()["measured_on"]},
+                     "measured_on": int8_run["measured_on"]},
             "note": "host measurements on this machine's CPU, not device latency",
             **_latency_section(run),
         },
