@@ -21,7 +21,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .errors import ConversionError
+from .errors import ConversionError, UsageError
 from .onnx_export import OnnxArtifact
 from .preprocessing import Preprocessing
 from . import quiet
@@ -44,6 +44,9 @@ class TfliteArtifact:
 
 class Converter(Protocol):
     name: str
+
+    def preload(self, verbose: bool = False) -> None:
+        """Import what ``convert`` needs (the export starts this early, in a worker process)."""
 
     def convert(self, onnx: OnnxArtifact, representative: np.ndarray, pre: Preprocessing, *,
                 per_channel: bool, out_path: Path, verbose: bool = False,
@@ -75,6 +78,12 @@ class Onnx2TfConverter:
     """onnx2tf (in memory, to an NHWC Keras graph) + TFLiteConverter at the target's precision."""
 
     name = "onnx2tf+tflite-converter"
+
+    def preload(self, verbose: bool = False) -> None:
+        with quiet.captured(verbose):
+            import onnx2tf  # noqa: F401
+            import tensorflow  # noqa: F401
+            import tf_keras  # noqa: F401
 
     def convert(self, onnx: OnnxArtifact, representative: np.ndarray, pre: Preprocessing, *,
                 per_channel: bool = True, out_path: Path, verbose: bool = False,
@@ -212,5 +221,5 @@ CONVERTERS: dict[str, Converter] = {"onnx2tf": Onnx2TfConverter()}
 
 def get_converter(name: str) -> Converter:
     if name not in CONVERTERS:
-        raise ConversionError(f"unknown converter {name!r}; choose one of {', '.join(CONVERTERS)}")
+        raise UsageError(f"unknown converter {name!r}; choose one of {', '.join(CONVERTERS)}")
     return CONVERTERS[name]

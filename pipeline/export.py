@@ -81,6 +81,7 @@ class Run:
     outputs: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
     progress: bool = True
+    converter_process: object = None  # convert_process.ConverterProcess started by export(), or None
 
 
 # --------------------------------------------------------------------------- stages
@@ -95,7 +96,8 @@ def stage_export_onnx(run: Run):
 
 def stage_convert(run: Run):
     from .convert import get_converter
-    return get_converter(run.cfg.converter).convert(
+    converter = run.converter_process or get_converter(run.cfg.converter)
+    return converter.convert(
         run.outputs["export_onnx"], run.calib.array(), run.pre,
         per_channel=run.target.per_channel_weights, out_path=run.work / f"model_{run.target.precision}.tflite",
         verbose=run.cfg.verbose, precision=run.target.precision)
@@ -203,7 +205,14 @@ def export(cfg: ExportConfig, log=print) -> tuple[int, Path, "object"]:
     quiet.configure(cfg.verbose)
     t_start = time.perf_counter()
     setup_t0 = time.perf_counter()
-    run, out = _prepare(cfg, log)
+    converter_process = _start_converter_process(cfg)
+    try:
+        run, out = _prepare(cfg, log)
+    except BaseException:
+        if converter_process is not None:
+            converter_process.close()
+        raise
+    run.converter_process = converter_process
     setup_s = time.perf_counter() - setup_t0
     try:
         for i, (name, fn) in enumerate(STAGES, 1):
@@ -230,8 +239,24 @@ def export(cfg: ExportConfig, log=print) -> tuple[int, Path, "object"]:
             write_html(report.to_dict(), run.work / "report.html")
         _publish(run.work, out)
     finally:
+        if converter_process is not None:
+            converter_process.close()
         shutil.rmtree(run.work, ignore_errors=True)
     return (0 if report.passed else 1), out, report
+
+
+def _start_converter_process(cfg: ExportConfig):
+    """Start the conversion worker (its TensorFlow/onnx2tf imports overlap the setup and export_onnx), unless
+    this process has TensorFlow loaded already (a library caller converting again: in-process is faster)."""
+    from .convert import get_converter
+    get_converter(cfg.converter)  # an unknown --converter fails before anything starts
+    if "tensorflow" in sys.modules or os.environ.get("PIPELINE_CONVERT_IN_PROCESS") == "1":
+        return None
+    try:
+        from .convert_process import ConverterProcess
+        return ConverterProcess(cfg.converter, cfg.verbose)
+    except OSError:  # no process could be started: convert in this process
+        return None
 
 
 def _prepare(cfg: ExportConfig, log) -> tuple[Run, Path]:

@@ -263,6 +263,10 @@ def test_unknown_flag(bad):
     bad("--frobnicate", needle="unrecognized arguments")
 
 
+def test_unknown_converter(bad):
+    bad("--converter", "tflite-magic", needle="unknown converter 'tflite-magic'; choose one of onnx2tf")
+
+
 # --------------------------------------------------------------------------- other model sources
 
 def _tiny_module(tinynet_dir):

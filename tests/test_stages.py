@@ -182,3 +182,38 @@ def test_calibration_sources_are_balanced_seeded_and_from_train():
         build("balanced", ctx, 0, seed=0)
     with pytest.raises(CalibrationError, match="did you mean balanced"):
         build("balancd", ctx, 10, seed=0)
+
+
+def test_conversion_in_the_worker_process_gives_the_same_bytes(converted, tmp_path):
+    """The export's worker process (imports overlapped with setup) converts exactly as in-process."""
+    from pipeline.convert_process import ConverterProcess
+    _, x, onnx_art, tfl = converted
+    art = ConverterProcess("onnx2tf").convert(onnx_art, x[:200], PRE, per_channel=True,
+                                              out_path=tmp_path / "w.tflite")
+    assert (tmp_path / "w.tflite").read_bytes() == tfl.path.read_bytes()
+    assert art.input_layout == tfl.input_layout and art.calibration_samples == 200
+    assert art.timings_s["worker_import_s"] > 0 and "import_s" not in art.timings_s
+    # A PipelineError in the worker comes back as the same class and message.
+    with pytest.raises(convert.ConversionError, match="unknown precision 'int3'"):
+        ConverterProcess("onnx2tf").convert(onnx_art, x[:200], PRE, per_channel=True,
+                                            out_path=tmp_path / "bad.tflite", precision="int3")
+    assert not (tmp_path / "bad.tflite").exists()
+
+
+def test_a_dead_conversion_worker_is_a_clear_error(converted, tmp_path):
+    import os
+    import signal
+    from pipeline.convert_process import ConverterProcess
+    _, x, onnx_art, _ = converted
+    proc = ConverterProcess("onnx2tf")
+    os.kill(proc._proc.pid, signal.SIGKILL)
+    proc._proc.join(10)
+    with pytest.raises(convert.ConversionError, match=r"conversion process died \(exit code -9\)"):
+        proc.convert(onnx_art, x[:50], PRE, per_channel=True, out_path=tmp_path / "dead.tflite")
+    assert not (tmp_path / "dead.tflite").exists()
+
+
+def test_unknown_converter_is_a_usage_error():
+    from pipeline.errors import UsageError
+    with pytest.raises(UsageError, match="unknown converter 'nope'; choose one of onnx2tf"):
+        convert.get_converter("nope")
