@@ -61,6 +61,9 @@ class ExportConfig:
     # FP32 side of the run stage and of --reliability: "onnxruntime" runs the exported model.onnx (checked against
     # PyTorch in export_onnx on 256 real inputs); "reference" runs the model's own runtime (PyTorch).
     fp32_runtime: str = "onnxruntime"
+    # The folder the export ran in: relative --model/--weights/--data paths and factory modules are found
+    # from here (pipeline.evaluate resolves them against it when run from another folder).
+    cwd: str = field(default_factory=os.getcwd)
 
     def to_dict(self) -> dict:
         return asdict(self)
