@@ -287,6 +287,9 @@ def _prepare(cfg: ExportConfig, log) -> tuple[Run, Path]:
         num_classes = models.probe(model, input_shape)
         if model.num_classes is None:
             model.num_classes = num_classes
+        if model.extra.get("outputs_returned", 1) > 1:
+            log(f"warning: {model.spec} returns {model.extra['outputs_returned']} outputs; the first is taken as the "
+                "logits and only it is exported and compared (return one tensor to silence this)", file=sys.stderr)
         data_mod.check_fits(ds, input_shape, num_classes)
         mean = preprocessing.per_channel(cfg.mean if cfg.mean is not None else model.mean, input_shape[0], 0.0, "mean")
         std = preprocessing.per_channel(cfg.std if cfg.std is not None else model.std, input_shape[0], 1.0, "std")

@@ -262,7 +262,10 @@ def run_fp32(model: LoadedModel, x: np.ndarray, batch_size: int = 512, progress=
     with torch.inference_mode():
         for i in range(0, len(x), batch_size):
             out = model.module(torch.from_numpy(np.ascontiguousarray(x[i:i + batch_size])))
-            if isinstance(out, (tuple, list)):
+            if isinstance(out, (tuple, list)) and len(out) > 0:
+                # (logits, aux, ...): the first output is the classifier's; export_onnx exports only it
+                model.extra["outputs_returned"] = len(out)
+                model.extra["output_used"] = "first"
                 out = out[0]
             if not isinstance(out, torch.Tensor):
                 raise ModelError(f"{model.spec} returned {type(out).__name__}; it must return a logits tensor")

@@ -36,6 +36,21 @@ class OnnxArtifact:
                 "compared_samples": self.samples, "source": self.source}
 
 
+def _first_output(module):
+    """Wrap a model returning (logits, aux, ...) so that the graph has one output: the logits."""
+    import torch
+
+    class FirstOutput(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x)[0]
+
+    return FirstOutput(module).eval()
+
+
 def tolerance_for(reference: np.ndarray) -> float:
     """FP32 ONNX should match PyTorch to float rounding: 1e-4 plus 1e-4 of the output range."""
     return 1e-4 + 1e-4 * float(np.abs(reference).max())
@@ -59,11 +74,14 @@ def export_onnx(model: LoadedModel, sample: np.ndarray, out_path: Path) -> OnnxA
 
     import torch
     dummy = torch.from_numpy(np.ascontiguousarray(sample[:2]))
+    module = model.module
+    if model.extra.get("outputs_returned", 1) > 1:  # export only the logits the FP32 reference uses
+        module = _first_output(model.module)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                model.module, (dummy,), str(out_path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                module, (dummy,), str(out_path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                 dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
                 opset_version=OPSET, do_constant_folding=True, dynamo=False,
             )

@@ -46,6 +46,18 @@ TINYNET_SRC = textwrap.dedent('''
     def not_a_module():
         return 42
 
+    class WithAux(nn.Module):
+        # Returns (logits [N,4], features [N,16]): converters may reorder several outputs.
+        def __init__(self):
+            super().__init__()
+            self.net = tinynet()
+
+        def forward(self, x):
+            return self.net(x), -0.5 * self.net[:-1](x)
+
+    def with_aux():
+        return WithAux()
+
     class NotCallable:
         pass
 ''')

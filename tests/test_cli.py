@@ -299,6 +299,26 @@ def test_onnx_model_source_uses_onnxruntime_reference(tmp_path, tinynet_dir, tin
         np.testing.assert_allclose(z["fp32_logits"], m(torch.from_numpy(x)).numpy(), atol=1e-4)
 
 
+def test_model_returning_a_tuple_exports_its_first_output(tmp_path, tinynet_dir, tiny_npz, in_dir, capsys):
+    import onnx
+    in_dir(tinynet_dir)
+    out = tmp_path / "o"
+    status = main(["--model", "tinynet:with_aux", "--data", str(tiny_npz), "--calib-size", "100", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert status in (0, 1), err  # untrained: the gates may fail, the export must not
+    assert "returns 2 outputs; the first is taken as the logits" in err
+    graph = onnx.load(str(out / "model.onnx")).graph
+    assert len(graph.output) == 1
+    r = json.loads((out / "report.json").read_text())
+    assert r["model"]["outputs_returned"] == 2
+    z = np.load(out / "predictions.npz")
+    x = np.load(tiny_npz)["x_test"][:, None].astype(np.float32) / 255
+    assert z["fp32_logits"].shape == z["int8_logits"].shape == (len(x), 4)
+    # The int8 side is the same (first) output: it tracks FP32 (a swapped output would not).
+    assert r["accuracy"]["agreement"] >= 0.9
+    assert np.abs(z["int8_logits"] - z["fp32_logits"]).max() < 0.25 * np.abs(z["fp32_logits"]).max() + 1e-3
+
+
 def test_torchscript_model_source(tmp_path, tinynet_dir, tiny_npz):
     m = _tiny_module(tinynet_dir)
     p = tmp_path / "scripted.pt"
