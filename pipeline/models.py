@@ -149,13 +149,24 @@ def _load_state_dict(module, path: Path, spec: str) -> None:
     if not path.is_file():
         raise ModelError(f"weights file {path} does not exist; pass --weights path/to/state_dict.pt")
     try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise ModelError(f"cannot read weights {path} ({e.strerror}); check the path and its permissions") from None
+    if path.suffix.lower() == ".onnx" or (head[:1] == b"\x08" and not head.startswith(b"\x80")):
+        raise ModelError(f"{path} is not a PyTorch state dict (it looks like an ONNX model); pass it as "
+                         "--model path/to/model.onnx without --weights")
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch.save: a zip, or a legacy pickle
+        raise ModelError(f"{path} is not a file written by torch.save; save the weights with "
+                         "torch.save(model.state_dict(), path)")
+    try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        raise ModelError(f"{path} is not a plain state dict (it needs arbitrary pickled objects, which are never "
-                         "loaded); save it with torch.save(model.state_dict(), path)") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise ModelError(f"cannot read weights {path} ({type(e).__name__}); save them with "
-                         "torch.save(model.state_dict(), path)") from None
+        raise ModelError(f"{path} is not a plain state dict (it is malformed, or needs arbitrary pickled objects, "
+                         "which are never loaded); save it with torch.save(model.state_dict(), path)") from None
+    except Exception as e:  # malformed data: torch's restricted unpickler raises KeyError, IndexError, ...
+        raise ModelError(f"cannot read weights {path} ({type(e).__name__}: not a readable torch.save file); save "
+                         "them with torch.save(model.state_dict(), path)") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):

@@ -176,6 +176,23 @@ def test_weights_not_a_state_dict_are_never_unpickled(bad, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("content,needle", [
+    (b"hello world\n", "is not a file written by torch.save"),
+    (b"\x80\x04garbage-after-a-pickle-header", "not a plain state dict (it is malformed"),
+    (b"PK\x03\x04not-really-a-zip", "cannot read weights"),
+], ids=["text", "broken-pickle", "broken-zip"])
+def test_weights_that_are_not_a_torch_save_file(bad, tmp_path, content, needle):
+    p = tmp_path / "w.pt"
+    p.write_bytes(content)
+    bad("--weights", str(p), needle=needle)
+
+
+def test_onnx_passed_as_weights(bad, tmp_path, tinynet_dir):
+    p = tmp_path / "m.onnx"
+    torch.onnx.export(_tiny_module(tinynet_dir), (torch.zeros(1, 1, 12, 12),), str(p), dynamo=False)
+    bad("--weights", str(p), needle="(it looks like an ONNX model); pass it as --model")
+
+
 def test_weights_missing(bad, tmp_path):
     bad("--weights", str(tmp_path / "none.pt"), needle="does not exist")
 
