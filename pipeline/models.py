@@ -235,9 +235,27 @@ def _load_onnx(path: Path) -> LoadedModel:
 
 # --------------------------------------------------------------------------- probing and FP32 runs
 
+def ort_load_reason(e: BaseException) -> str:
+    """The useful part of an onnxruntime load error (it wraps the reason in a C++ location and signature)."""
+    import re
+    s = " ".join(str(e).split())
+    s = s.split(" failed:", 1)[1] if " failed:" in s else s
+    s = re.sub(r"^\s*\S+\.(?:cc|h|cpp):\d+ .*?\) ", "", s).strip()
+    return (s or type(e).__name__)[:220]
+
+
 def probe(model: LoadedModel, input_shape: tuple[int, int, int]) -> int:
     """Run a dummy batch to check the input shape fits; return the number of classes."""
     x = np.zeros((2, *input_shape), np.float32)
+    if model.kind == "onnx":
+        try:
+            _ort_session(model)
+        except Exception as e:
+            reason = ort_load_reason(e)
+            fix = ("save it with an IR version onnxruntime supports (e.g. model.ir_version = 10 before onnx.save)"
+                   if "IR version" in reason else "re-export the model with a released opset (e.g. "
+                   "torch.onnx.export(..., opset_version=17)) and only standard ONNX ops")
+            raise ModelError(f"onnxruntime cannot load {model.spec}: {reason}; {fix}") from None
     try:
         out = run_fp32(model, x, batch_size=2)
     except ModelError:

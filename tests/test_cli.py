@@ -143,6 +143,17 @@ def test_truncated_onnx(bad, tmp_path, tiny_export):
     bad("--model", str(p), needle="not a valid ONNX model")
 
 
+def test_onnx_that_onnxruntime_cannot_load_names_the_reason(bad, tmp_path, tinynet_dir):
+    import onnx
+    p = tmp_path / "ir14.onnx"  # valid for onnx.checker, newer than onnxruntime reads
+    torch.onnx.export(_tiny_module(tinynet_dir), (torch.zeros(1, 1, 12, 12),), str(p), dynamo=False)
+    proto = onnx.load(str(p))
+    proto.ir_version = 14
+    onnx.save(proto, str(p))
+    line = bad("--model", str(p), needle="onnxruntime cannot load")
+    assert "IR version" in line and "input shape" not in line
+
+
 def test_missing_factory(bad):
     bad("--model", "tinynet:nope", needle="has no attribute 'nope'")
 
