@@ -92,6 +92,7 @@ class Onnx2TfConverter:
             raise ConversionError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISION_SETTINGS)}")
         calibrated = precision in ("int8", "int16x8")
         timings = {}
+        failure: Exception | None = None
         with tempfile.TemporaryDirectory(prefix="onnx2tf-") as work, quiet.captured(verbose) as cap:
             try:
                 t0 = time.perf_counter()
@@ -144,14 +145,40 @@ class Onnx2TfConverter:
                 timings[f"tflite_{precision}_s"] = time.perf_counter() - t0
             except ConversionError:
                 raise
-            except Exception as e:
-                raise ConversionError(f"ONNX -> TFLite conversion failed: {_short(e)}") from None
+            except Exception as e:  # described below, once onnx2tf's captured log (naming the node) is complete
+                failure = e
+        if failure is not None:
+            raise ConversionError(_describe_failure(failure, cap.text, onnx.path)) from None
         tmp = out_path.with_name(out_path.name + ".part")
         tmp.write_bytes(blob)
         os.replace(tmp, out_path)
         return TfliteArtifact(path=out_path, bytes=len(blob), converter=self.name, input_layout=layout,
                               calibration_samples=int(len(samples)) if calibrated else 0,
                               timings_s={k: round(v, 3) for k, v in timings.items()})
+
+
+def _describe_failure(e: Exception, log: str, onnx_path: Path) -> str:
+    """One line for a failed onnx2tf/TFLiteConverter run, naming the ONNX node when onnx2tf's log does."""
+    import re
+    log = re.sub(r"\x1b\[[0-9;]*m", "", log or "")
+    fix = "replace that op in the model with one onnx2tf supports, or re-run with -v for onnx2tf's own log"
+    missing = re.search(r"No module named '?onnx2tf\.ops\.(\w+)", str(e))
+    if missing:
+        return f"onnx2tf has no converter for the ONNX op {missing.group(1)}; {fix}"
+    named = re.findall(r"onnx_op_name: (\S+)", log)
+    if named:
+        node = named[-1]
+        op_type = None
+        try:
+            import onnx
+            graph = onnx.load(str(onnx_path), load_external_data=False).graph
+            op_type = next((n.op_type for n in graph.node if n.name == node), None)
+        except Exception:
+            pass
+        what = f"{node} ({op_type})" if op_type else node
+        reason = _short(e).split(" Tensor [")[0].strip()[:160]  # TF pastes whole tensors into some messages
+        return f"onnx2tf cannot convert the ONNX node {what}: {reason}; {fix}"
+    return f"ONNX -> TFLite conversion failed: {_short(e)}; re-run with -v for the converter's own log"
 
 
 def _representative_dataset(samples: np.ndarray, batch: int):

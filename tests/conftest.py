@@ -58,6 +58,21 @@ TINYNET_SRC = textwrap.dedent('''
     def with_aux():
         return WithAux()
 
+    class TokenNet(nn.Module):
+        # LayerNorm over the last axis of [N, tokens, channels]: onnx2tf 1.28 fails on it.
+        def __init__(self):
+            super().__init__()
+            self.patch = nn.Conv2d(1, 8, 3, stride=3)
+            self.ln = nn.LayerNorm(8)
+            self.head = nn.Linear(8, 4)
+
+        def forward(self, x):
+            t = self.patch(x).flatten(2).transpose(1, 2)
+            return self.head(self.ln(t).mean(1))
+
+    def tokennet():
+        return TokenNet()
+
     class NotCallable:
         pass
 ''')

@@ -347,6 +347,16 @@ def test_model_returning_a_tuple_exports_its_first_output(tmp_path, tinynet_dir,
     assert np.abs(z["int8_logits"] - z["fp32_logits"]).max() < 0.25 * np.abs(z["fp32_logits"]).max() + 1e-3
 
 
+def test_onnx2tf_failure_names_the_node(tmp_path, tinynet_dir, tiny_npz, in_dir, capsys):
+    in_dir(tinynet_dir)
+    out = tmp_path / "o"
+    status = main(["--model", "tinynet:tokennet", "--data", str(tiny_npz), "--calib-size", "50", "--out", str(out)])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert status == 1 and len(err) == 1, err
+    assert "onnx2tf cannot convert the ONNX node" in err[0] and "(LayerNormalization)" in err[0], err[0]
+    assert not out.exists()
+
+
 def test_torchscript_model_source(tmp_path, tinynet_dir, tiny_npz):
     m = _tiny_module(tinynet_dir)
     p = tmp_path / "scripted.pt"
