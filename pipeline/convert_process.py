@@ -38,7 +38,7 @@ def _serve(name: str, verbose: bool, conn) -> None:
         preload_s = time.perf_counter() - t0
         try:
             msg = conn.recv()
-        except EOFError:
+        except (EOFError, OSError):  # the export ended (or was killed) before it needed a conversion
             return
         if msg is None:
             return
@@ -56,7 +56,7 @@ def _serve(name: str, verbose: bool, conn) -> None:
             conn.send(("error", (type(e).__name__, str(e))))
         except Exception as e:
             conn.send(("error", ("ConversionError", f"ONNX -> TFLite conversion failed: {_short(e)}")))
-    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: the parent reports it
+    except (KeyboardInterrupt, BrokenPipeError):  # Ctrl-C reaches the whole group: the parent reports it
         return
 
 

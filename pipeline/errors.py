@@ -62,3 +62,20 @@ class NotFullyInt8Error(ConversionError):
 
 class RuntimeStageError(PipelineError):
     """The interpreter could not load or run the converted model."""
+
+
+class Terminated(BaseException):
+    """SIGTERM (``timeout``, CI, ``docker stop``) turned into an exception, so clean-up code runs."""
+
+
+def raise_on_sigterm() -> None:
+    """Make SIGTERM raise ``Terminated`` in the main thread (the CLIs catch it like Ctrl-C)."""
+    import signal
+
+    def _handler(signum, frame):
+        raise Terminated()
+
+    try:
+        signal.signal(signal.SIGTERM, _handler)
+    except ValueError:  # not the main thread: leave the default
+        pass

@@ -688,6 +688,8 @@ def _device_lines(report) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .errors import Terminated, raise_on_sigterm
+    raise_on_sigterm()
     try:
         args = build_parser().parse_args(argv)
         if args.list_targets:
@@ -701,6 +703,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; nothing was written to the output folder", file=sys.stderr)
         return 130
+    except Terminated:
+        print("error: terminated (SIGTERM); nothing was written to the output folder", file=sys.stderr)
+        return 143
     print(summary(report, out))
     return status
 

@@ -374,3 +374,47 @@ def test_state_dict_is_not_torchscript(bad, tinynet_dir):
 
 def test_fashion_mnist_data_dir_missing_files(bad, tmp_path):
     bad("--data", "fashion-mnist", "--data-dir", str(tmp_path), needle="dataset-fashion-mnist")
+
+
+def test_sigterm_mid_export_cleans_up(tmp_path, tinynet_dir, tiny_npz):
+    """timeout/CI/docker stop send SIGTERM: exit 143, one line, no output folder, no temp folder, no worker left."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(tinynet_dir)])}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.export", "--model", "tinynet:tinynet", "--weights",
+                             str(tinynet_dir / "tinynet.pt"), "--data", str(tiny_npz), "--calib-size", "50",
+                             "--out", str(out)], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    lines = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # stop it in the convert stage, while the conversion worker runs
+        line = proc.stderr.readline()
+        lines.append(line)
+        if line.startswith("[1/7]") or not line:
+            break
+    def children(pid):
+        kids = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                kids.append(int(stat.parent.name))
+        return kids
+
+    workers = children(proc.pid)
+    assert workers, "the conversion worker process should be running by now"
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.communicate(timeout=60)[1]
+    err = "".join(lines) + rest
+    assert proc.returncode == 143, err
+    assert "error: terminated (SIGTERM); nothing was written" in err and "Traceback" not in err
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == []
+    time.sleep(0.5)
+    assert not [w for w in workers if Path(f"/proc/{w}").exists()
+                and Path(f"/proc/{w}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
