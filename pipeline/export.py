@@ -345,8 +345,22 @@ def _make_workdir(out: Path) -> Path:
     return work
 
 
+# What an export writes: a re-export into the same folder removes those of them it did not write this time
+# (a report.html from an earlier --reliability run would no longer match report.json). Other files stay.
+EXPORT_ARTIFACTS = ("model.onnx", "report.json", "report.html", "predictions.npz", "bundle", "bundle.tar.gz")
+
+
 def _publish(work: Path, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    produced = {f.name for f in work.iterdir()}
+    if (out / "report.json").is_file():  # an earlier export's folder
+        earlier = set(EXPORT_ARTIFACTS) | {p.name for p in out.glob("model_*.tflite")}
+        for name in sorted(earlier - produced):
+            stale = out / name
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+            elif stale.exists() or stale.is_symlink():
+                stale.unlink()
     for f in sorted(work.iterdir()):
         dest = out / f.name
         if f.is_dir() and dest.is_dir():  # a folder left by an earlier export (the device bundle)

@@ -84,6 +84,23 @@ def test_gate_failure_exits_1_and_still_writes(tmp_path, tinynet_dir, tiny_npz, 
     assert "FAIL (min_agreement)" in capsys.readouterr().out
 
 
+def test_re_export_removes_stale_artifacts_and_keeps_other_files(tmp_path, tinynet_dir, tiny_npz, in_dir,
+                                                                  tiny_export):
+    import shutil
+    in_dir(tinynet_dir)
+    out = tmp_path / "out"
+    shutil.copytree(tiny_export[1], out)  # an earlier export ...
+    (out / "report.html").write_text("<html>from an earlier --reliability run</html>")  # ... with extras
+    (out / "model_fp16.tflite").write_bytes(b"old")
+    (out / "notes.txt").write_text("mine")
+    assert main(["--model", "tinynet:tinynet", "--weights", str(tinynet_dir / "tinynet.pt"), "--data",
+                 str(tiny_npz), "--calib-size", "50", "--eval-limit", "50", "--out", str(out)]) in (0, 1)
+    names = {p.name for p in out.iterdir()}
+    assert "report.html" not in names and "model_fp16.tflite" not in names
+    assert {"notes.txt", "report.json", "model_int8.tflite", "model.onnx", "bundle"} <= names
+    assert json.loads((out / "report.json").read_text())["accuracy"]["n"] == 50
+
+
 def test_list_targets(capsys):
     assert main(["--list-targets"]) == 0
     assert "tflite-int8" in capsys.readouterr().out
