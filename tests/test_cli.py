@@ -435,3 +435,21 @@ def test_sigterm_mid_export_cleans_up(tmp_path, tinynet_dir, tiny_npz):
     time.sleep(0.5)
     assert not [w for w in workers if Path(f"/proc/{w}").exists()
                 and Path(f"/proc/{w}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+
+
+def test_summary_says_larger_when_the_tflite_file_is_larger(tiny_export):
+    import dataclasses
+    from pipeline.export import summary
+    from pipeline.report import Report
+    _, out = tiny_export
+    r = json.loads((out / "report.json").read_text())
+    names = {f.name for f in dataclasses.fields(Report)}
+    rep = Report(**{k: v for k, v in r.items() if k in names},
+                 sections={k: v for k, v in r.items() if k not in names})
+    ratio = r["artifacts"]["size_ratio_onnx_to_int8"]
+    line = next(ln for ln in summary(rep, out).splitlines() if ln.startswith("sizes"))
+    assert ("x smaller" in line) == (ratio >= 1) and ("x larger" in line) == (ratio < 1), line
+    for flipped in (0.5, 2.0):  # both branches on the real report
+        rep.artifacts["size_ratio_onnx_to_int8"] = flipped
+        line = next(ln for ln in summary(rep, out).splitlines() if ln.startswith("sizes"))
+        assert line.endswith("(2.00x larger)" if flipped < 1 else "(2.0x smaller)"), line
