@@ -594,6 +594,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> ExportConfig:
+    if not 0.0 <= args.min_agreement <= 1.0:
+        raise UsageError(f"--min-agreement {args.min_agreement} is not a fraction; pass a value from 0 to 1 "
+                         "(e.g. 0.98 for 98%)")
     return ExportConfig(
         model=args.model, weights=args.weights, input_shape=args.input_shape, data=args.data,
         data_dir=args.data_dir, mean=args.mean, std=args.std, calib=args.calib, calib_size=args.calib_size,
