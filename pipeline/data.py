@@ -203,6 +203,8 @@ def load_npz(path: Path, expected_chw: tuple[int, int, int] | None = None) -> Da
                 raise DataError(f"{path}: y_{split} holds non-integer labels; store integer class indices")
         if np.any(y < 0):
             raise DataError(f"{path}: y_{split} holds negative labels; labels must be class indices 0..K-1")
+        if x.dtype.kind == "b":
+            raise DataError(f"{path}: x_{split} is a bool array; store images as uint8 (0..255) or float32")
         if x.dtype.kind == "f":
             if not np.all(np.isfinite(x)):
                 raise DataError(f"{path}: x_{split} holds NaN or inf; clean the images before exporting")

@@ -250,7 +250,7 @@ def test_missing_data_file(bad):
 
 @pytest.mark.parametrize("what,needle", [("nokey", "lacks y_test"), ("object", "Python objects"),
                                          ("nan", "NaN or inf"), ("inf", "NaN or inf"),
-                                         ("label", "labels go up to 9")])
+                                         ("label", "labels go up to 9"), ("bool", "is a bool array")])
 def test_bad_data_files(bad, tmp_path, what, needle):
     rng = np.random.default_rng(0)
     arrays = dict(x_train=rng.integers(0, 255, (120, 12, 12)).astype(np.uint8), y_train=np.arange(120) % 4,
@@ -266,6 +266,9 @@ def test_bad_data_files(bad, tmp_path, what, needle):
         arrays["x_train"] = arrays["x_train"].astype(np.float32) / 255
     elif what == "label":
         arrays["y_train"][5] = 9
+    elif what == "bool":
+        arrays["x_train"] = arrays["x_train"] > 127
+        arrays["x_test"] = arrays["x_test"] > 127
     p = tmp_path / f"{what}.npz"
     np.savez(p, **arrays)
     bad("--data", str(p), needle=needle)
