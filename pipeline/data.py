@@ -236,10 +236,13 @@ def load_npz(path: Path, expected_chw: tuple[int, int, int] | None = None) -> Da
 def check_fits(ds: Dataset, input_chw: tuple[int, int, int], num_classes: int) -> None:
     """Fail clearly when the images or labels do not fit the model."""
     if tuple(ds.sample_shape) != tuple(input_chw):
-        raise DataError(
-            f"images are {'x'.join(map(str, ds.sample_shape))} (C×H×W) but the model takes "
-            f"{'x'.join(map(str, input_chw))}; resize the data or pass the matching --input-shape"
-        )
+        got, want = "x".join(map(str, ds.sample_shape)), "x".join(map(str, input_chw))
+        if ds.sample_shape[0] != input_chw[0]:
+            fix = (f"convert the images to {input_chw[0]} channel{'s' if input_chw[0] != 1 else ''} "
+                   f"(e.g. grayscale/RGB) or use a model that takes {ds.sample_shape[0]}")
+        else:
+            fix = f"resize the images to {input_chw[1]}x{input_chw[2]}, or pass --input-shape if the model takes any size"
+        raise DataError(f"images are {got} (C×H×W) but the model takes {want}; {fix}")
     hi = int(max(ds.y_train.max(), ds.y_test.max()))
     if hi >= num_classes:
         raise DataError(

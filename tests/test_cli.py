@@ -239,6 +239,16 @@ def test_images_that_do_not_fit_model(bad, tmp_path):
     bad("--model", "tinynet:fixednet", "--data", str(p), needle="does not fit")
 
 
+@pytest.mark.parametrize("shape,needle", [((28, 28, 3), "convert the images to 1 channel"),
+                                          ((32, 32), "resize the images to 28x28")], ids=["channels", "size"])
+def test_images_that_do_not_fit_a_model_with_a_known_shape(bad, tmp_path, shape, needle):
+    rng = np.random.default_rng(0)
+    p = tmp_path / "d.npz"
+    np.savez(p, x_train=rng.integers(0, 255, (60, *shape)).astype(np.uint8), y_train=np.arange(60) % 10,
+             x_test=rng.integers(0, 255, (20, *shape)).astype(np.uint8), y_test=np.arange(20) % 10)
+    bad("--model", "zoo:refcnn", "--data", str(p), needle=needle)
+
+
 def test_images_that_do_not_fit_given_shape(bad):
     bad("--model", "tinynet:fixednet", "--input-shape", "1,12,12", "--data", "missing.npz",
         needle="does not exist")
