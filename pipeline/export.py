@@ -609,10 +609,10 @@ def config_from_args(args: argparse.Namespace) -> ExportConfig:
 
 
 def _reliability_args(args: argparse.Namespace) -> dict:
+    from .reliability import parse_corruptions
+    parse_corruptions(args.corruptions)  # a typo fails at once, before the conversion, --reliability or not
     if not args.reliability:
         return {}
-    from .reliability import parse_corruptions
-    parse_corruptions(args.corruptions)  # fail before the conversion, not after
     if args.val_size <= 0 or args.workers < 0:
         raise UsageError("--val-size must be at least 1 and --workers at least 0")
     return {"reliability": True, "corruptions": args.corruptions, "severities": tuple(args.severities),

@@ -321,6 +321,10 @@ def test_min_agreement_must_be_a_fraction(bad):
     bad("--min-agreement", "98", needle="--min-agreement 98.0 is not a fraction; pass a value from 0 to 1")
 
 
+def test_unknown_corruption_fails_even_without_reliability(bad):
+    bad("--corruptions", "fgo", needle="fgo")
+
+
 def test_unknown_flag(bad):
     bad("--frobnicate", needle="unrecognized arguments")
 
