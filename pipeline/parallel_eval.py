@@ -127,20 +127,37 @@ class _Worker:
 
 
 _WORKER: _Worker | None = None
+_INIT_ERROR: BaseException | None = None
 
 
 def _init_worker(pair: ModelPair, arrays: dict) -> None:
-    global _WORKER
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    from . import quiet
-    quiet.configure(False)
-    import torch
-    torch.set_num_threads(1)
-    _WORKER = _Worker(pair, arrays)
+    """Pool initializer. It must never raise: a pool whose initializer raises respawns the worker forever
+    (the parent never hears of it). A failure is kept and raised by ``_run_job``, so the parent gets it
+    as the first job's exception."""
+    global _WORKER, _INIT_ERROR
+    try:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        from . import quiet
+        quiet.configure(False)
+        import torch
+        torch.set_num_threads(1)
+        _WORKER = _Worker(pair, arrays)
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - reported through _run_job
+        _INIT_ERROR = _as_pipeline_error(e)
+
+
+def _as_pipeline_error(e: BaseException) -> Exception:
+    from .errors import PipelineError, RuntimeStageError
+    if isinstance(e, PipelineError):
+        return e
+    return RuntimeStageError(f"a worker process could not build the models: {type(e).__name__}: {e}; "
+                             "run with --workers 1 to see the failure in this process")
 
 
 def _run_job(job: Job):
-    assert _WORKER is not None
+    if _WORKER is None:
+        from .errors import RuntimeStageError
+        raise _INIT_ERROR or RuntimeStageError("a worker process has no models (its initializer did not run)")
     return _WORKER(job)
 
 
@@ -176,9 +193,20 @@ class Engine:
                 self._inline = _Worker(self.pair, self.arrays, self._loaded_model)
             return None
         if self._pool is None:
+            self._preflight()
             ctx = mp.get_context("spawn")
             self._pool = ctx.Pool(self.workers, initializer=_init_worker, initargs=(self.pair, self.arrays))
         return self._pool
+
+    def _preflight(self) -> None:
+        """Build both models once here, and run one image through them, before starting the workers: a model
+        that cannot load fails now with its own error, exactly as with ``workers=1``, instead of in every
+        worker process."""
+        w = _Worker(self.pair, self.arrays, self._loaded_model)
+        split = next((k for k, a in self.arrays.items() if len(a)), None)
+        if split is not None:
+            w(Job(split, 0, 1))
+        del w
 
     def run(self, jobs: list[Job], progress=None) -> dict[tuple, dict[str, np.ndarray]]:
         """Run every job; returns {job.key: {"fp32": [N,K], "int8": [N,K] dequantized, "int8_raw": ...}}."""
