@@ -52,11 +52,14 @@ class ReliabilityConfig:
 
 def parse_corruptions(text: str | None) -> tuple[str, ...]:
     """``--corruptions``: 'all' (default), 'none', or a comma-separated list of suite names."""
-    if text is None or text.strip() in ("", "all"):
+    if text is None or text.strip() == "all":
         return CORRUPTIONS
     if text.strip() == "none":
         return ()
     names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise UsageError(f"--corruptions {text!r} is empty; pass all, none or a comma-separated list of names "
+                         "(see pipeline/corruptions.py)")
     import difflib
     for n in names:
         if n not in CORRUPTIONS:

@@ -28,6 +28,14 @@ def exported(tiny_export):
     return out
 
 
+@pytest.fixture()
+def export_copy(exported, tmp_path):
+    """A private copy of the session export (tests may break its files)."""
+    dst = tmp_path / "export"
+    shutil.copytree(exported, dst)
+    return dst
+
+
 def _report(folder: Path) -> dict:
     return json.loads((folder / "report.json").read_text())
 
@@ -125,3 +133,25 @@ def test_engine_with_two_workers_checks_models_in_the_parent(exported, tmp_path)
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+# --------------------------------------------------------------------------- defect 6: --corruptions ""
+
+@pytest.mark.parametrize("value", ["", " ", ",", " , "])
+def test_empty_corruptions_is_an_error(export_copy, tmp_path, capsys, value):
+    from pipeline.reliability import parse_corruptions
+    with pytest.raises(UsageError, match="pass all, none or a comma-separated list"):
+        parse_corruptions(value)
+    status, err = _main([export_copy, "--out", tmp_path / "o", "--corruptions", value, "--workers", "1"], capsys)
+    assert status == 2
+    _one_error_line(err, "pass all, none or a comma-separated list of names")
+    assert not (tmp_path / "o").exists()
+
+
+def test_export_reliability_empty_corruptions_fails_before_converting(tmp_path):
+    from pipeline.export import main
+    out = tmp_path / "out"
+    assert main(["--reliability", "--corruptions", "", "--out", str(out)]) == 2
+    assert not out.exists()
+
+
