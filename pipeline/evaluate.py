@@ -34,16 +34,24 @@ def _severities(text: str) -> tuple[int, ...]:
     return tuple(sorted(vals))
 
 
-def add_reliability_arguments(p: argparse.ArgumentParser, in_export: bool) -> None:
-    """The flags shared by ``pipeline.evaluate`` and ``pipeline.export --reliability``."""
+def add_reliability_arguments(p: argparse.ArgumentParser, in_export: bool, adaptive_val_size: bool | None = None) -> None:
+    """The flags shared by ``pipeline.evaluate`` and ``pipeline.export --reliability``.
+
+    ``adaptive_val_size`` (default: ``not in_export``): ``--val-size`` defaults to None, meaning
+    ``pipeline.reliability.resolve_val_size(None, n_train)`` = min(5000, training images // 5); the caller must
+    then accept ``args.val_size is None``. False keeps the fixed default of 5000 (what the export CLI expects
+    until it passes ``adaptive_val_size=True``).
+    """
     from .reliability import DEFAULT_MAX_ECE_INCREASE, DEFAULT_MAX_WORST_DROP_PP, DEFAULT_VAL_SIZE
+    adaptive = (not in_export) if adaptive_val_size is None else bool(adaptive_val_size)
     g = p.add_argument_group("Reliability" + (" (with --reliability)" if in_export else ""))
     g.add_argument("--corruptions", default="all",
                    help="corruption suite: all (default), none, or a comma-separated list of names "
                         "(see pipeline/corruptions.py)")
     g.add_argument("--severities", type=_severities, default=(1, 2, 3, 4, 5), help="severities (default 1,2,3,4,5)")
-    g.add_argument("--val-size", type=int, default=DEFAULT_VAL_SIZE,
-                   help=f"training images held for fitting the temperature (default {DEFAULT_VAL_SIZE})")
+    g.add_argument("--val-size", type=int, default=None if adaptive else DEFAULT_VAL_SIZE,
+                   help="training images held for fitting the temperature (default: "
+                        + (f"min({DEFAULT_VAL_SIZE}, training images // 5))" if adaptive else f"{DEFAULT_VAL_SIZE})"))
     g.add_argument("--workers", type=int, default=0, help="worker processes (default: one per core)")
     g.add_argument("--fp32-runtime", choices=("reference", "onnxruntime"),
                    default="onnxruntime" if in_export else "reference",
@@ -81,8 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def reliability_config(args: argparse.Namespace, seed: int):
     from .reliability import ReliabilityConfig, parse_corruptions
-    if args.val_size <= 0:
-        raise UsageError(f"--val-size {args.val_size} is empty; pass at least 100 (5000 recommended)")
+    if args.val_size is not None and args.val_size <= 0:
+        raise UsageError(f"--val-size {args.val_size} is empty; pass at least 1, or leave it out for the default "
+                         "min(5000, training images // 5)")
     if args.workers < 0:
         raise UsageError("--workers must be 0 (one per core) or more")
     return ReliabilityConfig(corruptions=parse_corruptions(args.corruptions), severities=tuple(args.severities),
@@ -100,10 +109,76 @@ def _read_report(export_dir: Path) -> dict:
         rep = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise DataError(f"{path} is not readable JSON ({type(e).__name__}); re-run the export") from None
+    if not isinstance(rep, dict):
+        raise DataError(f"{path} holds a JSON {type(rep).__name__}, not an export report (an object); pass a folder "
+                        "written by python -m pipeline.export")
     for key in ("preprocessing", "model", "config", "target"):
         if not isinstance(rep.get(key), dict):
             raise DataError(f"{path} lacks the '{key}' section; re-run python -m pipeline.export with this version")
+    for key in ("artifacts", "conversion"):
+        if key in rep and not isinstance(rep[key], dict):
+            raise DataError(f"{path}: '{key}' is not an object; re-run python -m pipeline.export")
     return rep
+
+
+def _report_str(section: dict, key: str, path: Path) -> str | None:
+    """A string field of the report (None when absent or empty)."""
+    v = section.get(key)
+    if v is None or v == "":
+        return None
+    if not isinstance(v, str):
+        raise DataError(f"{path}: '{key}' is {v!r}, not a string; re-run python -m pipeline.export")
+    return v
+
+
+def _preprocessing(rep: dict, path: Path):
+    from .preprocessing import Preprocessing
+    try:
+        pre = Preprocessing.from_dict(rep["preprocessing"])
+    except KeyError as e:
+        raise DataError(f"{path}: the preprocessing record lacks {e}; re-run python -m pipeline.export "
+                        "with this version") from None
+    except (TypeError, ValueError) as e:
+        raise DataError(f"{path}: the preprocessing record is malformed ({e}); re-run python -m pipeline.export") from None
+    if len(pre.input_shape) != 3 or min(pre.input_shape) <= 0:
+        raise DataError(f"{path}: preprocessing input_shape {list(pre.input_shape)} is not C,H,W; "
+                        "re-run python -m pipeline.export")
+    return pre
+
+
+def _export_cwd(cfg: dict) -> Path | None:
+    """``config.cwd``: the folder the export ran in (absent in reports of older versions)."""
+    v = cfg.get("cwd")
+    if isinstance(v, str) and v and os.path.isabs(v) and os.path.isdir(v):
+        return Path(v)
+    return None
+
+
+def _from_export_cwd(value: str | None, export_cwd: Path | None) -> str | None:
+    """A path the export recorded as typed: relative to the folder it ran in. Kept as is when it exists from
+    here (or is absolute, or is not a path, like zoo:NAME or fashion-mnist); otherwise the export folder's."""
+    if not value or export_cwd is None or value == "fashion-mnist" or value.startswith("zoo:"):
+        return value
+    p = Path(value).expanduser()
+    if p.is_absolute() or p.exists():
+        return value
+    there = export_cwd / p
+    return str(there) if there.exists() else value
+
+
+def _is_factory_spec(spec: str) -> bool:
+    return (":" in spec and not spec.startswith("zoo:") and not os.path.exists(spec)
+            and not spec.lower().endswith((".onnx", ".pt", ".pth", ".ptl", ".torchscript")))
+
+
+def _add_import_path(folder: Path) -> None:
+    """Make ``package.module:factory`` importable from the export's folder, after the current folder."""
+    f = str(folder)
+    if f in sys.path:
+        return
+    here = ("", os.getcwd())
+    i = next((k + 1 for k, p in enumerate(sys.path) if p in here), 0)
+    sys.path.insert(i, f)
 
 
 def held_out_from_training(model) -> bool | None:
@@ -126,37 +201,61 @@ def evaluate_export(args: argparse.Namespace, log=print):
     from . import data as data_mod
     from . import html_report, models, quiet
     from .parallel_eval import ModelPair
-    from .preprocessing import Preprocessing
-    from .reliability import evaluate
+    from .reliability import evaluate, resolve_val_size
 
     quiet.configure(args.verbose)
     t0 = time.perf_counter()
     export_dir = Path(args.export_dir)
     rep = _read_report(export_dir)
+    rpath = export_dir / "report.json"
     cfg = rep["config"]
-    pre = Preprocessing.from_dict(rep["preprocessing"])
-    model_spec = args.model or rep["model"].get("spec") or cfg.get("model")
-    weights = args.weights if args.model or args.weights else (cfg.get("weights") or None)
-    tfl_rel = (rep.get("artifacts", {}).get("tflite") or {}).get("path")
+    pre = _preprocessing(rep, rpath)
+    # The export recorded --model/--weights/--data/--data-dir as typed, relative to the folder it ran in
+    # (config.cwd): found from there when they do not exist from here. Command-line overrides are used as given.
+    export_cwd = _export_cwd(cfg)
+    if args.model:
+        model_spec = args.model
+    else:
+        model_spec = _report_str(rep["model"], "spec", rpath) or _report_str(cfg, "model", rpath)
+        if not model_spec:
+            raise DataError(f"{rpath} names no model; pass --model")
+        model_spec = _from_export_cwd(model_spec, export_cwd)
+        if export_cwd is not None and _is_factory_spec(model_spec):
+            _add_import_path(export_cwd)
+    weights = args.weights if args.model or args.weights else _from_export_cwd(_report_str(cfg, "weights", rpath),
+                                                                              export_cwd)
+    tfl = rep.get("artifacts", {}).get("tflite")
+    tfl_rel = _report_str(tfl, "path", rpath) if isinstance(tfl, dict) else None
     tflite = Path(args.tflite) if args.tflite else (export_dir / tfl_rel if tfl_rel else None)
     if tflite is None or not tflite.is_file():
         raise DataError(f"the TFLite model {tflite} does not exist; pass --tflite path/to/model.tflite")
-    data_spec = args.data or cfg.get("data") or "fashion-mnist"
-    data_dir = args.data_dir or (cfg.get("data_dir") if not args.data else None)
-    kernels = args.kernels or rep["target"].get("litert_kernels") or rep["target"].get("kernels") or "xnnpack"
+    data_spec = args.data or _from_export_cwd(_report_str(cfg, "data", rpath), export_cwd) or "fashion-mnist"
+    data_dir = args.data_dir or (_from_export_cwd(_report_str(cfg, "data_dir", rpath), export_cwd)
+                                 if not args.data else None)
+    kernels = (args.kernels or _report_str(rep["target"], "litert_kernels", rpath)
+               or _report_str(rep["target"], "kernels", rpath) or "xnnpack")
     if kernels not in ("xnnpack", "builtin", "ref"):
         raise UsageError(f"--kernels {kernels!r}: choose xnnpack, builtin or ref")
     if args.batch_size <= 0:
         raise UsageError("--batch-size must be at least 1")
-    seed = args.seed if args.seed is not None else int(cfg.get("seed") or 0)
+    try:
+        seed = args.seed if args.seed is not None else int(cfg.get("seed") or 0)
+    except (TypeError, ValueError):
+        raise DataError(f"{rpath}: config.seed {cfg.get('seed')!r} is not an integer; pass --seed") from None
     rcfg = reliability_config(args, seed)
-    model = models.load(model_spec, weights)
-    ds = data_mod.load(data_spec, data_dir, pre.input_shape)
-    data_mod.check_fits(ds, pre.input_shape, models.probe(model, pre.input_shape))
     limit = args.eval_limit if args.eval_limit is not None else cfg.get("eval_limit")
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0):
+        raise UsageError(f"--eval-limit must be at least 1 (got {limit!r})")
+    out_dir = Path(args.out) if args.out else export_dir
+    _check_writable(out_dir)  # created only when the results are written
+    # Data before the model: the validation split's size is checked before any model is loaded or run.
+    ds = data_mod.load(data_spec, data_dir, pre.input_shape)
+    resolve_val_size(rcfg.val_size, len(ds.y_train))
+    model = models.load(model_spec, weights)
+    data_mod.check_fits(ds, pre.input_shape, models.probe(model, pre.input_shape))
     n = len(ds.x_test) if limit is None else min(int(limit), len(ds.x_test))
     if n <= 0:
-        raise UsageError("--eval-limit must be at least 1")
+        raise DataError(f"{data_spec} has no test images; pass data with a test split")
     layout = rep["preprocessing"].get("tflite_input_layout") or rep.get("conversion", {}).get("input_layout") or "NHWC"
     fp32_onnx = None
     if args.fp32_runtime == "onnxruntime" and model.kind != "onnx":
@@ -168,8 +267,6 @@ def evaluate_export(args: argparse.Namespace, log=print):
         fp32_onnx = str(fp32_onnx.resolve())
     pair = ModelPair(model_spec=model_spec, weights=weights, tflite_path=str(tflite.resolve()), input_layout=layout,
                      kernels=kernels, preprocessing=pre, batch_size=args.batch_size, fp32_onnx=fp32_onnx)
-    out_dir = Path(args.out) if args.out else export_dir
-    _check_writable(out_dir)
     clean, clean_note = _export_predictions(export_dir, rep, n, own_models=not (args.model or args.tflite or args.weights
                                                                                   or args.data or args.kernels))
     result = evaluate(pair, ds, n, rcfg, clean=clean, loaded_model=model, held_out_from_training=held_out_from_training(model),
@@ -206,25 +303,64 @@ def _export_predictions(export_dir: Path, rep: dict, n: int, own_models: bool):
 
 
 def _check_writable(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"--out {out} exists and is not a folder; pass a folder path")
+    """Fail early when ``out`` cannot become the output folder. Creates nothing that stays: a probe entry is made
+    and removed in ``out`` (or in its nearest existing parent); write_outputs creates the folder."""
+    import tempfile
+    if out.exists():
+        if not out.is_dir():
+            raise OutputError(f"--out {out} exists and is not a folder; pass a folder path")
+        where = out
+    else:
+        where = out.absolute().parent
+        while not where.exists() and where != where.parent:
+            where = where.parent
+        if not where.is_dir():
+            raise OutputError(f"cannot create {out}: {where} is not a folder; pass a writable --out")
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.mkdtemp(prefix=".write-check-", dir=where)
+        os.rmdir(probe)
     except OSError as e:
-        raise OutputError(f"cannot create {out} ({e.strerror or e}); pass a writable --out") from None
-    if not os.access(out, os.W_OK):
-        raise OutputError(f"{out} is not writable; pass a writable --out")
+        what = f"cannot write in {out}" if where == out else f"cannot create {out}: cannot write in {where}"
+        raise OutputError(f"{what} ({e.strerror or e}); pass a writable --out") from None
 
 
 def write_outputs(rep: dict, out_dir: Path) -> None:
-    """report.json and report.html, each written to a temp file and renamed into place."""
+    """report.json and report.html: rendered first, written to temp files, then renamed into place. The output
+    folder is created here; on failure, the temp files and the folders this call created are removed."""
     from . import html_report
     from .report import _clean
-    html_report.write(rep, out_dir / "report.html")
-    path = out_dir / "report.json"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-    tmp.write_text(json.dumps(_clean(rep), indent=2) + "\n")
-    os.replace(tmp, path)
+    contents = {"report.html": html_report.render(rep), "report.json": json.dumps(_clean(rep), indent=2) + "\n"}
+    missing = []
+    p = out_dir.absolute()
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    created: list[Path] = []
+    tmps: list[Path] = []
+    try:
+        for d in reversed(missing):
+            d.mkdir()
+            created.append(d)
+        for name, text in contents.items():
+            tmp = out_dir / f".{name}.{os.getpid()}.part"
+            tmps.append(tmp)
+            tmp.write_text(text, encoding="utf-8")
+        for name, tmp in zip(contents, tmps):
+            os.replace(tmp, out_dir / name)
+    except BaseException as e:
+        for tmp in tmps:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+        for d in reversed(created):
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+        if isinstance(e, OSError):
+            raise OutputError(f"cannot write the report to {out_dir} ({e.strerror or e}); pass a writable --out") from None
+        raise
 
 
 def summary(rep: dict, out_dir: Path) -> str:

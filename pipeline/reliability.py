@@ -43,7 +43,7 @@ SECTIONS = ("calibration_drift", "temperature_scaling", "flips", "per_class", "s
 class ReliabilityConfig:
     corruptions: tuple[str, ...] = CORRUPTIONS
     severities: tuple[int, ...] = SEVERITIES
-    val_size: int = DEFAULT_VAL_SIZE
+    val_size: int | None = None  # None: the default, resolve_val_size(None, training images)
     seed: int = 0
     workers: int = 0  # 0: one per available core
     max_ece_increase: float = DEFAULT_MAX_ECE_INCREASE
@@ -71,13 +71,39 @@ def parse_corruptions(text: str | None) -> tuple[str, ...]:
     return names
 
 
-def validation_indices(y_train: np.ndarray, size: int, seed: int) -> np.ndarray:
-    """A class-balanced random subset of the training split (never the test split) for fitting T."""
+def resolve_val_size(requested: int | None, n_train: int) -> int:
+    """The validation split's size. ``requested`` None (``--val-size`` not given): min(5000, n_train // 5), at
+    least 1, so small datasets work without the flag. An explicit size must be 1..n_train (UsageError, exit 2).
+    Cheap: call it as soon as the training split's size is known, before any model runs."""
+    n_train = int(n_train)
+    if n_train <= 0:
+        raise UsageError("the dataset has no training images; the validation split for the temperature is "
+                         "carved from them: pass data with a training split")
+    if requested is None:
+        return max(1, min(DEFAULT_VAL_SIZE, n_train // 5))
+    requested = int(requested)
+    if requested <= 0:
+        raise UsageError(f"--val-size {requested} is empty; pass at least 1 (at most {n_train}, the training "
+                         f"images), or leave it out for min({DEFAULT_VAL_SIZE}, training images // 5)")
+    if requested > n_train:
+        raise UsageError(f"--val-size {requested} exceeds the {n_train} training images; pass at most {n_train}, "
+                         f"or leave it out for min({DEFAULT_VAL_SIZE}, training images // 5)")
+    return requested
+
+
+def describe_val_size(requested: int | None, n_train: int) -> str:
+    size = resolve_val_size(requested, n_train)
+    if requested is None:
+        return (f"{size} of the {n_train} training images: the default min({DEFAULT_VAL_SIZE}, training images // 5) "
+                "(--val-size not given)")
+    return f"{size} of the {n_train} training images (--val-size {size})"
+
+
+def validation_indices(y_train: np.ndarray, size: int | None, seed: int) -> np.ndarray:
+    """A class-balanced random subset of the training split (never the test split) for fitting T.
+    ``size`` None: the default size (:func:`resolve_val_size`)."""
     from calib_data.real import balanced_indices
-    if size <= 0:
-        raise UsageError(f"--val-size {size} is empty; pass at least 100 (5000 recommended)")
-    if size > len(y_train):
-        raise UsageError(f"--val-size {size} exceeds the {len(y_train)} training images; pass at most {len(y_train)}")
+    size = resolve_val_size(size, len(y_train))
     # A seed stream of its own, so the split is not the same draw as a 'balanced' representative dataset.
     stream = int(np.random.default_rng([int(seed), 0x7E3]).integers(2**31))
     return np.sort(balanced_indices(y_train, size, stream))
@@ -222,6 +248,7 @@ def evaluate(pair: ModelPair, dataset, n_test: int, cfg: ReliabilityConfig, *, c
     y_val = np.asarray(dataset.y_train[vidx])
     validation = {
         "split": "train", "size": int(len(vidx)), "seed": cfg.seed,
+        "size_chosen": describe_val_size(cfg.val_size, len(dataset.y_train)),
         "selection": "class-balanced random subset of the training split (own seed stream); the test split is "
                      "never used for fitting",
         "held_out_from_training": held_out_from_training,
@@ -229,6 +256,8 @@ def evaluate(pair: ModelPair, dataset, n_test: int, cfg: ReliabilityConfig, *, c
                  "split would typically give a larger T (more softening)") if held_out_from_training is False
         else ("unknown whether the model saw these images in training" if held_out_from_training is None else ""),
     }
+    if cfg.val_size is None:  # the size was not asked for: say how it was chosen where the page shows the split
+        validation["note"] = "; ".join(t for t in (validation["size_chosen"], validation["note"]) if t)
     t0 = time.perf_counter()
     clean_rec = record(None, 0, fp32, int8, y_test)
     sections = {
@@ -257,6 +286,7 @@ def evaluate(pair: ModelPair, dataset, n_test: int, cfg: ReliabilityConfig, *, c
         "outputs": "probabilities (model ends in softmax; log p used as logits)" if probabilities else "logits",
         "test_images": int(n_test),
         "validation_images": int(len(vidx)),
+        "validation_size": describe_val_size(cfg.val_size, len(dataset.y_train)),
         "shifted_sets": len(cfg.corruptions) * len(cfg.severities),
         "images_evaluated": int(images_run),
         "model_runs": int(2 * images_run),

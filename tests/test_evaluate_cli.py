@@ -64,6 +64,19 @@ def _cli(args, cwd, timeout=120):
 
 # --------------------------------------------------------------------------- defect 1: no endless worker respawn
 
+def test_garbage_tflite_with_two_workers_fails_fast(export_copy, tmp_path):
+    """workers=2: the models are built once in this process before the pool starts, so a .tflite LiteRT cannot
+    load gives the same clean error as --workers 1 (it used to respawn pool workers forever)."""
+    (export_copy / "model_int8.tflite").write_bytes(b"garbage\n")
+    out = tmp_path / "o"
+    t0 = time.perf_counter()
+    proc = _cli([export_copy, "--val-size", "100", "--corruptions", "fog", "--severities", "1", "--workers", "2",
+                 "--out", out], cwd=tmp_path)
+    assert time.perf_counter() - t0 < 60
+    assert proc.returncode == 2, proc.stderr
+    _one_error_line(proc.stderr, "LiteRT cannot load")
+    assert not out.exists()
+
 
 def _bad_pair(exported: Path, tflite_path):
     from pipeline.parallel_eval import ModelPair
@@ -135,6 +148,239 @@ def test_engine_with_two_workers_checks_models_in_the_parent(exported, tmp_path)
         signal.signal(signal.SIGALRM, previous)
 
 
+# --------------------------------------------------------------------------- defect 2: no empty --out left behind
+
+@pytest.mark.parametrize("bad", ["garbage", "missing", "val_size"])
+def test_failed_run_leaves_no_out_folder(export_copy, tmp_path, capsys, bad):
+    out = tmp_path / "new" / "nested"
+    args = [export_copy, "--out", out, *FAST]
+    if bad == "garbage":
+        (tmp_path / "g.tflite").write_bytes(b"\x00" * 64)
+        args += ["--tflite", tmp_path / "g.tflite", "--val-size", "50"]
+        needle = "LiteRT cannot load"
+    elif bad == "missing":
+        args += ["--tflite", tmp_path / "nope.tflite"]
+        needle = "does not exist"
+    else:
+        args += ["--val-size", "100000"]
+        needle = "exceeds the 400 training images"
+    status, err = _main(args, capsys)
+    assert status == 2
+    _one_error_line(err, needle)
+    assert not (tmp_path / "new").exists()
+
+
+def test_out_that_is_a_file_or_under_a_file(export_copy, tmp_path, capsys):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    status, err = _main([export_copy, "--out", f, *FAST], capsys)
+    assert status == 2
+    _one_error_line(err, "is not a folder")
+    status, err = _main([export_copy, "--out", f / "sub", *FAST], capsys)
+    assert status == 2
+    _one_error_line(err, "is not a folder")
+    assert f.read_text() == "x"
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
+def test_unwritable_out_fails_before_any_work(export_copy, capsys):
+    """/proc refuses new entries even for root: refused up front, not after the models ran."""
+    t0 = time.perf_counter()
+    status, err = _main([export_copy, "--out", "/proc/evaluate-test/x", *FAST], capsys)
+    assert status == 2
+    _one_error_line(err, "cannot create /proc/evaluate-test/x: cannot write in /proc")
+    assert time.perf_counter() - t0 < 5
+
+
+def test_write_outputs_removes_what_it_created_on_failure(default_run, tmp_path):
+    """A write that fails leaves neither temp files nor the folders this call created."""
+    from pipeline.errors import OutputError
+    from pipeline.evaluate import write_outputs
+    rep, _ = default_run
+    out = tmp_path / "a" / "b"
+    with pytest.raises(Exception):
+        write_outputs({"not": "a report"}, out)  # fails while rendering, before anything is written
+    assert not (tmp_path / "a").exists()
+    existing = tmp_path / "existing"
+    (existing / "report.json").mkdir(parents=True)  # renaming onto a folder fails
+    with pytest.raises(OutputError, match="cannot write the report"):
+        write_outputs(rep, existing)
+    assert not [p.name for p in existing.iterdir() if p.name.endswith(".part")]
+    write_outputs(rep, out)
+    assert sorted(p.name for p in out.iterdir()) == ["report.html", "report.json"]
+    assert _report(out)["temperature_scaling"]["validation"]["size"] == rep["temperature_scaling"]["validation"]["size"]
+
+
+# --------------------------------------------------------------------------- defect 3: report.json not a report
+
+@pytest.mark.parametrize("content, needle", [
+    ([], "holds a JSON list, not an export report"),
+    ("a string", "holds a JSON str"),
+    (42, "holds a JSON int"),
+    (None, "holds a JSON NoneType"),
+    ({"hello": 1}, "lacks the 'preprocessing' section"),
+    ({"preprocessing": {}, "model": {}, "config": {}, "target": {}}, "preprocessing record lacks"),
+    ({"preprocessing": [], "model": {}, "config": {}, "target": {}}, "lacks the 'preprocessing' section"),
+])
+def test_report_json_that_is_not_an_export_report(tmp_path, capsys, content, needle):
+    folder = tmp_path / "x"
+    folder.mkdir()
+    _write_report(folder, content)
+    status, err = _main([folder, "--out", tmp_path / "o", *FAST], capsys)
+    assert status == 2
+    _one_error_line(err, needle)
+    assert not (tmp_path / "o").exists()
+
+
+def test_report_with_malformed_fields(export_copy, tmp_path, capsys):
+    rep = _report(export_copy)
+    rep["preprocessing"]["input_shape"] = "abc"
+    _write_report(export_copy, rep)
+    status, err = _main([export_copy, "--out", tmp_path / "o", *FAST], capsys)
+    assert status == 2
+    _one_error_line(err, "preprocessing")
+    rep = _report(export_copy)
+    rep["preprocessing"]["input_shape"] = [1, 12, 12]
+    rep["artifacts"] = ["model_int8.tflite"]
+    _write_report(export_copy, rep)
+    status, err = _main([export_copy, "--out", tmp_path / "o", *FAST], capsys)
+    assert status == 2
+    _one_error_line(err, "'artifacts' is not an object")
+    rep["artifacts"] = {"tflite": {"path": "model_int8.tflite"}}
+    rep["config"]["model"] = 5
+    rep["model"].pop("spec", None)
+    _write_report(export_copy, rep)
+    status, err = _main([export_copy, "--out", tmp_path / "o", *FAST], capsys)
+    assert status == 2
+    _one_error_line(err, "'model' is 5, not a string")
+    assert not (tmp_path / "o").exists()
+
+
+# --------------------------------------------------------------------------- defect 4: relative paths, other cwd
+
+@pytest.fixture()
+def relative_export(exported, tinynet_dir, tiny_npz, tmp_path, monkeypatch):
+    """The session export rewritten as if it had been run in ``proj/`` with relative --model/--weights/--data
+    (a factory module no other test imports), and a current folder elsewhere."""
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    mod = f"relnet_{os.getpid()}_{time.monotonic_ns()}"
+    shutil.copy(tinynet_dir / "tinynet.py", proj / f"{mod}.py")
+    shutil.copy(tinynet_dir / "tinynet.pt", proj / "w.pt")
+    shutil.copy(tiny_npz, proj / "d.npz")
+    shutil.copy(exported / "model.onnx", proj / "m.onnx")
+    exp = tmp_path / "export"
+    shutil.copytree(exported, exp)
+    rep = _report(exp)
+    rep["config"].update(model=f"{mod}:tinynet", weights="w.pt", data="d.npz", data_dir=None, cwd=str(proj))
+    rep["model"]["spec"] = f"{mod}:tinynet"
+    _write_report(exp, rep)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.setattr(sys, "path", list(sys.path))  # restored after the test
+    monkeypatch.chdir(elsewhere)
+    yield exp, proj, mod
+    sys.modules.pop(mod, None)
+
+
+def test_relative_specs_resolve_against_the_export_cwd(relative_export, tmp_path, capsys):
+    exp, proj, mod = relative_export
+    # Without config.cwd (a report of an older export) the relative names cannot be found from here.
+    old = _report(exp)
+    no_cwd = {**old, "config": {k: v for k, v in old["config"].items() if k != "cwd"}}
+    _write_report(exp, no_cwd)
+    status, err = _main([exp, "--out", tmp_path / "o", "--val-size", "50", *FAST], capsys)
+    assert status == 2 and "error: " in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+    _write_report(exp, old)
+    status, err = _main([exp, "--out", tmp_path / "o", "--val-size", "50", *FAST], capsys)
+    assert status in (0, 1), err
+    rep = _report(tmp_path / "o")
+    assert rep["model"]["spec"] == f"{mod}:tinynet"
+    assert rep["temperature_scaling"]["validation"]["size"] == 50
+    # The factory was imported from the export's folder and the weights loaded from there: the FP32 clean
+    # accuracy is the trained model's, not a random one.
+    assert rep["calibration_drift"]["fp32"]["top1"] > 0.9
+    assert sys.modules[mod].__file__ == str(proj / f"{mod}.py")
+
+
+def test_relative_onnx_model_resolves_against_the_export_cwd(relative_export, tmp_path, capsys):
+    exp, proj, _ = relative_export
+    rep = _report(exp)
+    rep["config"].update(model="m.onnx", weights=None)
+    rep["model"]["spec"] = "m.onnx"
+    _write_report(exp, rep)
+    assert not Path("m.onnx").exists()
+    status, err = _main([exp, "--out", tmp_path / "o", "--val-size", "50", *FAST], capsys)
+    assert status in (0, 1), err
+    assert _report(tmp_path / "o")["calibration_drift"]["fp32"]["top1"] > 0.9
+
+
+def test_paths_that_exist_here_win(relative_export, tmp_path, capsys):
+    """A relative name that exists from the current folder is used as is (the export's folder is the fallback)."""
+    exp, proj, _ = relative_export
+    np.savez(Path("d.npz"), x_train=np.zeros((10, 5, 5), np.uint8), y_train=np.zeros(10, np.int64),
+             x_test=np.zeros((4, 5, 5), np.uint8), y_test=np.zeros(4, np.int64))  # wrong image size on purpose
+    status, err = _main([exp, "--out", tmp_path / "o", "--val-size", "5", *FAST], capsys)
+    assert status == 2
+    _one_error_line(err, "images are 1x5x5")  # the local d.npz, not the export folder's 12x12 one
+    assert not (tmp_path / "o").exists()
+
+
+# --------------------------------------------------------------------------- defect 5: --val-size
+
+def test_resolve_val_size():
+    from pipeline.reliability import resolve_val_size
+    assert resolve_val_size(None, 400) == 80
+    assert resolve_val_size(None, 60000) == 5000
+    assert resolve_val_size(None, 3) == 1
+    assert resolve_val_size(400, 400) == 400
+    assert resolve_val_size(7, 400) == 7
+    with pytest.raises(UsageError, match="exceeds the 400 training images"):
+        resolve_val_size(401, 400)
+    with pytest.raises(UsageError, match="--val-size 0"):
+        resolve_val_size(0, 400)
+    with pytest.raises(UsageError, match="no training images"):
+        resolve_val_size(None, 0)
+
+
+@pytest.fixture(scope="module")
+def default_run(exported, tinynet_dir, tmp_path_factory):
+    """One in-process evaluate of the session export without --val-size (no shifted sets, one worker)."""
+    from pipeline.evaluate import main
+    out = tmp_path_factory.mktemp("default_run") / "o"
+    cwd = os.getcwd()
+    os.chdir(tinynet_dir)
+    try:
+        status = main([str(exported), "--out", str(out), *FAST])
+    finally:
+        os.chdir(cwd)
+    assert status in (0, 1)
+    return _report(out), out
+
+
+def test_default_val_size_adapts_to_a_small_training_split(default_run):
+    rep, out = default_run
+    v = rep["temperature_scaling"]["validation"]
+    assert v["size"] == 80  # min(5000, 400 // 5)
+    assert "default min(5000, training images // 5)" in v["size_chosen"] and "80 of the 400" in v["size_chosen"]
+    assert "--val-size not given" in v["note"]  # the page shows the note next to the split
+    assert "--val-size not given" in (out / "report.html").read_text()
+    assert rep["reliability"]["validation_images"] == 80
+    assert rep["reliability"]["config"]["val_size"] is None
+
+
+def test_explicit_val_size_too_large_fails_before_any_model_is_loaded(export_copy, tmp_path, capsys):
+    # The model named here does not exist: the --val-size error comes first, so no model was loaded or run.
+    t0 = time.perf_counter()
+    status, err = _main([export_copy, "--out", tmp_path / "o", "--val-size", "401", "--model",
+                         tmp_path / "nope.onnx", *FAST], capsys)
+    assert status == 2
+    _one_error_line(err, "--val-size 401 exceeds the 400 training images")
+    assert time.perf_counter() - t0 < 10
+    assert not (tmp_path / "o").exists()
+
+
 # --------------------------------------------------------------------------- defect 6: --corruptions ""
 
 @pytest.mark.parametrize("value", ["", " ", ",", " , "])
@@ -155,3 +401,21 @@ def test_export_reliability_empty_corruptions_fails_before_converting(tmp_path):
     assert not out.exists()
 
 
+def test_export_cli_still_parses_its_reliability_flags(tmp_path):
+    """add_reliability_arguments is shared with the export CLI: its default --val-size must stay usable there."""
+    from pipeline import export
+    args = export.build_parser().parse_args(["--reliability", "--out", str(tmp_path / "o")])
+    cfg = export.config_from_args(args)
+    assert cfg.reliability and (cfg.val_size is None or cfg.val_size == 5000)
+    assert not (tmp_path / "o").exists()
+
+
+def test_adaptive_val_size_opt_in_for_the_export_parser():
+    import argparse
+    from pipeline.evaluate import add_reliability_arguments
+    fixed, adaptive = argparse.ArgumentParser(), argparse.ArgumentParser()
+    add_reliability_arguments(fixed, in_export=True)
+    add_reliability_arguments(adaptive, in_export=True, adaptive_val_size=True)
+    assert fixed.parse_args([]).val_size == 5000
+    assert adaptive.parse_args([]).val_size is None
+    assert adaptive.parse_args(["--val-size", "7"]).val_size == 7
