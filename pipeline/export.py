@@ -54,7 +54,7 @@ class ExportConfig:
     reliability: bool = False
     corruptions: str = "all"
     severities: tuple[int, ...] = (1, 2, 3, 4, 5)
-    val_size: int = 5000
+    val_size: int | None = None  # None: reliability.resolve_val_size's default, min(5000, train // 5)
     workers: int = 0
     max_ece_increase: float = 0.02
     max_worst_drop_pp: float = 5.0
@@ -291,6 +291,9 @@ def _prepare(cfg: ExportConfig, log) -> tuple[Run, Path]:
             log(f"warning: {model.spec} returns {model.extra['outputs_returned']} outputs; the first is taken as the "
                 "logits and only it is exported and compared (return one tensor to silence this)", file=sys.stderr)
         data_mod.check_fits(ds, input_shape, num_classes)
+        if cfg.reliability:  # the temperature's validation split must fit the training split: say so now
+            from .reliability import resolve_val_size
+            resolve_val_size(cfg.val_size, len(ds.y_train))
         mean = preprocessing.per_channel(cfg.mean if cfg.mean is not None else model.mean, input_shape[0], 0.0, "mean")
         std = preprocessing.per_channel(cfg.std if cfg.std is not None else model.std, input_shape[0], 1.0, "std")
         if any(s <= 0 for s in std):
@@ -586,7 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write the reliability report (calibration drift, temperature scaling, flips, "
                         "per-class, corruption suite) into report.json and report.html")
     from .evaluate import add_reliability_arguments
-    add_reliability_arguments(p, in_export=True)
+    add_reliability_arguments(p, in_export=True, adaptive_val_size=True)
     g = p.add_argument_group("Output")
     g.add_argument("--out", help="output folder (default MODEL-TARGET in the current folder)")
     g.add_argument("-v", "--verbose", action="store_true", help="show the tools' own output")
@@ -613,7 +616,7 @@ def _reliability_args(args: argparse.Namespace) -> dict:
     parse_corruptions(args.corruptions)  # a typo fails at once, before the conversion, --reliability or not
     if not args.reliability:
         return {}
-    if args.val_size <= 0 or args.workers < 0:
+    if (args.val_size is not None and args.val_size <= 0) or args.workers < 0:
         raise UsageError("--val-size must be at least 1 and --workers at least 0")
     return {"reliability": True, "corruptions": args.corruptions, "severities": tuple(args.severities),
             "val_size": args.val_size, "workers": args.workers, "max_ece_increase": args.max_ece_increase,

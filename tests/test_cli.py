@@ -76,12 +76,14 @@ def test_gate_failure_exits_1_and_still_writes(tmp_path, tinynet_dir, tiny_npz, 
     in_dir(tinynet_dir)
     out = tmp_path / "o"
     status = main(["--model", "tinynet:tinynet", "--weights", str(tinynet_dir / "tinynet.pt"), "--data",
-                   str(tiny_npz), "--calib-size", "100", "--min-agreement", "1.01", "--out", str(out)])
+                   str(tiny_npz), "--calib-size", "100", "--max-drop-pp", "-100", "--out", str(out)])
+    # a drop of at most -100 points (int8 100 points above FP32) cannot happen: the gate fails on any model
     assert status == 1
     r = json.loads((out / "report.json").read_text())
-    assert r["passed"] is False and r["gates"]["min_agreement"]["passed"] is False
+    assert r["passed"] is False and r["gates"]["max_drop_pp"]["passed"] is False
+    assert r["gates"]["max_drop_pp"]["limit"] == -100
     assert (out / "model_int8.tflite").is_file()
-    assert "FAIL (min_agreement)" in capsys.readouterr().out
+    assert "FAIL (max_drop_pp)" in capsys.readouterr().out
 
 
 def test_re_export_removes_stale_artifacts_and_keeps_other_files(tmp_path, tinynet_dir, tiny_npz, in_dir,
@@ -323,6 +325,11 @@ def test_min_agreement_must_be_a_fraction(bad):
 
 def test_unknown_corruption_fails_even_without_reliability(bad):
     bad("--corruptions", "fgo", needle="fgo")
+
+
+def test_val_size_larger_than_the_training_split_fails_before_any_stage(bad):
+    # bad() counts every non-warning line: a stage line ([1/7] ...) would fail it
+    bad("--reliability", "--val-size", "99999", needle="--val-size 99999 exceeds the 400 training images")
 
 
 def test_unknown_flag(bad):
