@@ -13,11 +13,19 @@ quantizes them with the input tensor's scale and zero point, runs LiteRT's kerne
 dequantizes the outputs (all through :mod:`pipeline.runtime`).
 
 Golden outputs (``write_golden`` / ``assert_tflite_matches_golden``) store the raw integer
-outputs of a ``.tflite`` on fixed inputs, so that a dependency upgrade that changes the
-conversion or the kernels shows up as a failing test.
+outputs of a ``.tflite`` on fixed inputs, and a copy of that ``.tflite``. Two checks follow:
+
+- the stored model must give the stored outputs exactly (integer kernels are deterministic):
+  a LiteRT upgrade that changes the kernels fails it, on any host;
+- a fresh conversion must come within a few output steps of them. Not exactly: the converter
+  calibrates with float kernels that take host-specific code paths, so the same model, data
+  and versions give a byte-different ``.tflite`` on another CPU (measured here: Intel Xeon vs
+  AMD EPYC, both AVX-512, same pins: different bytes for every zoo model, raw outputs at most
+  2 steps apart on the golden inputs). Same bytes (``golden_model_sha256``) do give the same outputs.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -30,6 +38,7 @@ from .errors import UsageError
 
 GOLDEN_INPUTS = "inputs.npy"
 GOLDEN_META = "meta.json"
+GOLDEN_MODEL = "model.tflite"
 
 
 @dataclass(frozen=True)
@@ -194,16 +203,19 @@ def _write_atomic(path: Path, write) -> None:
 
 def write_golden(folder, tflite_path, inputs, *, kernels: tuple[tuple[str, int], ...] = (("ref", 1),),
                  meta: dict | None = None) -> Path:
-    """Store ``inputs`` and the ``.tflite``'s raw outputs on them for each (kernels, threads) in ``folder``.
+    """Store ``inputs``, the ``.tflite`` and its raw outputs on the inputs for each (kernels, threads) in ``folder``.
 
-    Files: ``inputs.npy`` (float32 N×C×H×W), ``int8_outputs_<kernels>.npy`` (raw integer outputs
-    [N, K]) and ``meta.json`` (output scale/zero point, kernels, threads, host, plus ``meta``).
+    Files: ``inputs.npy`` (float32 N×C×H×W), ``model.tflite`` (a copy; sha256 in the meta),
+    ``int8_outputs_<kernels>.npy`` (raw integer outputs [N, K]) and ``meta.json`` (output scale/zero
+    point, kernels, threads, host, plus ``meta``).
     """
     from .runtime import host_description
     x = _as_float_nchw(inputs)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    record = {"samples": int(len(x)), "inputs": GOLDEN_INPUTS, "outputs": {}, "written_on": host_description()}
+    model_bytes = Path(tflite_path).read_bytes()
+    record = {"samples": int(len(x)), "inputs": GOLDEN_INPUTS, "outputs": {}, "written_on": host_description(),
+              "model_file": GOLDEN_MODEL, "golden_model_sha256": hashlib.sha256(model_bytes).hexdigest()}
     for name, threads in kernels:
         raw, scale, zp = run_tflite_raw(tflite_path, x, kernels=name, threads=threads)
         record.update(output_scale=scale, output_zero_point=zp, output_dtype=raw.dtype.name)
@@ -211,6 +223,7 @@ def write_golden(folder, tflite_path, inputs, *, kernels: tuple[tuple[str, int],
         _write_atomic(folder / golden_outputs_file(name), lambda f, raw=raw: np.save(f, raw, allow_pickle=False))
     record.update(meta or {})
     _write_atomic(folder / GOLDEN_INPUTS, lambda f: np.save(f, x, allow_pickle=False))
+    _write_atomic(folder / GOLDEN_MODEL, lambda f: f.write(model_bytes))
     _write_atomic(folder / GOLDEN_META, lambda f: f.write((json.dumps(record, indent=2) + "\n").encode()))
     return folder
 
@@ -226,9 +239,25 @@ def load_golden(folder) -> tuple[np.ndarray, dict[str, np.ndarray], dict]:
     return x, outputs, meta
 
 
-def assert_tflite_matches_golden(tflite_path, folder, *, kernels: str = "ref", max_steps: int = 0) -> np.ndarray:
+def golden_model(folder) -> Path:
+    """The ``.tflite`` a golden folder's outputs were written with, checked against the sha256 in its meta."""
+    folder = Path(folder)
+    _, _, meta = load_golden(folder)
+    path = folder / meta.get("model_file", GOLDEN_MODEL)
+    if not path.is_file() or "golden_model_sha256" not in meta:
+        raise UsageError(f"golden folder {folder} holds no copy of its model; rewrite it with write_golden")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != meta["golden_model_sha256"]:
+        raise AssertionError(f"{path} has sha256 {digest[:12]}... but {GOLDEN_META} records "
+                             f"{meta['golden_model_sha256'][:12]}...; the golden folder was edited: rewrite it")
+    return path
+
+
+def assert_tflite_matches_golden(tflite_path, folder, *, kernels: str = "ref", max_steps: int = 0,
+                                 output_scale_rtol: float = 1e-6) -> np.ndarray:
     """Fail unless the ``.tflite``'s raw outputs on the golden inputs are within ``max_steps`` of the golden ones
-    written for ``kernels`` (run with the thread count the golden was written with). Returns the raw outputs."""
+    written for ``kernels`` (run with the thread count the golden was written with), and its output scale within
+    ``output_scale_rtol`` (relative) of the golden's, zero point equal. Returns the raw outputs."""
     x, outputs, meta = load_golden(folder)
     if kernels not in outputs:
         raise UsageError(f"golden folder {folder} holds outputs for {', '.join(outputs) or 'no kernels'}, not "
@@ -239,7 +268,7 @@ def assert_tflite_matches_golden(tflite_path, folder, *, kernels: str = "ref", m
         raise AssertionError(f"outputs are {raw.dtype}{list(raw.shape)} but the golden {folder} holds "
                              f"{golden.dtype}{list(golden.shape)}")
     problems = []
-    if not np.isclose(scale, meta["output_scale"], rtol=1e-6, atol=0) or zp != meta["output_zero_point"]:
+    if not np.isclose(scale, meta["output_scale"], rtol=output_scale_rtol, atol=0) or zp != meta["output_zero_point"]:
         problems.append(f"output quantization changed: scale {scale:.8g} zero point {zp} vs golden "
                         f"{meta['output_scale']:.8g} / {meta['output_zero_point']}")
     diff = np.abs(raw.astype(np.int64) - golden.astype(np.int64))

@@ -204,6 +204,23 @@ def test_golden_round_trip_and_a_changed_output_is_reported(converted, tmp_path)
         assert_tflite_matches_golden(path, folder, max_steps=2)
 
 
+def test_golden_keeps_its_model_and_detects_an_edited_copy(converted, tmp_path):
+    from pipeline.testing import golden_model
+    _, path, *_ = converted
+    folder = write_golden(tmp_path / "g", path, _toy_inputs(4, 2), kernels=(("ref", 1),))
+    stored = golden_model(folder)
+    assert stored.read_bytes() == path.read_bytes() and stored.parent == folder
+    np.testing.assert_array_equal(assert_tflite_matches_golden(stored, folder), load_golden(folder)[1]["ref"])
+    blob = bytearray(stored.read_bytes())
+    blob[-1] ^= 0xFF
+    stored.write_bytes(bytes(blob))
+    with pytest.raises(AssertionError, match="the golden folder was edited"):
+        golden_model(folder)
+    stored.unlink()
+    with pytest.raises(UsageError, match="holds no copy of its model"):
+        golden_model(folder)
+
+
 def test_golden_arrays_are_never_unpickled(converted, tmp_path):
     _, path, *_ = converted
     folder = write_golden(tmp_path / "g", path, _toy_inputs(2, 0))
