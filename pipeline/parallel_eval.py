@@ -9,7 +9,10 @@ shifted sets do not depend on the number of workers.
 Workers are processes (``spawn``), each holding its own LiteRT interpreter (1 thread, the target's
 kernels, batched) and its own FP32 model (PyTorch with 1 intra-op thread, or onnxruntime). LiteRT's
 ``invoke()`` holds the GIL in this build, so threads would not run interpreters in parallel. With
-``workers=1`` everything runs in this process (no start-up cost; what the tests use).
+``workers=1`` everything runs in this process (no start-up cost; what the tests use). The pool is a
+``concurrent.futures.ProcessPoolExecutor``: a worker that dies (killed, out of memory, a crash in native
+code) breaks the pool and the run fails with a clear error instead of waiting forever, as a
+``multiprocessing.Pool`` would.
 
 int8 outputs do not depend on the interpreter's thread count (integer kernels), so the per-worker
 interpreters reproduce the target's outputs exactly; ``tests/test_reliability.py`` checks this.
@@ -18,6 +21,8 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,11 +159,27 @@ def _as_pipeline_error(e: BaseException) -> Exception:
                              "run with --workers 1 to see the failure in this process")
 
 
+def _describe_job(job: Job) -> str:
+    shift = f"{job.corruption} severity {job.severity}" if job.corruption else "clean"
+    return f"{job.split} images {job.start}-{job.stop - 1} ({shift})"
+
+
+def _job_error(job: Job, e: Exception) -> Exception:
+    """A PipelineError as it is; anything else as a RuntimeStageError naming the job and the failure."""
+    from .errors import PipelineError, RuntimeStageError
+    if isinstance(e, PipelineError):
+        return e
+    return RuntimeStageError(f"evaluating {_describe_job(job)} failed: {type(e).__name__}: {e}")
+
+
 def _run_job(job: Job):
     if _WORKER is None:
         from .errors import RuntimeStageError
         raise _INIT_ERROR or RuntimeStageError("a worker process has no models (its initializer did not run)")
-    return _WORKER(job)
+    try:
+        return _WORKER(job)
+    except Exception as e:  # noqa: BLE001 - sent to the parent as one picklable, readable error
+        raise _job_error(job, e) from None
 
 
 def default_workers() -> int:
@@ -183,9 +204,16 @@ class Engine:
 
     def close(self) -> None:
         if self._pool is not None:
-            self._pool.terminate()
-            self._pool.join()
-            self._pool = None
+            pool, self._pool = self._pool, None
+            # stop at once (an error, Ctrl-C or SIGTERM in the parent): queued jobs are dropped and running
+            # workers killed; concurrent.futures has no public terminate before Python 3.14
+            procs = list((getattr(pool, "_processes", None) or {}).values())
+            pool.shutdown(wait=False, cancel_futures=True)
+            for proc in procs:
+                if proc.is_alive():
+                    proc.terminate()
+            for proc in procs:
+                proc.join(timeout=10)
 
     def _ensure(self):
         if self.workers == 1:
@@ -194,8 +222,8 @@ class Engine:
             return None
         if self._pool is None:
             self._preflight()
-            ctx = mp.get_context("spawn")
-            self._pool = ctx.Pool(self.workers, initializer=_init_worker, initargs=(self.pair, self.arrays))
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"),
+                                             initializer=_init_worker, initargs=(self.pair, self.arrays))
         return self._pool
 
     def _preflight(self) -> None:
@@ -212,14 +240,40 @@ class Engine:
         """Run every job; returns {job.key: {"fp32": [N,K], "int8": [N,K] dequantized, "int8_raw": ...}}."""
         pool = self._ensure()
         parts: dict[tuple, list] = {}
-        if pool is None:
-            results = (self._inline(j) for j in jobs)
-        else:
-            results = pool.imap_unordered(_run_job, jobs, chunksize=1)
-        for job, fp32, int8, raw in results:
+
+        def take(result):
+            job, fp32, int8, raw = result
             parts.setdefault(job.key, []).append((job.start, fp32, int8, raw))
             if progress:
                 progress(job.stop - job.start)
+
+        if pool is None:
+            for j in jobs:
+                try:
+                    result = self._inline(j)
+                except Exception as e:  # noqa: BLE001 - a PipelineError passes as it is
+                    err = _job_error(j, e)
+                    if err is e:
+                        raise
+                    raise err from e
+                take(result)
+        else:
+            pending = {pool.submit(_run_job, j) for j in jobs}
+            try:
+                while pending:
+                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for f in done:
+                        take(f.result())
+            except BrokenProcessPool:
+                from .errors import RuntimeStageError
+                self.close()
+                raise RuntimeStageError(
+                    f"a worker process died during the evaluation (killed, out of memory, or a crash in native "
+                    f"code) with {len(pending)} of {len(jobs)} jobs left; rerun with fewer --workers (1 runs "
+                    "everything in this process and shows the failure)") from None
+            except BaseException:
+                self.close()
+                raise
         out = {}
         for key, items in parts.items():
             items.sort(key=lambda t: t[0])

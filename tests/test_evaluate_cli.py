@@ -419,3 +419,51 @@ def test_adaptive_val_size_opt_in_for_the_export_parser():
     assert fixed.parse_args([]).val_size == 5000
     assert adaptive.parse_args([]).val_size is None
     assert adaptive.parse_args(["--val-size", "7"]).val_size == 7
+
+
+# --------------------------------------------------------------------------- a worker that dies
+
+def test_a_worker_killed_mid_run_fails_the_run_instead_of_hanging(exported):
+    """SIGKILL one of two real worker processes after the first result (what the OOM killer does): the run
+    raises a RuntimeStageError that says so, within seconds, and no worker is left behind."""
+    from pipeline.parallel_eval import Engine, shift_jobs
+    from tests.test_reliability import _pair_and_data
+    _, pair, ds = _pair_and_data(exported)
+    jobs = shift_jobs("test", len(ds.x_test), ["fog", "jpeg", "rotate"], [1, 2, 3, 4, 5], seed=0) * 40
+    def hung(signum, frame):
+        raise TimeoutError("Engine.run hung after a worker died")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(120)
+    killed = []
+    try:
+        with Engine(pair, {"test": ds.x_test}, workers=2) as engine:
+            def progress(n):
+                if not killed:
+                    proc = next(iter(engine._pool._processes.values()))
+                    os.kill(proc.pid, signal.SIGKILL)
+                    killed.append(proc)
+            with pytest.raises(RuntimeStageError, match=r"a worker process died during the evaluation .* jobs left; "
+                                                        r"rerun with fewer --workers"):
+                engine.run(jobs, progress=progress)
+            assert engine._pool is None
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert killed and not killed[0].is_alive()
+
+
+def test_an_unexpected_error_in_a_job_names_the_job(exported, monkeypatch):
+    """Not a PipelineError (a bug, or a model that fails on some input): one readable RuntimeStageError."""
+    from pipeline.parallel_eval import Engine, Job, _Worker
+    from tests.test_reliability import _pair_and_data
+    _, pair, ds = _pair_and_data(exported)
+
+    def boom(self, job):
+        raise ValueError("operands could not be broadcast together")
+
+    monkeypatch.setattr(_Worker, "__call__", boom)
+    with Engine(pair, {"test": ds.x_test}, workers=1) as engine:
+        with pytest.raises(RuntimeStageError, match=r"evaluating test images 0-99 \(fog severity 3\) failed: "
+                                                    r"ValueError: operands could not be broadcast together"):
+            engine.run([Job("test", 0, 100, "fog", 3)])
