@@ -334,12 +334,22 @@ def render(report: dict) -> str:
     return "\n".join(out)
 
 
+def _severity_list(sev) -> str:
+    """'severities 1 to 5', 'severities 1, 3 and 5' or 'severity 2'."""
+    sev = [int(v) for v in sev]
+    if len(sev) == 1:
+        return f"severity {sev[0]}"
+    if len(sev) > 2 and sev == list(range(sev[0], sev[-1] + 1)):
+        return f"severities {sev[0]} to {sev[-1]}"
+    return "severities " + ", ".join(map(str, sev[:-1])) + f" and {sev[-1]}"
+
+
 def _shifts_html(sh: dict) -> str:
     clean = sh.get("clean")
     sev = sh["severities"]
     xs = ([0] if clean else []) + list(sev)
     out = ["<h2>Distribution shift: accuracy, flips and ECE against severity</h2>",
-           f"<p>Each corruption is applied at severities {sev[0]} to {sev[-1]} to the test images; both models see "
+           f"<p>Each corruption is applied at {_severity_list(sev)} to the test images; both models see "
            "the same shifted images. Left: top-1 accuracy of FP32 (blue) and int8 (red); middle: flip rate "
            "(share of images whose top-1 differs between the two); right: ECE. Severity 0 is the clean test set.</p>"]
     m = sh["mean"]

@@ -261,3 +261,10 @@ def test_parse_corruptions():
     assert parse_corruptions("fog, zoom") == ("fog", "zoom")
     with pytest.raises(UsageError, match="did you mean fog"):
         parse_corruptions("fgo")
+
+
+@pytest.mark.parametrize("sev, text", [((1, 2, 3, 4, 5), "severities 1 to 5"), ((1, 3, 5), "severities 1, 3 and 5"),
+                                       ((2, 3), "severities 2 and 3"), ((4,), "severity 4")])
+def test_the_page_names_the_severities_that_ran(sev, text):
+    from pipeline.html_report import _severity_list
+    assert _severity_list(sev) == text
