@@ -1,6 +1,7 @@
 """Shared fixtures: tiny seeded models and data, and expensive exports shared per session."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import textwrap
@@ -157,11 +158,7 @@ def tiny_export(tmp_path_factory, tinynet_dir, tiny_npz):
     """One CLI export of the tiny factory model on the toy data, shared by the tests that read its outputs."""
     from pipeline.export import main
     out = tmp_path_factory.mktemp("tiny_export") / "out"
-    cwd = os.getcwd()
-    os.chdir(tinynet_dir)
-    try:
+    with contextlib.chdir(tinynet_dir):
         status = main(["--model", "tinynet:tinynet", "--weights", str(tinynet_dir / "tinynet.pt"),
                        "--data", str(tiny_npz), "--calib-size", "100", "--out", str(out)])
-    finally:
-        os.chdir(cwd)
     return status, out

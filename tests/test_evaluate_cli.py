@@ -3,6 +3,7 @@ behind; the worker pool never hangs on a model it cannot load; the export's rela
 folder; the validation split's size adapts to small datasets. Real LiteRT kernels and real worker processes."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -349,12 +350,8 @@ def default_run(exported, tinynet_dir, tmp_path_factory):
     """One in-process evaluate of the session export without --val-size (no shifted sets, one worker)."""
     from pipeline.evaluate import main
     out = tmp_path_factory.mktemp("default_run") / "o"
-    cwd = os.getcwd()
-    os.chdir(tinynet_dir)
-    try:
+    with contextlib.chdir(tinynet_dir):
         status = main([str(exported), "--out", str(out), *FAST])
-    finally:
-        os.chdir(cwd)
     assert status in (0, 1)
     return _report(out), out
 
