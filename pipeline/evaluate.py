@@ -252,7 +252,10 @@ def evaluate_export(args: argparse.Namespace, log=print):
     ds = data_mod.load(data_spec, data_dir, pre.input_shape)
     resolve_val_size(rcfg.val_size, len(ds.y_train))
     model = models.load(model_spec, weights)
-    data_mod.check_fits(ds, pre.input_shape, models.probe(model, pre.input_shape))
+    num_classes = models.probe(model, pre.input_shape)
+    data_mod.check_fits(ds, pre.input_shape, num_classes)
+    precision = _report_str(rep["target"], "precision", rpath) or "int8"
+    insp, chk = _check_tflite(tflite, precision, num_classes, rep, given=bool(args.tflite))
     n = len(ds.x_test) if limit is None else min(int(limit), len(ds.x_test))
     if n <= 0:
         raise DataError(f"{data_spec} has no test images; pass data with a test split")
@@ -273,6 +276,12 @@ def evaluate_export(args: argparse.Namespace, log=print):
                       runtime_note=clean_note, progress=not args.verbose and sys.stderr.isatty())
     rep.update(result.sections)
     rep.setdefault("gates", {}).update(result.gates)
+    overrides = [flag for flag, v in (("--model", args.model), ("--weights", args.weights), ("--tflite", args.tflite),
+                                      ("--data", args.data), ("--data-dir", args.data_dir),
+                                      ("--eval-limit", args.eval_limit), ("--kernels", args.kernels)) if v is not None]
+    if overrides:
+        _restate_for_overrides(rep, overrides, result.clean, np.asarray(ds.y_test[:n]), ds, n, model, tflite, insp,
+                               chk, kernels, pair.fp32_runtime)
     rep["passed"] = all(g.get("passed", True) for g in rep["gates"].values())
     rep.setdefault("timings_s", {})["reliability"] = round(time.perf_counter() - t0, 3)
     rep["reliability"]["command"] = "python -m pipeline.evaluate " + " ".join(sys.argv[1:])
@@ -281,6 +290,72 @@ def evaluate_export(args: argparse.Namespace, log=print):
     rep.setdefault("artifacts", {})["report_html"] = {"path": "report.html"}
     write_outputs(rep, out_dir)
     return rep, out_dir
+
+
+def _check_tflite(tflite: Path, precision: str, num_classes: int, rep: dict, given: bool):
+    """The .tflite must be a model of the export's precision with one output per class of the FP32 model."""
+    import numpy as np
+
+    from .errors import ConversionError
+    from .inspect_tflite import check_precision, inspect
+    where = f"--tflite {tflite}" if given else f"the export's {tflite.name}"
+    try:
+        insp = inspect(tflite)
+    except ConversionError:
+        raise DataError(f"{where} is not a TFLite flatbuffer (LiteRT cannot load it); pass a .tflite written by "
+                        "python -m pipeline.export") from None
+    if not insp.outputs or not insp.inputs:
+        raise DataError(f"{where} has no input or output tensor; pass a .tflite written by python -m pipeline.export")
+    shape = insp.outputs[0].shape
+    k = int(np.prod(shape[1:])) if len(shape) > 1 else int(np.prod(shape))
+    if k != num_classes:
+        raise UsageError(f"{where} gives {k} outputs per image but the FP32 model {num_classes}; pass the .tflite "
+                         "converted from this FP32 model (or --model for the model it was converted from)")
+    chk = check_precision(insp, precision)
+    if not chk.precision_ok:
+        target = rep["target"].get("name") or precision
+        raise UsageError(f"{where} is not a {precision} model as target {target} requires ({chk.reason}); pass "
+                         f"the {precision} .tflite of this export, or evaluate an export made for its own target")
+    return insp, chk
+
+
+def _restate_for_overrides(rep: dict, overrides: list[str], clean: dict, labels, ds, n: int, model, tflite: Path,
+                           insp, chk, kernels: str, fp32_runtime: str) -> None:
+    """With overrides the export's accuracy, data and model records no longer describe what was evaluated:
+    recompute them (and the gates that read them) from the clean test outputs evaluated here."""
+    import numpy as np
+
+    from . import metrics
+    prec = chk.precision
+    out_q = insp.outputs[0].scale[0] if insp.outputs[0].scale else 0.0
+    cmp = metrics.compare(np.asarray(clean["fp32"]), np.asarray(clean["int8"]), labels, out_q)
+    by = "recomputed by python -m pipeline.evaluate with " + ", ".join(overrides)
+    rep["accuracy"] = cmp.to_dict() | {
+        "precision": prec, "tflite_top1": cmp.int8_top1,
+        "evaluated_on": f"{ds.name} test split, {n} images; {prec} TFLite on LiteRT {kernels} kernels (1 thread per "
+                        f"worker), FP32 on {fp32_runtime}; {by}"}
+    rep["data"] = {**ds.describe(), "evaluated": n, "split": "test"}
+    rep["model"] = model.describe()
+    gates = rep.setdefault("gates", {})
+    cfg = rep.get("config", {})
+    for name, value, ok in (("max_drop_pp", cmp.drop_pp, lambda v, lim: v <= lim),
+                            ("min_agreement", cmp.agreement, lambda v, lim: v >= lim)):
+        limit = (gates.get(name) or {}).get("limit", cfg.get(name))
+        if isinstance(limit, (int, float)) and not isinstance(limit, bool):
+            gates[name] = {"limit": limit, "value": value, "passed": bool(ok(value, limit)), "note": by}
+    if "--tflite" in overrides:
+        rep.setdefault("artifacts", {})["tflite"] = {"path": str(tflite.resolve()), "bytes": tflite.stat().st_size,
+                                                     "precision": prec}
+        rep["quantization"] = insp.to_dict(with_tensors=True) | {"precision": chk.to_dict()}
+        if "fully_int8" in gates:
+            gates["fully_int8"].update(value=insp.fully_int8, passed=bool(insp.fully_int8) or prec != "int8")
+        if "precision_ok" in gates:
+            gates["precision_ok"].update(value=chk.precision_ok, passed=chk.precision_ok, reason=chk.reason)
+    rep["evaluate_overrides"] = {
+        "flags": overrides, "note": "accuracy, data, model and the max_drop_pp / min_agreement gates were recomputed "
+        "here" + (", and the TFLite model's artifacts, quantization and precision gates" if "--tflite" in overrides
+                  else "") + "; the runtime, latency, calibration, conversion and bundle sections still describe "
+        "the export"}
 
 
 def _export_predictions(export_dir: Path, rep: dict, n: int, own_models: bool):

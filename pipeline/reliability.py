@@ -206,6 +206,7 @@ class ReliabilityResult:
     sections: dict
     gates: dict
     timings_s: dict = field(default_factory=dict)
+    clean: dict = field(default_factory=dict)  # {"fp32", "int8"}: the clean-test outputs the sections used
 
 
 def evaluate(pair: ModelPair, dataset, n_test: int, cfg: ReliabilityConfig, *, clean: dict | None = None,
@@ -301,4 +302,5 @@ def evaluate(pair: ModelPair, dataset, n_test: int, cfg: ReliabilityConfig, *, c
         "clean_outputs": "the export's run stage (the arrays in predictions.npz)" if clean_given
         else "computed here by the same workers",
     }
-    return ReliabilityResult(sections=sections, gates=gates(sections, cfg), timings_s=timings)
+    return ReliabilityResult(sections=sections, gates=gates(sections, cfg), timings_s=timings,
+                             clean={"fp32": clean["fp32"], "int8": clean["int8"]})

@@ -464,3 +464,77 @@ def test_an_unexpected_error_in_a_job_names_the_job(exported, monkeypatch):
         with pytest.raises(RuntimeStageError, match=r"evaluating test images 0-99 \(fog severity 3\) failed: "
                                                     r"ValueError: operands could not be broadcast together"):
             engine.run([Job("test", 0, 100, "fog", 3)])
+
+
+# --------------------------------------------------------------------------- overrides restate what was evaluated
+
+def _float_tflite(path: Path, classes: int) -> Path:
+    """A float32 .tflite taking 1x12x12x1 (NHWC) and giving ``classes`` outputs: made with TensorFlow directly."""
+    import tensorflow as tf
+    w = tf.constant(np.linspace(-1, 1, 144 * classes, dtype=np.float32).reshape(144, classes))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 12, 12, 1], tf.float32)])
+    def f(x):
+        return tf.matmul(tf.reshape(x, [-1, 144]), w)
+
+    conv = tf.lite.TFLiteConverter.from_concrete_functions([f.get_concrete_function()], f)
+    path.write_bytes(conv.convert())
+    return path
+
+
+def test_a_model_override_recomputes_accuracy_and_the_export_gates(export_copy, tinynet_dir, tmp_path, capsys):
+    """--weights of another (untrained) model: the accuracy section and the drop/agreement gates describe the
+    models evaluated here, not the export's, so the gates now fail (it used to print PASS with the export's
+    figures)."""
+    import torch
+    torch.manual_seed(123)
+    sys.path.insert(0, str(tinynet_dir))
+    try:
+        import tinynet as tn
+        torch.save(tn.tinynet().state_dict(), tmp_path / "random.pt")
+    finally:
+        sys.path.remove(str(tinynet_dir))
+    before = _report(export_copy)
+    out = tmp_path / "o"
+    with contextlib.chdir(tinynet_dir):
+        status, err = _main([export_copy, "--weights", tmp_path / "random.pt", "--out", out, *FAST,
+                             "--max-ece-increase", "10", "--max-worst-drop-pp", "100"], capsys)
+    rep = _report(out)
+    acc, flips = rep["accuracy"], rep["flips"]
+    assert acc["n"] == flips["n"] == before["accuracy"]["n"]
+    assert acc["flips"] == flips["count"] and acc["agreement"] == pytest.approx(1 - flips["rate"])
+    assert acc["fp32_top1"] == pytest.approx(rep["calibration_drift"]["fp32"]["top1"])
+    assert acc["agreement"] < before["accuracy"]["agreement"]  # an untrained FP32 model disagrees with the int8
+    g = rep["gates"]["min_agreement"]
+    assert g["value"] == acc["agreement"] and g["limit"] == before["gates"]["min_agreement"]["limit"]
+    assert g["passed"] is False and status == 1 and rep["passed"] is False
+    assert rep["evaluate_overrides"]["flags"] == ["--weights"]
+    assert str(rep["model"]["weights"]).endswith("random.pt")
+
+
+def test_an_eval_limit_override_restates_the_image_count(export_copy, tmp_path, capsys):
+    out = tmp_path / "o"
+    status, err = _main([export_copy, "--eval-limit", "37", "--out", out, *FAST], capsys)
+    rep = _report(out)
+    assert status in (0, 1), err
+    assert rep["accuracy"]["n"] == rep["flips"]["n"] == rep["data"]["evaluated"] == 37
+
+
+def test_a_tflite_with_another_class_count_is_refused(export_copy, tmp_path, capsys):
+    path = _float_tflite(tmp_path / "seven.tflite", classes=7)
+    out = tmp_path / "o"
+    status, err = _main([export_copy, "--tflite", path, "--out", out, *FAST], capsys)
+    assert status == 2 and not out.exists()
+    assert err.strip().splitlines() == [f"error: --tflite {path} gives 7 outputs per image but the FP32 model 4; pass "
+                                        "the .tflite converted from this FP32 model (or --model for the model it was "
+                                        "converted from)"]
+
+
+def test_a_float_tflite_is_refused_on_an_int8_export(export_copy, tmp_path, capsys):
+    path = _float_tflite(tmp_path / "float.tflite", classes=4)
+    out = tmp_path / "o"
+    status, err = _main([export_copy, "--tflite", path, "--out", out, *FAST], capsys)
+    assert status == 2 and not out.exists()
+    (line,) = err.strip().splitlines()
+    assert line.startswith(f"error: --tflite {path} is not a int8 model as target tflite-int8 requires (not int8:")
+    assert "pass the int8 .tflite of this export" in line
