@@ -93,8 +93,16 @@ def ace(probs: np.ndarray, labels: np.ndarray, n_bins: int = N_BINS) -> float:
     if n == 0:
         return float("nan")
     order = np.argsort(conf, kind="stable")
+    s = conf[order]
+    cuts = np.cumsum([len(g) for g in np.array_split(order, min(n_bins, n))])[:-1]
+    # equal-mass bins, except that a run of equal confidences (int8 outputs have many) stays in one bin:
+    # a cut inside a run moves to the nearer end of the run, so no bin depends on how ties were ordered
+    lo, hi = np.searchsorted(s, s[cuts], side="left"), np.searchsorted(s, s[cuts], side="right")
+    cuts = np.where(cuts - lo < hi - cuts, lo, hi)
+    edges = np.unique(np.concatenate([[0], cuts, [n]]))
     total = 0.0
-    for group in np.array_split(order, min(n_bins, n)):
+    for a, b in zip(edges[:-1], edges[1:]):
+        group = order[a:b]
         total += abs(float(correct[group].sum()) - float(conf[group].sum()))
     return total / n
 

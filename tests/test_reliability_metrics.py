@@ -48,13 +48,28 @@ def test_mce_by_hand():
 
 
 def test_ace_by_hand():
-    # Two equal-mass bins over the confidences sorted (stable): [0.62 x4 (idx 2,3,4,5), 0.92 x2 (idx 0,1)]
-    # bin 1 = idx 2,3,4: 3 correct, confidence sum 1.86 -> |3 - 1.86| = 1.14
-    # bin 2 = idx 5,0,1: 1 correct, confidence sum 2.46 -> |1 - 2.46| = 1.46
-    assert cm.ace(P, Y, n_bins=2) == pytest.approx((1.14 + 1.46) / 6, abs=1e-12)
-    # With 15 bins and 6 samples every sample is its own bin: mean |correct - confidence|.
-    per_sample = [0.08, 0.92, 0.38, 0.38, 0.38, 0.62]
-    assert cm.ace(P, Y) == pytest.approx(np.mean(per_sample), abs=1e-12)
+    # Equal-mass bins over the sorted confidences [0.62 x4 (idx 2,3,4,5), 0.92 x2 (idx 0,1)], but a run of equal
+    # confidences stays in one bin: with 2 bins the cut (after 3 samples) moves back to the start of the 0.62 run.
+    # bin 1 = idx 2,3,4,5: 3 correct, confidence sum 2.48 -> |3 - 2.48| = 0.52
+    # bin 2 = idx 0,1:     1 correct, confidence sum 1.84 -> |1 - 1.84| = 0.84
+    assert cm.ace(P, Y, n_bins=2) == pytest.approx((0.52 + 0.84) / 6, abs=1e-12)
+    assert cm.ace(P, Y) == pytest.approx((0.52 + 0.84) / 6, abs=1e-12)  # 15 bins: the same two runs
+    # Distinct confidences, 15 bins, 6 samples: every sample is its own bin, so ACE = mean |correct - confidence|.
+    Q = np.array([[0.91, 0.05, 0.04], [0.93, 0.04, 0.03], [0.20, 0.61, 0.19],
+                  [0.20, 0.62, 0.18], [0.10, 0.27, 0.63], [0.10, 0.26, 0.64]])
+    per_sample = [0.09, 0.93, 0.39, 0.38, 0.37, 0.64]
+    assert cm.ace(Q, Y) == pytest.approx(np.mean(per_sample), abs=1e-12)
+
+
+def test_ace_does_not_depend_on_how_ties_are_ordered():
+    # A constant model: every confidence 0.25 (4 classes), 30% correct. Splitting the tie into equal-mass bins
+    # would make ACE depend on the sample order; kept together, ACE = |0.30 - 0.25| = ECE.
+    probs = np.full((1000, 4), 0.25)
+    labels = np.zeros(1000, int)
+    labels[300:] = 1 + np.arange(700) % 3  # argmax is class 0 (first of the ties): 300 correct
+    assert cm.ace(probs, labels) == pytest.approx(0.05, abs=1e-12)
+    assert cm.ace(probs, labels[::-1]) == pytest.approx(0.05, abs=1e-12)
+    assert cm.ece(probs, labels) == pytest.approx(0.05, abs=1e-12)
 
 
 def test_nll_by_hand():
