@@ -122,7 +122,7 @@ def calibration_drift(fp32: np.ndarray, int8: np.ndarray, labels: np.ndarray) ->
                                  "fp32": cm.confidence_histogram(pf), "int8": cm.confidence_histogram(pq)},
         "definitions": {
             "ece": f"top-label, {cm.N_BINS} equal-width bins on [0, 1], weighted by bin size",
-            "ace": f"top-label, {cm.N_BINS} adaptive equal-mass bins",
+            "ace": f"top-label, {cm.N_BINS} adaptive equal-mass bins (equal confidences kept in one bin)",
             "mce": f"largest |accuracy - confidence| over the non-empty {cm.N_BINS} equal-width bins",
             "nll": "mean -log p(true class), natural log",
             "brier": "mean over samples of sum_k (p_k - onehot_k)^2 (range 0..2)",
