@@ -243,8 +243,13 @@ def check_fits(ds: Dataset, input_chw: tuple[int, int, int], num_classes: int) -
         else:
             fix = f"resize the images to {input_chw[1]}x{input_chw[2]}, or pass --input-shape if the model takes any size"
         raise DataError(f"images are {got} (C×H×W) but the model takes {want}; {fix}")
-    hi = int(max(ds.y_train.max(), ds.y_test.max()))
-    if hi >= num_classes:
-        raise DataError(
-            f"labels go up to {hi} but the model has {num_classes} outputs; labels must lie in 0..{num_classes - 1}"
-        )
+    if num_classes < 2:
+        raise DataError(f"the model has {num_classes} output per image; classification needs one output per class "
+                        "(a binary model with one sigmoid logit z: return torch.cat([torch.zeros_like(z), z], 1), whose "
+                        "softmax is [1 - sigmoid(z), sigmoid(z)])")
+    for split, y in (("y_train", ds.y_train), ("y_test", ds.y_test)):
+        hi = int(y.max()) if len(y) else -1
+        if hi >= num_classes:
+            raise DataError(f"{ds.name}: {split} labels go up to {hi} but the model has {num_classes} outputs; labels "
+                            f"must lie in 0..{num_classes - 1} (pass data labelled for this model, or the model for "
+                            "this data)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -22,6 +23,28 @@ from .errors import DataError, OutputError, PipelineError, UsageError
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2, no usage dump
         raise UsageError(f"{message}; see python -m pipeline.evaluate --help")
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite number (a NaN limit would make every gate comparison false)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number; pass a plain value such as 1.5")
+    return v
+
+
+def seed_int(text: str) -> int:
+    """argparse type: a seed, 0 to 2**32 - 1 (what numpy's generators take)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer seed") from None
+    if not 0 <= v < 2 ** 32:
+        raise argparse.ArgumentTypeError(f"seed {v} is out of range; pass an integer from 0 to {2 ** 32 - 1}")
+    return v
 
 
 def _severities(text: str) -> tuple[int, ...]:
@@ -58,9 +81,9 @@ def add_reliability_arguments(p: argparse.ArgumentParser, in_export: bool, adapt
                    help="FP32 side: the model's own runtime (PyTorch for torch models) or onnxruntime on the "
                         "export's model.onnx (checked against PyTorch by the export on 256 inputs; faster on CPU). "
                         f"Default: {'onnxruntime' if in_export else 'reference'}")
-    g.add_argument("--max-ece-increase", type=float, default=DEFAULT_MAX_ECE_INCREASE,
+    g.add_argument("--max-ece-increase", type=finite_float, default=DEFAULT_MAX_ECE_INCREASE,
                    help=f"gate: largest int8-minus-FP32 ECE on the clean test split (default {DEFAULT_MAX_ECE_INCREASE})")
-    g.add_argument("--max-worst-drop-pp", type=float, default=DEFAULT_MAX_WORST_DROP_PP,
+    g.add_argument("--max-worst-drop-pp", type=finite_float, default=DEFAULT_MAX_WORST_DROP_PP,
                    help="gate: largest top-1 drop in points over every class and every shifted set "
                         f"(default {DEFAULT_MAX_WORST_DROP_PP})")
 
@@ -79,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-limit", type=int, help="evaluate on the first N test images only")
     g.add_argument("--kernels", help="LiteRT kernels: xnnpack, builtin or ref")
     g.add_argument("--batch-size", type=int, default=256, help="batch for interpreter and FP32 runs (default 256)")
-    g.add_argument("--seed", type=int, help="seed of the validation split and the corruptions (default: the export's)")
+    g.add_argument("--seed", type=seed_int, help="seed of the validation split and the corruptions (default: the export's)")
     add_reliability_arguments(p, in_export=False)
     g = p.add_argument_group("Output")
     g.add_argument("--out", help="write report.json and report.html here instead of into the export folder")

@@ -11,6 +11,7 @@ The pipeline is the literal list ``STAGES`` below; each stage is timed into the 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import sys
@@ -532,6 +533,8 @@ def _floats(text: str) -> tuple[float, ...]:
         vals = tuple(float(v) for v in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+    if not all(math.isfinite(v) for v in vals):
+        raise argparse.ArgumentTypeError(f"{text!r} holds a value that is not a finite number")
     return vals
 
 
@@ -551,6 +554,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .evaluate import finite_float, seed_int
     p = _Parser(prog="python -m pipeline.export",
                 description="PyTorch -> ONNX -> fully-int8 TFLite, run on real TFLite kernels and checked "
                             "against the FP32 model.")
@@ -580,10 +584,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--calib-size", type=int, default=500, help="number of calibration samples (default 500)")
     g.add_argument("--calib-cache", default=ExportConfig.calib_cache, metavar="DIR",
                    help="folder caching generated calibration sets, or 'off' (default %(default)s)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=seed_int, default=0)
     g = p.add_argument_group("Verification")
-    g.add_argument("--max-drop-pp", type=float, default=1.0, help="gate: largest top-1 drop in points (default 1.0)")
-    g.add_argument("--min-agreement", type=float, default=0.98, help="gate: smallest top-1 agreement (default 0.98)")
+    g.add_argument("--max-drop-pp", type=finite_float, default=1.0, help="gate: largest top-1 drop in points (default 1.0)")
+    g.add_argument("--min-agreement", type=finite_float, default=0.98, help="gate: smallest top-1 agreement (default 0.98)")
     g.add_argument("--batch-size", type=int, default=256, help="batch for interpreter and FP32 runs")
     g.add_argument("--reliability", action="store_true",
                    help="also write the reliability report (calibration drift, temperature scaling, flips, "

@@ -481,3 +481,15 @@ def test_summary_says_larger_when_the_tflite_file_is_larger(tiny_export):
         rep.artifacts["size_ratio_onnx_to_int8"] = flipped
         line = next(ln for ln in summary(rep, out).splitlines() if ln.startswith("sizes"))
         assert line.endswith("(2.00x larger)" if flipped < 1 else "(2.0x smaller)"), line
+
+
+@pytest.mark.parametrize("args, needle", [
+    (("--seed", "-1"), "seed -1 is out of range; pass an integer from 0 to 4294967295"),
+    (("--max-drop-pp", "nan"), "'nan' is not a finite number"),
+    (("--min-agreement", "inf"), "'inf' is not a finite number"),
+    (("--mean", "0.5,nan"), "'0.5,nan' holds a value that is not a finite number"),
+    (("--reliability", "--max-ece-increase", "nan"), "'nan' is not a finite number"),
+    (("--reliability", "--max-worst-drop-pp=-inf"), "'-inf' is not a finite number"),
+])
+def test_seeds_and_limits_that_cannot_work_are_usage_errors(bad, args, needle):
+    bad(*args, needle=needle)

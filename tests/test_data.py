@@ -96,3 +96,14 @@ def test_preprocessing_applies_scale_mean_std_once():
     lo, hi = pre.value_range()
     assert lo == pytest.approx(-1.0) and hi == pytest.approx(1.0)
     assert preprocessing.Preprocessing.from_dict(pre.to_dict()) == pre
+
+
+def test_labels_beyond_the_outputs_name_the_split_and_a_one_output_model_is_explained():
+    from pipeline.data import Dataset, check_fits
+    x = np.zeros((4, 1, 8, 8), np.uint8)
+    ds = Dataset(name="mine.npz", origin="mine.npz", x_train=x, y_train=np.array([0, 1, 2, 1]), x_test=x,
+                 y_test=np.array([0, 1, 1, 7]), source_layout="NCHW")
+    with pytest.raises(DataError, match=r"^mine.npz: y_test labels go up to 7 but the model has 3 outputs"):
+        check_fits(ds, (1, 8, 8), 3)
+    with pytest.raises(DataError, match=r"the model has 1 output per image; .*torch.zeros_like\(z\), z\], 1\)"):
+        check_fits(ds, (1, 8, 8), 1)

@@ -538,3 +538,13 @@ def test_a_float_tflite_is_refused_on_an_int8_export(export_copy, tmp_path, caps
     (line,) = err.strip().splitlines()
     assert line.startswith(f"error: --tflite {path} is not a int8 model as target tflite-int8 requires (not int8:")
     assert "pass the int8 .tflite of this export" in line
+
+
+@pytest.mark.parametrize("args, needle", [(("--seed", "-1"), "seed -1 is out of range"),
+                                          (("--max-ece-increase", "nan"), "'nan' is not a finite number")])
+def test_evaluate_refuses_a_negative_seed_and_nan_limits(export_copy, tmp_path, capsys, args, needle):
+    out = tmp_path / "o"
+    status, err = _main([export_copy, *args, "--out", out, *FAST], capsys)
+    assert status == 2 and not out.exists()
+    (line,) = err.strip().splitlines()
+    assert line.startswith("error: ") and needle in line
