@@ -488,6 +488,8 @@ def summary(rep: dict, out_dir: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .errors import Terminated, raise_on_sigterm
+    raise_on_sigterm()
     try:
         args = build_parser().parse_args(argv)
         rep, out = evaluate_export(args)
@@ -497,6 +499,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; report.json and report.html were not changed", file=sys.stderr)
         return 130
+    except Terminated:
+        print("error: terminated (SIGTERM); report.json and report.html were not changed", file=sys.stderr)
+        return 143
     print(summary(rep, out))
     return 0 if rep["passed"] else 1
 

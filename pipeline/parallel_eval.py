@@ -19,8 +19,10 @@ interpreters reproduce the target's outputs exactly; ``tests/test_reliability.py
 """
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
+import signal
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 import zlib
@@ -140,6 +142,9 @@ def _init_worker(pair: ModelPair, arrays: dict) -> None:
     (the parent never hears of it). A failure is kept and raised by ``_run_job``, so the parent gets it
     as the first job's exception."""
     global _WORKER, _INIT_ERROR
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent, which stops the workers
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     try:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         from . import quiet
@@ -182,6 +187,25 @@ def _run_job(job: Job):
         raise _job_error(job, e) from None
 
 
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+@contextlib.contextmanager
+def _stop_signals_blocked():
+    """Block SIGINT and SIGTERM while worker processes are started. A Ctrl-C (sent to the whole process group) or
+    a SIGTERM that comes meanwhile stays pending here until every worker is started and registered, so ``close``
+    can stop them all; the workers inherit the blocked mask, so nothing interrupts their start-up with a
+    traceback, and ``_init_worker`` then ignores SIGINT (this process handles Ctrl-C) and unblocks both."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def default_workers() -> int:
     return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)))
 
@@ -211,7 +235,7 @@ class Engine:
             pool.shutdown(wait=False, cancel_futures=True)
             for proc in procs:
                 if proc.is_alive():
-                    proc.terminate()
+                    proc.kill()  # SIGKILL: a worker still starting has SIGTERM blocked; workers hold nothing to save
             for proc in procs:
                 proc.join(timeout=10)
 
@@ -258,7 +282,8 @@ class Engine:
                     raise err from e
                 take(result)
         else:
-            pending = {pool.submit(_run_job, j) for j in jobs}
+            with _stop_signals_blocked():  # the workers start here
+                pending = {pool.submit(_run_job, j) for j in jobs}
             try:
                 while pending:
                     done, pending = wait(pending, return_when=FIRST_COMPLETED)

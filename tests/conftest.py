@@ -161,3 +161,34 @@ def tiny_export(tmp_path_factory, tinynet_dir, tiny_npz):
         status = main(["--model", "tinynet:tinynet", "--weights", str(tinynet_dir / "tinynet.pt"),
                        "--data", str(tiny_npz), "--calib-size", "100", "--out", str(out)])
     return status, out
+
+
+def _children(pid: int) -> list[int]:
+    """Live (non-zombie) processes whose parent is ``pid``, read from /proc."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _alive(pids: list[int]) -> list[int]:
+    left = []
+    for p in pids:
+        try:
+            if Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                left.append(p)
+        except OSError:
+            pass
+    return left
+
+
+@pytest.fixture()
+def procs():
+    """``procs.children(pid)``: live child processes; ``procs.alive(pids)``: which of ``pids`` still run."""
+    import types
+    return types.SimpleNamespace(children=_children, alive=_alive)

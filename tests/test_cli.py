@@ -421,7 +421,7 @@ def test_fashion_mnist_data_dir_missing_files(bad, tmp_path):
     bad("--data", "fashion-mnist", "--data-dir", str(tmp_path), needle="dataset-fashion-mnist")
 
 
-def test_sigterm_mid_export_cleans_up(tmp_path, tinynet_dir, tiny_npz):
+def test_sigterm_mid_export_cleans_up(tmp_path, tinynet_dir, tiny_npz, procs):
     """timeout/CI/docker stop send SIGTERM: exit 143, one line, no output folder, no temp folder, no worker left."""
     import signal
     import subprocess
@@ -440,18 +440,7 @@ def test_sigterm_mid_export_cleans_up(tmp_path, tinynet_dir, tiny_npz):
         lines.append(line)
         if line.startswith("[1/7]") or not line:
             break
-    def children(pid):
-        kids = []
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                kids.append(int(stat.parent.name))
-        return kids
-
-    workers = children(proc.pid)
+    workers = procs.children(proc.pid)
     assert workers, "the conversion worker process should be running by now"
     proc.send_signal(signal.SIGTERM)
     rest = proc.communicate(timeout=60)[1]
@@ -461,8 +450,7 @@ def test_sigterm_mid_export_cleans_up(tmp_path, tinynet_dir, tiny_npz):
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir()] == []
     time.sleep(0.5)
-    assert not [w for w in workers if Path(f"/proc/{w}").exists()
-                and Path(f"/proc/{w}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+    assert not procs.alive(workers)
 
 
 def test_summary_says_larger_when_the_tflite_file_is_larger(tiny_export):

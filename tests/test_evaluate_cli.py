@@ -548,3 +548,36 @@ def test_evaluate_refuses_a_negative_seed_and_nan_limits(export_copy, tmp_path, 
     assert status == 2 and not out.exists()
     (line,) = err.strip().splitlines()
     assert line.startswith("error: ") and needle in line
+
+
+# --------------------------------------------------------------------------- signals while workers start
+
+@pytest.mark.parametrize("how", ["sigterm", "ctrl-c"])
+def test_a_signal_while_workers_start_stops_everything_cleanly(export_copy, tmp_path, procs, how):
+    """SIGTERM to the process (timeout, docker stop), or SIGINT to its whole process group (a terminal's Ctrl-C),
+    as soon as the two worker processes exist: one line, exit 143 / 130, no traceback from any process, nothing
+    written, and no process left behind (SIGTERM used to orphan the workers)."""
+    before = sorted(p.name for p in export_copy.iterdir())
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.evaluate", str(export_copy), "--corruptions", "all",
+                             "--workers", "2"], cwd=tmp_path, stderr=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, start_new_session=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    deadline = time.monotonic() + 120
+    kids: list[int] = []
+    while time.monotonic() < deadline and proc.poll() is None and len(kids) < 2:
+        time.sleep(0.02)
+        kids = procs.children(proc.pid)
+    assert len(kids) >= 2 and proc.poll() is None, "the worker processes should be starting by now"
+    if how == "sigterm":
+        proc.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    code, word = (143, "terminated (SIGTERM)") if how == "sigterm" else (130, "interrupted")
+    assert proc.returncode == code, err
+    assert err.strip().splitlines()[-1] == f"error: {word}; report.json and report.html were not changed"
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert sorted(p.name for p in export_copy.iterdir()) == before
+    t_end = time.monotonic() + 10
+    while procs.alive(kids) and time.monotonic() < t_end:
+        time.sleep(0.1)
+    assert not procs.alive(kids), "worker processes outlived the run"
