@@ -191,19 +191,35 @@ _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 @contextlib.contextmanager
-def _stop_signals_blocked():
-    """Block SIGINT and SIGTERM while worker processes are started. A Ctrl-C (sent to the whole process group) or
-    a SIGTERM that comes meanwhile stays pending here until every worker is started and registered, so ``close``
-    can stop them all; the workers inherit the blocked mask, so nothing interrupts their start-up with a
-    traceback, and ``_init_worker`` then ignores SIGINT (this process handles Ctrl-C) and unblocks both."""
-    if not hasattr(signal, "pthread_sigmask"):
+def _stop_signals_deferred():
+    """Hold SIGINT and SIGTERM while worker processes are started, then act on them.
+
+    A Ctrl-C (sent to the whole process group) or a SIGTERM that comes while a worker is being started would
+    otherwise interrupt ``Process.start`` half-way (a worker ``close`` does not know of, reading from a closed pipe)
+    or the worker's own start-up (a traceback). So: the signals are blocked in this thread, which the workers
+    inherit across fork and exec (``_init_worker`` then ignores SIGINT, handled here, and unblocks both), and a
+    signal that reaches this process meanwhile, through another thread, is only recorded; once every worker is
+    started and registered, the recorded signal is raised here as it would have been (KeyboardInterrupt or
+    ``Terminated``), and ``close`` stops the workers."""
+    import threading
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    got: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: got.append(signum)) for s in _STOP_SIGNALS}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a pending signal is delivered now, and recorded
+        for s, h in previous.items():
+            signal.signal(s, h)
+    if got:
+        handler = previous[got[0]]
+        if callable(handler):
+            handler(got[0], None)  # KeyboardInterrupt, or errors.Terminated from raise_on_sigterm
+        elif handler == signal.SIG_DFL:
+            signal.raise_signal(got[0])
 
 
 def default_workers() -> int:
@@ -282,7 +298,7 @@ class Engine:
                     raise err from e
                 take(result)
         else:
-            with _stop_signals_blocked():  # the workers start here
+            with _stop_signals_deferred():  # the workers start here
                 pending = {pool.submit(_run_job, j) for j in jobs}
             try:
                 while pending:

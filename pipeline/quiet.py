@@ -7,6 +7,7 @@ temporary file and hands back what was printed (shown on failure or with -v).
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import sys
@@ -42,7 +43,11 @@ def captured(verbose: bool = False):
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
-    with tempfile.TemporaryFile(mode="w+b") as tmp:
+    # Python-level prints too: where sys.stdout is not file descriptor 1 (Jupyter, pytest's capture) they would
+    # bypass the redirection, and onnx2tf prints the failing node's name with print()
+    py = io.StringIO()
+    with tempfile.TemporaryFile(mode="w+b") as tmp, \
+            contextlib.redirect_stdout(py), contextlib.redirect_stderr(py):
         os.dup2(tmp.fileno(), 1)
         os.dup2(tmp.fileno(), 2)
         try:
@@ -58,7 +63,7 @@ def captured(verbose: bool = False):
             os.close(saved[0])
             os.close(saved[1])
             tmp.seek(0)
-            cap.text = tmp.read().decode(errors="replace")
+            cap.text = tmp.read().decode(errors="replace") + py.getvalue()
 
 
 def tail(text: str, lines: int = 3) -> str:

@@ -90,8 +90,12 @@ def _bad_pair(exported: Path, tflite_path):
 
 @pytest.fixture()
 def reset_worker_state():
+    """_init_worker run in this process: undo what it sets (the worker globals, and SIGINT ignored, which every
+    process started later by the test session would inherit)."""
     from pipeline import parallel_eval
+    sigint = signal.getsignal(signal.SIGINT)
     yield
+    signal.signal(signal.SIGINT, sigint)
     parallel_eval._WORKER = None
     parallel_eval._INIT_ERROR = None
 
@@ -558,6 +562,7 @@ def test_a_signal_while_workers_start_stops_everything_cleanly(export_copy, tmp_
     as soon as the two worker processes exist: one line, exit 143 / 130, no traceback from any process, nothing
     written, and no process left behind (SIGTERM used to orphan the workers)."""
     before = sorted(p.name for p in export_copy.iterdir())
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # else the CLI would inherit SIG_IGN
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.evaluate", str(export_copy), "--corruptions", "all",
                              "--workers", "2"], cwd=tmp_path, stderr=subprocess.PIPE, stdout=subprocess.PIPE,
                             text=True, start_new_session=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
