@@ -412,6 +412,14 @@ _FUNCS = {
 CORRUPTIONS: tuple[str, ...] = tuple(_FUNCS)
 
 
+def check_corruptible(sample_chw) -> None:
+    """Fail before any work when the corruption suite cannot run on images of this C x H x W."""
+    c, h, w = (int(v) for v in sample_chw)
+    if c not in (1, 3) or h < 8 or w < 8:
+        raise DataError(f"the corruption suite needs images with 1 or 3 channels of at least 8x8 pixels, not "
+                        f"{c}x{h}x{w} (C×H×W); pass --corruptions none for a report without shifted sets")
+
+
 def corrupt(images: np.ndarray, name: str, severity: int, seed: int = 0) -> np.ndarray:
     """Return ``images`` (float32 N x C x H x W in [0, 1]) corrupted by ``name`` at ``severity`` 1..5.
 

@@ -166,6 +166,14 @@ def _preprocessing(rep: dict, path: Path):
     if len(pre.input_shape) != 3 or min(pre.input_shape) <= 0:
         raise DataError(f"{path}: preprocessing input_shape {list(pre.input_shape)} is not C,H,W; "
                         "re-run python -m pipeline.export")
+    c = pre.input_shape[0]
+    for name in ("mean", "std"):
+        v = getattr(pre, name)
+        if v is not None and len(v) not in (1, c):
+            raise DataError(f"{path}: preprocessing {name} has {len(v)} values for {c}-channel inputs; "
+                            "re-run python -m pipeline.export")
+    if pre.std is not None and any(not x > 0 for x in pre.std):
+        raise DataError(f"{path}: preprocessing std {list(pre.std)} must be positive; re-run python -m pipeline.export")
     return pre
 
 
@@ -250,7 +258,9 @@ def evaluate_export(args: argparse.Namespace, log=print):
     tfl = rep.get("artifacts", {}).get("tflite")
     tfl_rel = _report_str(tfl, "path", rpath) if isinstance(tfl, dict) else None
     tflite = Path(args.tflite) if args.tflite else (export_dir / tfl_rel if tfl_rel else None)
-    if tflite is None or not tflite.is_file():
+    if tflite is None:
+        raise DataError(f"{rpath} names no TFLite model (artifacts.tflite.path); pass --tflite path/to/model.tflite")
+    if not tflite.is_file():
         raise DataError(f"the TFLite model {tflite} does not exist; pass --tflite path/to/model.tflite")
     data_spec = args.data or _from_export_cwd(_report_str(cfg, "data", rpath), export_cwd) or "fashion-mnist"
     data_dir = args.data_dir or (_from_export_cwd(_report_str(cfg, "data_dir", rpath), export_cwd)
@@ -274,11 +284,15 @@ def evaluate_export(args: argparse.Namespace, log=print):
     # Data before the model: the validation split's size is checked before any model is loaded or run.
     ds = data_mod.load(data_spec, data_dir, pre.input_shape)
     resolve_val_size(rcfg.val_size, len(ds.y_train))
+    if rcfg.corruptions:
+        from .corruptions import check_corruptible
+        check_corruptible(pre.input_shape)
     model = models.load(model_spec, weights)
     num_classes = models.probe(model, pre.input_shape)
     data_mod.check_fits(ds, pre.input_shape, num_classes)
     precision = _report_str(rep["target"], "precision", rpath) or "int8"
-    insp, chk = _check_tflite(tflite, precision, num_classes, rep, given=bool(args.tflite))
+    insp, chk = _check_tflite(tflite, precision, num_classes, rep, given=bool(args.tflite),
+                              pre_shape=pre.input_shape)
     n = len(ds.x_test) if limit is None else min(int(limit), len(ds.x_test))
     if n <= 0:
         raise DataError(f"{data_spec} has no test images; pass data with a test split")
@@ -315,7 +329,7 @@ def evaluate_export(args: argparse.Namespace, log=print):
     return rep, out_dir
 
 
-def _check_tflite(tflite: Path, precision: str, num_classes: int, rep: dict, given: bool):
+def _check_tflite(tflite: Path, precision: str, num_classes: int, rep: dict, given: bool, pre_shape):
     """The .tflite must be a model of the export's precision with one output per class of the FP32 model."""
     import numpy as np
 
@@ -329,6 +343,12 @@ def _check_tflite(tflite: Path, precision: str, num_classes: int, rep: dict, giv
                         "python -m pipeline.export") from None
     if not insp.outputs or not insp.inputs:
         raise DataError(f"{where} has no input or output tensor; pass a .tflite written by python -m pipeline.export")
+    c, h, w = (int(v) for v in pre_shape)
+    in_shape = tuple(int(v) for v in insp.inputs[0].shape[1:])
+    if in_shape not in ((h, w, c), (c, h, w)):
+        raise UsageError(f"{where} takes inputs of shape {'x'.join(map(str, in_shape))} but this export's "
+                         f"preprocessing makes {c}x{h}x{w} (C×H×W) images; pass the .tflite converted with this "
+                         "export's input shape")
     shape = insp.outputs[0].shape
     k = int(np.prod(shape[1:])) if len(shape) > 1 else int(np.prod(shape))
     if k != num_classes:

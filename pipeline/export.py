@@ -292,9 +292,12 @@ def _prepare(cfg: ExportConfig, log) -> tuple[Run, Path]:
             log(f"warning: {model.spec} returns {model.extra['outputs_returned']} outputs; the first is taken as the "
                 "logits and only it is exported and compared (return one tensor to silence this)", file=sys.stderr)
         data_mod.check_fits(ds, input_shape, num_classes)
-        if cfg.reliability:  # the temperature's validation split must fit the training split: say so now
-            from .reliability import resolve_val_size
+        if cfg.reliability:  # the validation split and the corruption suite must fit the data: say so now
+            from .corruptions import check_corruptible
+            from .reliability import parse_corruptions, resolve_val_size
             resolve_val_size(cfg.val_size, len(ds.y_train))
+            if parse_corruptions(cfg.corruptions):
+                check_corruptible(input_shape)
         mean = preprocessing.per_channel(cfg.mean if cfg.mean is not None else model.mean, input_shape[0], 0.0, "mean")
         std = preprocessing.per_channel(cfg.std if cfg.std is not None else model.std, input_shape[0], 1.0, "std")
         if any(s <= 0 for s in std):

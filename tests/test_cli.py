@@ -481,3 +481,11 @@ def test_summary_says_larger_when_the_tflite_file_is_larger(tiny_export):
 ])
 def test_seeds_and_limits_that_cannot_work_are_usage_errors(bad, args, needle):
     bad(*args, needle=needle)
+
+
+def test_images_too_small_for_the_corruption_suite_fail_before_any_stage(bad, tmp_path):
+    from conftest import make_tiny_npz
+    small = make_tiny_npz(tmp_path / "small.npz", size=4)
+    bad("--data", str(small), "--reliability",
+        needle="the corruption suite needs images with 1 or 3 channels of at least 8x8 pixels, not 1x4x4 (C×H×W); "
+               "pass --corruptions none")

@@ -472,14 +472,14 @@ def test_an_unexpected_error_in_a_job_names_the_job(exported, monkeypatch):
 
 # --------------------------------------------------------------------------- overrides restate what was evaluated
 
-def _float_tflite(path: Path, classes: int) -> Path:
-    """A float32 .tflite taking 1x12x12x1 (NHWC) and giving ``classes`` outputs: made with TensorFlow directly."""
+def _float_tflite(path: Path, classes: int, size: int = 12) -> Path:
+    """A float32 .tflite taking 1 x size x size x 1 (NHWC) and giving ``classes`` outputs, made with TensorFlow."""
     import tensorflow as tf
-    w = tf.constant(np.linspace(-1, 1, 144 * classes, dtype=np.float32).reshape(144, classes))
+    w = tf.constant(np.linspace(-1, 1, size * size * classes, dtype=np.float32).reshape(size * size, classes))
 
-    @tf.function(input_signature=[tf.TensorSpec([None, 12, 12, 1], tf.float32)])
+    @tf.function(input_signature=[tf.TensorSpec([None, size, size, 1], tf.float32)])
     def f(x):
-        return tf.matmul(tf.reshape(x, [-1, 144]), w)
+        return tf.matmul(tf.reshape(x, [-1, size * size]), w)
 
     conv = tf.lite.TFLiteConverter.from_concrete_functions([f.get_concrete_function()], f)
     path.write_bytes(conv.convert())
@@ -586,3 +586,26 @@ def test_a_signal_while_workers_start_stops_everything_cleanly(export_copy, tmp_
     while procs.alive(kids) and time.monotonic() < t_end:
         time.sleep(0.1)
     assert not procs.alive(kids), "worker processes outlived the run"
+
+
+def test_a_tflite_for_another_input_shape_is_refused(export_copy, tmp_path, capsys):
+    path = _float_tflite(tmp_path / "big.tflite", classes=4, size=16)
+    status, err = _main([export_copy, "--tflite", path, "--out", tmp_path / "o", *FAST], capsys)
+    assert status == 2
+    assert err.strip() == (f"error: --tflite {path} takes inputs of shape 16x16x1 but this export's preprocessing "
+                           "makes 1x12x12 (C×H×W) images; pass the .tflite converted with this export's input shape")
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda r: r["artifacts"].pop("tflite"), "names no TFLite model (artifacts.tflite.path); pass --tflite"),
+    (lambda r: r["preprocessing"].update(mean=[0.0, 0.0, 0.0]), "preprocessing mean has 3 values for 1-channel inputs"),
+    (lambda r: r["preprocessing"].update(std=[0.0]), "preprocessing std [0.0] must be positive"),
+])
+def test_an_edited_report_gets_a_message_that_names_the_key(export_copy, tmp_path, capsys, edit, needle):
+    rep = _report(export_copy)
+    edit(rep)
+    _write_report(export_copy, rep)
+    status, err = _main([export_copy, "--out", tmp_path / "o", *FAST], capsys)
+    assert status == 2
+    (line,) = err.strip().splitlines()
+    assert line.startswith("error: ") and needle in line
