@@ -313,6 +313,9 @@ def evaluate_export(args: argparse.Namespace, log=print):
                       runtime_note=clean_note, progress=not args.verbose and sys.stderr.isatty())
     rep.update(result.sections)
     rep.setdefault("gates", {}).update(result.gates)
+    warning = result.sections["temperature_scaling"]["validation"].get("warning")
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     overrides = [flag for flag, v in (("--model", args.model), ("--weights", args.weights), ("--tflite", args.tflite),
                                       ("--data", args.data), ("--data-dir", args.data_dir),
                                       ("--eval-limit", args.eval_limit), ("--kernels", args.kernels)) if v is not None]

@@ -410,6 +410,9 @@ def _add_reliability(run: Run, report) -> None:
     report.sections.update(res.sections)
     report.gates.update(res.gates)
     report.passed = all(g["passed"] for g in report.gates.values())
+    warning = res.sections["temperature_scaling"]["validation"].get("warning")
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     report.artifacts["report_html"] = {"path": "report.html"}
 
 

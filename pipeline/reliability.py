@@ -50,6 +50,9 @@ class ReliabilityConfig:
     max_worst_drop_pp: float = DEFAULT_MAX_WORST_DROP_PP
 
 
+MIN_RELIABLE_VAL_SIZE = 100  # below this the fitted temperatures carry a warning
+
+
 def parse_corruptions(text: str | None) -> tuple[str, ...]:
     """``--corruptions``: 'all' (default), 'none', or a comma-separated list of suite names."""
     if text is None or text.strip() == "all":
@@ -259,6 +262,11 @@ def evaluate(pair: ModelPair, dataset, n_test: int, cfg: ReliabilityConfig, *, c
     }
     if cfg.val_size is None:  # the size was not asked for: say how it was chosen where the page shows the split
         validation["note"] = "; ".join(t for t in (validation["size_chosen"], validation["note"]) if t)
+    if len(vidx) < MIN_RELIABLE_VAL_SIZE:  # one NLL minimum over a handful of images says little about T
+        validation["warning"] = (f"only {len(vidx)} validation images: temperatures fitted on fewer than "
+                                 f"{MIN_RELIABLE_VAL_SIZE} are unreliable; pass --val-size 1000 or more (needs a "
+                                 "training split 1000+ images larger than that)")
+        validation["note"] = "; ".join(t for t in (validation["warning"], validation["note"]) if t)
     t0 = time.perf_counter()
     clean_rec = record(None, 0, fp32, int8, y_test)
     sections = {

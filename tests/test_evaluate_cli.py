@@ -609,3 +609,15 @@ def test_an_edited_report_gets_a_message_that_names_the_key(export_copy, tmp_pat
     assert status == 2
     (line,) = err.strip().splitlines()
     assert line.startswith("error: ") and needle in line
+
+
+def test_a_temperature_fitted_on_few_images_is_flagged(export_copy, tmp_path, capsys):
+    out = tmp_path / "o"
+    status, err = _main([export_copy, "--val-size", "20", "--out", out, *FAST], capsys)
+    assert status in (0, 1)
+    v = _report(out)["temperature_scaling"]["validation"]
+    assert v["size"] == 20 and v["warning"].startswith("only 20 validation images: temperatures fitted on fewer than 100")
+    assert f"warning: {v['warning']}" in err.splitlines()
+    assert "only 20 validation images" in (out / "report.html").read_text()
+    status, err = _main([export_copy, "--val-size", "100", "--out", tmp_path / "o2", *FAST], capsys)
+    assert "warning" not in _report(tmp_path / "o2")["temperature_scaling"]["validation"] and "warning:" not in err
