@@ -147,7 +147,8 @@ def test_every_figure_is_measured(sweep, tiny_export):
         assert r["init_us"] > 0 and r["first_us"] > 0 and r["warmup_mean_us"] > 0
         assert 0 < r["min_us"] <= r["p50_us"] <= r["p90_us"] <= r["p99_us"] <= r["max_us"]
         assert r["min_us"] <= r["mean_us"] <= r["max_us"] and r["std_us"] >= 0
-        assert r["throughput_per_s"] == pytest.approx(1e6 / r["mean_us"], rel=1e-2)
+        # mean_us is rounded to 0.1 us: on a tiny model (~4 us) that alone moves 1e6 / mean_us by over 1%
+        assert 1e6 / r["throughput_per_s"] == pytest.approx(r["mean_us"], rel=1e-3, abs=0.051)
         assert r["input"] == "bundle sample 0"
         assert r["rss_source"].startswith("VmHWM")
         assert r["rss_peak_kib"] >= r["rss_after_init_kib"] >= r["rss_baseline_kib"] > r["rss_at_start_kib"] > 0
