@@ -491,8 +491,9 @@ def summary(rep: dict, out_dir: Path) -> str:
     lines = [
         f"model      {rep['model'].get('spec')}  ->  {rep['target'].get('name')}",
         f"clean      FP32 {cd['fp32']['top1']:.2%}  int8 {cd['int8']['top1']:.2%}  flips {fl['count']}/{fl['n']} "
-        f"({fl['rate']:.2%})  best flag {fl.get('best_detector')} AUROC "
-        f"{(fl['detectors'][fl['best_detector']]['auroc'] if fl.get('best_detector') else float('nan')):.3f}",
+        f"({fl['rate']:.2%})  "
+        + (f"best flag {fl['best_detector']} AUROC {fl['detectors'][fl['best_detector']]['auroc']:.3f}"
+           if fl.get("best_detector") else "best flag n/a (needs flipped and unflipped images)"),
         f"calibration ECE {cd['fp32']['ece']:.4f} -> {cd['int8']['ece']:.4f} ({cd['delta']['ece']:+.4f})  "
         f"T fp32 {ts['fp32']['temperature']:.3f}  int8 {ts['int8']['temperature']:.3f}",
         f"per class  worst {pc['worst_class']['name']} {pc['worst_class']['drop_pp']:+.2f} pp",
