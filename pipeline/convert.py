@@ -71,7 +71,20 @@ def _short(e: BaseException) -> str:
     lines = [ln.strip() for ln in s.splitlines() if ln.strip()]
     # TFLiteConverter errors put the useful line ("'tf.X' op is neither a custom op nor ...") late.
     useful = [ln for ln in lines if "op is neither" in ln or "not supported" in ln.lower() or "error:" in ln]
-    return (useful[0] if useful else lines[0])[:300]
+    if useful:
+        msg = useful[0]
+        if "'tf.Erf' op" in msg:
+            msg += " (Erf comes from GELU: nn.GELU(approximate='tanh') converts to int8)"
+        return msg[:300]
+    # Keras call failures ("in user code:", a traceback, then "ValueError: Exception encountered when calling
+    # layer ..." and the reason on the next line)
+    import re
+    for i, ln in enumerate(lines):
+        if re.match(r"^\w*(Error|Exception): ", ln):
+            if "Exception encountered when calling layer" in ln and i + 1 < len(lines):
+                ln = ln.rstrip(".") + ": " + lines[i + 1]
+            return re.sub(r" for '\{\{node [^']*'", "", ln)[:300]
+    return lines[0][:300]
 
 
 class Onnx2TfConverter:
@@ -161,7 +174,10 @@ def _describe_failure(e: Exception, log: str, onnx_path: Path) -> str:
     """One line for a failed onnx2tf/TFLiteConverter run, naming the ONNX node when onnx2tf's log does."""
     import re
     log = re.sub(r"\x1b\[[0-9;]*m", "", log or "")
-    fix = "replace that op in the model with one onnx2tf supports, or re-run with -v for onnx2tf's own log"
+    batch_hint = ("onnx2tf 1.28 fails on some graphs only because of the dynamic batch dimension the export gives "
+                  "them (seen: ConvTranspose, channel shuffles, GroupNorm), so an ONNX you export with a fixed batch "
+                  "of 1 may convert (pass it as --model)")
+    fix = f"replace that op in the model with one onnx2tf supports; {batch_hint}"
     missing = re.search(r"No module named '?onnx2tf\.ops\.(\w+)", str(e))
     if missing:
         return f"onnx2tf has no converter for the ONNX op {missing.group(1)}; {fix}"
@@ -178,7 +194,7 @@ def _describe_failure(e: Exception, log: str, onnx_path: Path) -> str:
         what = f"{node} ({op_type})" if op_type else node
         reason = _short(e).split(" Tensor [")[0].strip()[:160]  # TF pastes whole tensors into some messages
         return f"onnx2tf cannot convert the ONNX node {what}: {reason}; {fix}"
-    return f"ONNX -> TFLite conversion failed: {_short(e)}; re-run with -v for the converter's own log"
+    return f"ONNX -> TFLite conversion failed: {_short(e)}; {batch_hint}; -v shows the converter's own log"
 
 
 def _representative_dataset(samples: np.ndarray, batch: int):

@@ -113,8 +113,9 @@ def stage_inspect(run: Run):
     insp = inspect(run.outputs["convert"].path)
     if not insp.fully_int8 and not run.target.allow_float_fallback and run.target.precision == "int8":
         shown = "; ".join(insp.offending[:6]) + (f"; and {len(insp.offending) - 6} more" if len(insp.offending) > 6 else "")
-        raise NotFullyInt8Error(f"the converted model is not fully int8: {shown}; replace these ops in the model "
-                                f"or choose a target that allows float fallback")
+        raise NotFullyInt8Error(f"the converted model is not fully int8: {shown}; TFLiteConverter left these ops in "
+                                "float (a converter limitation, e.g. for ELU): replace them in the model (e.g. ELU -> "
+                                "LeakyReLU or ReLU) or choose a target that allows float fallback")
     if run.target.precision != "int8":
         from .errors import ConversionError
         from .inspect_tflite import check_precision

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import RuntimeStageError
+from .errors import ConversionError, RuntimeStageError
 
 KERNELS = ("xnnpack", "builtin", "ref")
 
@@ -69,6 +69,12 @@ def dequantize(q: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
     return ((q.astype(np.float32) - np.float32(zero_point)) * np.float32(scale)).astype(np.float32)
 
 
+MISCONVERTED_HINT = ("onnx2tf 1.28 mis-converts some ops whose parameters PyTorch exports as computed subgraphs "
+                     "(e.g. reflect or replicate padding); use zero padding, or constant-fold the ONNX yourself "
+                     "(onnxruntime SessionOptions: graph_optimization_level ORT_ENABLE_BASIC, "
+                     "optimized_model_filepath) and pass the folded .onnx as --model")
+
+
 class TfliteRunner:
     """One LiteRT interpreter; batched when the model's batch dimension is dynamic."""
 
@@ -96,11 +102,16 @@ class TfliteRunner:
         if self._allocated == batch:
             return
         from .quiet import captured
-        with captured(verbose=False):  # LiteRT prints "Created TensorFlow Lite XNNPACK delegate" natively
-            if self.dynamic:
-                shape = [batch, *[int(v) for v in self.inp["shape"][1:]]]
-                self.interp.resize_tensor_input(self.inp["index"], shape, strict=True)
-            self.interp.allocate_tensors()
+        try:
+            with captured(verbose=False):  # LiteRT prints "Created TensorFlow Lite XNNPACK delegate" natively
+                if self.dynamic:
+                    shape = [batch, *[int(v) for v in self.inp["shape"][1:]]]
+                    self.interp.resize_tensor_input(self.inp["index"], shape, strict=True)
+                self.interp.allocate_tensors()
+        except Exception as e:
+            raise ConversionError(
+                f"LiteRT cannot prepare the model for a batch of {batch}: {str(e).strip().splitlines()[0][:200]}; "
+                f"{MISCONVERTED_HINT}") from None
         self._allocated = batch
 
     def to_model_input(self, x_nchw: np.ndarray) -> np.ndarray:
@@ -125,7 +136,13 @@ class TfliteRunner:
                 self.interp.invoke()
             except Exception as e:
                 raise RuntimeStageError(f"LiteRT failed to run the model: {str(e).strip()[:200]}") from None
-            y = self.interp.get_tensor(self.out["index"])[:m]
+            y = self.interp.get_tensor(self.out["index"])
+            if y.ndim >= 2 and y.shape[0] != bs:
+                raise ConversionError(
+                    f"the converted model returns {y.shape[0]} output rows for a batch of {bs} images: its batch "
+                    f"axis was mixed up in conversion, so its outputs are wrong, not just imprecise; "
+                    f"{MISCONVERTED_HINT}")
+            y = y[:m]
             if raw is None:
                 raw = np.empty((n, *y.shape[1:]), y.dtype)
             raw[i:i + m] = y

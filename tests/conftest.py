@@ -75,6 +75,12 @@ TINYNET_SRC = textwrap.dedent('''
 
     class NotCallable:
         pass
+
+    def reflectnet():
+        # Reflect padding: PyTorch exports its pads as a computed subgraph, which onnx2tf 1.28 applies to the
+        # batch axis of a dynamic-batch model (the converted model returns more rows than it was given).
+        return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, padding_mode="reflect"), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
 ''')
 
 

@@ -402,6 +402,18 @@ def test_onnx2tf_failure_names_the_node(tmp_path, tinynet_dir, tiny_npz, in_dir,
     assert not out.exists()
 
 
+def test_a_conversion_that_mixes_up_the_batch_axis_is_an_error_not_a_quantization_drop(tmp_path, tinynet_dir,
+                                                                                       tiny_npz, in_dir, capsys):
+    in_dir(tinynet_dir)
+    out = tmp_path / "o"
+    status = main(["--model", "tinynet:reflectnet", "--data", str(tiny_npz), "--calib-size", "50", "--out", str(out)])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert status == 1 and len(err) == 1, err
+    assert "output rows for a batch of 256 images: its batch axis was mixed up in conversion" in err[0]
+    assert "use zero padding, or constant-fold the ONNX yourself" in err[0]
+    assert not out.exists()
+
+
 def test_torchscript_model_source(tmp_path, tinynet_dir, tiny_npz):
     m = _tiny_module(tinynet_dir)
     p = tmp_path / "scripted.pt"

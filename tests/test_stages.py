@@ -217,3 +217,21 @@ def test_unknown_converter_is_a_usage_error():
     from pipeline.errors import UsageError
     with pytest.raises(UsageError, match="unknown converter 'nope'; choose one of onnx2tf"):
         convert.get_converter("nope")
+
+
+def test_converter_errors_are_cut_to_the_line_that_says_what_failed(tmp_path):
+    """Keras call failures start with 'in user code:' and a traceback; TFLiteConverter puts its reason late."""
+    from pipeline.convert import _describe_failure, _short
+    keras = ValueError("in user code:\n\n    File \"/x/convert.py\", line 126, in None  *\n        lambda x: keras_model(x)\n\n"
+                       "    ValueError: Exception encountered when calling layer 'tf.math.multiply_6' (type TFOpLambda).\n"
+                       "    \n    Dimensions must be equal, but are 8 and 64 for '{{node model_2/tf.math.multiply_6/Mul}} "
+                       "= Mul[T=DT_FLOAT](a, b)' with input shapes: [?,8,8,64], [64,1,1].\n")
+    assert _short(keras) == ("ValueError: Exception encountered when calling layer 'tf.math.multiply_6' (type "
+                             "TFOpLambda): Dimensions must be equal, but are 8 and 64 with input shapes: "
+                             "[?,8,8,64], [64,1,1].")
+    msg = _describe_failure(keras, "", tmp_path / "none.onnx")
+    assert msg.startswith("ONNX -> TFLite conversion failed: ValueError: ") and "fixed batch of 1" in msg
+    assert "in user code" not in msg
+    erf = RuntimeError("Could not translate MLIR to FlatBuffer.\n<string>:1:1: error: 'tf.Erf' op is neither a "
+                       "custom op nor a flex op")
+    assert "nn.GELU(approximate='tanh')" in _short(erf)
