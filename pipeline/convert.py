@@ -35,11 +35,17 @@ class TfliteArtifact:
     input_layout: str  # layout of the TFLite input tensor: "NHWC" or "NCHW"
     calibration_samples: int
     timings_s: dict = field(default_factory=dict)
+    constant_folded: bool = False  # converted again from a constant-folded graph (the first try broke the batch axis)
 
     def describe(self) -> dict:
-        return {"path": self.path.name, "bytes": self.bytes, "converter": self.converter,
-                "input_layout": self.input_layout, "calibration_samples": self.calibration_samples,
-                "timings_s": dict(self.timings_s)}
+        d = {"path": self.path.name, "bytes": self.bytes, "converter": self.converter,
+             "input_layout": self.input_layout, "calibration_samples": self.calibration_samples,
+             "timings_s": dict(self.timings_s)}
+        if self.constant_folded:
+            d["constant_folded"] = ("the first conversion applied a computed pad or reshape to the batch axis; "
+                                    "the model was converted again from the ONNX graph with its constant "
+                                    "subgraphs folded by onnxruntime's basic optimizer")
+        return d
 
 
 class Converter(Protocol):
@@ -112,50 +118,69 @@ class Onnx2TfConverter:
                 import onnx2tf
                 import tensorflow as tf
                 timings["import_s"] = time.perf_counter() - t0
-                t0 = time.perf_counter()
-                # Keras numbers layer names per process (tf.nn.relu_9, ...) and the names end up in the
-                # flatbuffer: without a reset, a second conversion in the same process writes a larger,
-                # byte-different file than the CLI would (same numbers, longer tensor names).
-                import tf_keras
-                tf_keras.backend.clear_session()
-                try:
-                    keras_model = onnx2tf.convert(
-                        input_onnx_file_path=str(constants_as_initializers(onnx.path, Path(work) / "in.onnx")),
-                        output_folder_path=work,
-                        disable_model_save=True, not_use_onnxsim=True, non_verbose=not verbose,
-                        verbosity="debug" if verbose else "error",
-                    )
-                except SystemExit:
-                    raise ConversionError("onnx2tf could not convert the ONNX graph") from None
-                timings["onnx2tf_s"] = time.perf_counter() - t0
-                if keras_model is None or len(keras_model.inputs) != 1:
-                    raise ConversionError("onnx2tf returned no single-input model")
-                layout = _input_layout(tuple(keras_model.inputs[0].shape[1:]), pre.input_shape)
-                samples = np.transpose(representative, (0, 2, 3, 1)) if layout == "NHWC" else representative
-                samples = np.ascontiguousarray(samples, np.float32)
+                def attempt(src: Path, tag: str):
+                    t0 = time.perf_counter()
+                    # Keras numbers layer names per process (tf.nn.relu_9, ...) and the names end up in the
+                    # flatbuffer: without a reset, a second conversion in the same process writes a larger,
+                    # byte-different file than the CLI would (same numbers, longer tensor names).
+                    import tf_keras
+                    tf_keras.backend.clear_session()
+                    try:
+                        keras_model = onnx2tf.convert(
+                            input_onnx_file_path=str(constants_as_initializers(src, Path(work) / f"in{tag}.onnx")),
+                            output_folder_path=work,
+                            disable_model_save=True, not_use_onnxsim=True, non_verbose=not verbose,
+                            verbosity="debug" if verbose else "error",
+                        )
+                    except SystemExit:
+                        raise ConversionError("onnx2tf could not convert the ONNX graph") from None
+                    timings["onnx2tf_s"] = timings.get("onnx2tf_s", 0.0) + time.perf_counter() - t0
+                    if keras_model is None or len(keras_model.inputs) != 1:
+                        raise ConversionError("onnx2tf returned no single-input model")
+                    layout = _input_layout(tuple(keras_model.inputs[0].shape[1:]), pre.input_shape)
+                    samples = np.transpose(representative, (0, 2, 3, 1)) if layout == "NHWC" else representative
+                    samples = np.ascontiguousarray(samples, np.float32)
 
-                t0 = time.perf_counter()
-                spec = keras_model.inputs[0]
-                fn = tf.function(lambda x: keras_model(x),
-                                 input_signature=[tf.TensorSpec(spec.shape, tf.float32, name="input")])
-                conv = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], keras_model)
-                # Calibration batches: min/max statistics do not depend on batching (checked: byte-identical
-                # models), and batches of 32 calibrate several times faster than one sample at a time.
-                calib_batch = 32 if spec.shape[0] is None else 1
-                _configure(conv, tf, precision, samples, per_channel, calib_batch)
-                try:
-                    blob = conv.convert()
-                except Exception as e:
-                    if precision == "int8":
+                    t0 = time.perf_counter()
+                    spec = keras_model.inputs[0]
+                    fn = tf.function(lambda x: keras_model(x),
+                                     input_signature=[tf.TensorSpec(spec.shape, tf.float32, name="input")])
+                    conv = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], keras_model)
+                    # Calibration batches: min/max statistics do not depend on batching (checked: byte-identical
+                    # models), and batches of 32 calibrate several times faster than one sample at a time.
+                    calib_batch = 32 if spec.shape[0] is None else 1
+                    _configure(conv, tf, precision, samples, per_channel, calib_batch)
+                    try:
+                        blob = conv.convert()
+                    except Exception as e:
+                        if precision == "int8":
+                            raise ConversionError(
+                                f"TFLiteConverter cannot make this model fully int8: {_short(e)}; replace the op with an "
+                                "int8-supported one (see the TFLite int8 op list) or choose a float target"
+                            ) from None
                         raise ConversionError(
-                            f"TFLiteConverter cannot make this model fully int8: {_short(e)}; replace the op with an "
-                            "int8-supported one (see the TFLite int8 op list) or choose a float target"
-                        ) from None
-                    raise ConversionError(
-                        f"TFLiteConverter cannot convert this model to {precision} ({PRECISION_SETTINGS[precision]}): "
-                        f"{_short(e)}; replace the op or choose another precision (python -m pipeline.export "
-                        "--list-targets)") from None
-                timings[f"tflite_{precision}_s"] = time.perf_counter() - t0
+                            f"TFLiteConverter cannot convert this model to {precision} ({PRECISION_SETTINGS[precision]}): "
+                            f"{_short(e)}; replace the op or choose another precision (python -m pipeline.export "
+                            "--list-targets)") from None
+                    key = f"tflite_{precision}_s"
+                    timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
+                    return blob, layout, samples
+
+                blob, layout, samples = attempt(onnx.path, "")
+                folded_used = False
+                if not batch_axis_intact(blob):
+                    # onnx2tf applied a pad (or reshape) computed by a shape subgraph to the batch axis; with the
+                    # subgraph folded to constants (what onnxsim, which we skip for speed, would do) it converts.
+                    # If the second try fails too, the first model stands and the run stage says what is wrong.
+                    t0 = time.perf_counter()
+                    try:
+                        folded = fold_constants(onnx.path, Path(work) / "folded.onnx")
+                        second = attempt(folded, "_folded")
+                    except Exception:  # noqa: BLE001
+                        second = None
+                    timings["fold_and_reconvert_s"] = time.perf_counter() - t0
+                    if second is not None and batch_axis_intact(second[0]):
+                        (blob, layout, samples), folded_used = second, True
             except ConversionError:
                 raise
             except Exception as e:  # described below, once onnx2tf's captured log (naming the node) is complete
@@ -167,7 +192,7 @@ class Onnx2TfConverter:
         os.replace(tmp, out_path)
         return TfliteArtifact(path=out_path, bytes=len(blob), converter=self.name, input_layout=layout,
                               calibration_samples=int(len(samples)) if calibrated else 0,
-                              timings_s={k: round(v, 3) for k, v in timings.items()})
+                              timings_s={k: round(v, 3) for k, v in timings.items()}, constant_folded=folded_used)
 
 
 def _describe_failure(e: Exception, log: str, onnx_path: Path) -> str:
@@ -218,6 +243,38 @@ def _configure(conv, tf, precision: str, samples: np.ndarray, per_channel: bool,
         conv.inference_input_type = io
         conv.inference_output_type = io
         conv._experimental_disable_per_channel = not per_channel
+
+
+def batch_axis_intact(blob: bytes) -> bool:
+    """Whether a converted model gives one output row per input row (checked on zeros at batch 2, or at its fixed
+    batch) on LiteRT's built-in kernels. A conversion that applied a pad or reshape to the batch axis does not."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+    try:
+        it = Interpreter(model_content=blob, num_threads=1,
+                         experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+        inp = it.get_input_details()[0]
+        sig = inp.get("shape_signature", inp["shape"])
+        n = 2 if len(sig) and int(sig[0]) == -1 else int(inp["shape"][0])
+        if len(sig) and int(sig[0]) == -1:
+            it.resize_tensor_input(inp["index"], [n, *[int(v) for v in inp["shape"][1:]]], strict=True)
+        it.allocate_tensors()
+        it.set_tensor(inp["index"], np.zeros([n, *[int(v) for v in inp["shape"][1:]]], inp["dtype"]))
+        it.invoke()
+        out = it.get_tensor(it.get_output_details()[0]["index"])
+    except Exception:
+        return False
+    return out.ndim < 2 or out.shape[0] == n
+
+
+def fold_constants(src: Path, dst: Path) -> Path:
+    """``src`` with its constant subgraphs (shape computations) folded, by onnxruntime's basic graph optimizer."""
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.optimized_model_filepath = str(dst)
+    so.log_severity_level = 3
+    ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+    return dst
 
 
 def constants_as_initializers(src: Path, dst: Path) -> Path:
