@@ -672,6 +672,9 @@ def summary(report, out: Path) -> str:
         f"sizes      ONNX {art['onnx']['bytes'] / 1024:.1f} KiB  ->  {p} TFLite {art['tflite']['bytes'] / 1024:.1f} KiB "
         + (f"({art['size_ratio_onnx_to_int8']}x smaller)" if art['size_ratio_onnx_to_int8'] >= 1 else
            f"({1 / art['size_ratio_onnx_to_int8']:.2f}x larger)"),
+        *(["convert    converted twice: the first model broke the batch axis (a computed pad or reshape), the "
+           "second is from the constant-folded graph (report.json: conversion.constant_folded)"]
+          if report.conversion.get("constant_folded") else []),
         f"accuracy   FP32 {a['fp32_top1'] * 100:.2f}%  {p} {a['int8_top1'] * 100:.2f}%  drop {a['drop_pp']:+.2f} pp  "
         f"agreement {a['agreement'] * 100:.2f}%  ({a['n']} test images)",
         f"throughput {p} {report.runtime['int8']['images_per_s']:.0f} img/s on LiteRT {report.runtime['int8']['kernels']}, "

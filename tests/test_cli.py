@@ -413,6 +413,7 @@ def test_a_conversion_that_breaks_the_batch_axis_is_redone_from_a_folded_graph(t
     assert "constant_folded" in r["conversion"], r["conversion"]
     assert r["quantization"]["fully_int8"] and r["accuracy"]["n"] == 200
     assert r["accuracy"]["max_error_steps"] <= 8 and status in (0, 1), r["accuracy"]
+    assert "convert    converted twice: the first model broke the batch axis" in capsys.readouterr().out
 
 
 def test_a_model_whose_batch_axis_stays_broken_is_an_error_not_a_quantization_drop(tmp_path, tinynet_dir, tiny_npz,
