@@ -12,6 +12,7 @@ checks that the result meets that precision's contract.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -84,7 +85,6 @@ def _short(e: BaseException) -> str:
         return msg[:300]
     # Keras call failures ("in user code:", a traceback, then "ValueError: Exception encountered when calling
     # layer ..." and the reason on the next line)
-    import re
     for i, ln in enumerate(lines):
         if re.match(r"^\w*(Error|Exception): ", ln):
             if "Exception encountered when calling layer" in ln and i + 1 < len(lines):
@@ -166,9 +166,14 @@ class Onnx2TfConverter:
                     timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
                     return blob, layout, samples
 
+                def intact(blob: bytes, layout: str, tag: str) -> bool:
+                    check = Path(work) / f"check{tag}.tflite"
+                    check.write_bytes(blob)
+                    return batch_axis_intact(check, layout, pre.input_shape)
+
                 blob, layout, samples = attempt(onnx.path, "")
                 folded_used = False
-                if not batch_axis_intact(blob):
+                if not intact(blob, layout, ""):
                     # onnx2tf applied a pad (or reshape) computed by a shape subgraph to the batch axis; with the
                     # subgraph folded to constants (what onnxsim, which we skip for speed, would do) it converts.
                     # If the second try fails too, the first model stands and the run stage says what is wrong.
@@ -179,7 +184,7 @@ class Onnx2TfConverter:
                     except Exception:  # noqa: BLE001
                         second = None
                     timings["fold_and_reconvert_s"] = time.perf_counter() - t0
-                    if second is not None and batch_axis_intact(second[0]):
+                    if second is not None and intact(second[0], second[1], "_folded"):
                         (blob, layout, samples), folded_used = second, True
             except ConversionError:
                 raise
@@ -197,7 +202,6 @@ class Onnx2TfConverter:
 
 def _describe_failure(e: Exception, log: str, onnx_path: Path) -> str:
     """One line for a failed onnx2tf/TFLiteConverter run, naming the ONNX node when onnx2tf's log does."""
-    import re
     log = re.sub(r"\x1b\[[0-9;]*m", "", log or "")
     batch_hint = ("onnx2tf 1.28 fails on some graphs only because of the dynamic batch dimension the export gives "
                   "them (seen: ConvTranspose, channel shuffles, GroupNorm), so an ONNX you export with a fixed batch "
@@ -245,25 +249,18 @@ def _configure(conv, tf, precision: str, samples: np.ndarray, per_channel: bool,
         conv._experimental_disable_per_channel = not per_channel
 
 
-def batch_axis_intact(blob: bytes) -> bool:
-    """Whether a converted model gives one output row per input row (checked on zeros at batch 2, or at its fixed
-    batch) on LiteRT's built-in kernels. A conversion that applied a pad or reshape to the batch axis does not."""
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+def batch_axis_intact(path: Path, input_layout: str, input_chw: tuple[int, int, int]) -> bool:
+    """Whether a converted model gives one output row per input row, on LiteRT's built-in kernels at batch 2 (or
+    its fixed batch): ``TfliteRunner.run`` refuses a model whose output rows do not match, as one whose
+    conversion applied a pad or reshape to the batch axis."""
+    from .errors import PipelineError
+    from .runtime import TfliteRunner
     try:
-        it = Interpreter(model_content=blob, num_threads=1,
-                         experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
-        inp = it.get_input_details()[0]
-        sig = inp.get("shape_signature", inp["shape"])
-        n = 2 if len(sig) and int(sig[0]) == -1 else int(inp["shape"][0])
-        if len(sig) and int(sig[0]) == -1:
-            it.resize_tensor_input(inp["index"], [n, *[int(v) for v in inp["shape"][1:]]], strict=True)
-        it.allocate_tensors()
-        it.set_tensor(inp["index"], np.zeros([n, *[int(v) for v in inp["shape"][1:]]], inp["dtype"]))
-        it.invoke()
-        out = it.get_tensor(it.get_output_details()[0]["index"])
-    except Exception:
+        runner = TfliteRunner(path, kernels="builtin", threads=1, batch_size=2, input_layout=input_layout)
+        runner.run(np.zeros((2, *input_chw), np.float32))
+    except PipelineError:
         return False
-    return out.ndim < 2 or out.shape[0] == n
+    return True
 
 
 def fold_constants(src: Path, dst: Path) -> Path:

@@ -313,9 +313,6 @@ def evaluate_export(args: argparse.Namespace, log=print):
                       runtime_note=clean_note, progress=not args.verbose and sys.stderr.isatty())
     rep.update(result.sections)
     rep.setdefault("gates", {}).update(result.gates)
-    warning = result.sections["temperature_scaling"]["validation"].get("warning")
-    if warning:
-        print(f"warning: {warning}", file=sys.stderr)
     overrides = [flag for flag, v in (("--model", args.model), ("--weights", args.weights), ("--tflite", args.tflite),
                                       ("--data", args.data), ("--data-dir", args.data_dir),
                                       ("--eval-limit", args.eval_limit), ("--kernels", args.kernels)) if v is not None]
@@ -384,11 +381,13 @@ def _restate_for_overrides(rep: dict, overrides: list[str], clean: dict, labels,
     rep["model"] = model.describe()
     gates = rep.setdefault("gates", {})
     cfg = rep.get("config", {})
-    for name, value, ok in (("max_drop_pp", cmp.drop_pp, lambda v, lim: v <= lim),
-                            ("min_agreement", cmp.agreement, lambda v, lim: v >= lim)):
+    limits = {}  # the export's limits; a gate it did not record is not added
+    for name in ("max_drop_pp", "min_agreement"):
         limit = (gates.get(name) or {}).get("limit", cfg.get(name))
         if isinstance(limit, (int, float)) and not isinstance(limit, bool):
-            gates[name] = {"limit": limit, "value": value, "passed": bool(ok(value, limit)), "note": by}
+            limits[name] = limit
+    fresh = metrics.accuracy_gates(cmp, limits.get("max_drop_pp", float("inf")), limits.get("min_agreement", 0.0))
+    gates.update({name: fresh[name] | {"note": by} for name in limits})
     if "--tflite" in overrides:
         rep.setdefault("artifacts", {})["tflite"] = {"path": str(tflite.resolve()), "bytes": tflite.stat().st_size,
                                                      "precision": prec}

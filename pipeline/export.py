@@ -411,15 +411,13 @@ def _add_reliability(run: Run, report) -> None:
     report.sections.update(res.sections)
     report.gates.update(res.gates)
     report.passed = all(g["passed"] for g in report.gates.values())
-    warning = res.sections["temperature_scaling"]["validation"].get("warning")
-    if warning:
-        print(f"warning: {warning}", file=sys.stderr)
     report.artifacts["report_html"] = {"path": "report.html"}
 
 
 def _build_report(run: Run, setup_s: float):
     from .report import Report
     from .inspect_tflite import check_precision
+    from .metrics import accuracy_gates
     o = run.outputs
     onnx_art, tfl, insp, r, cmp = o["export_onnx"], o["convert"], o["inspect"], o["run"], o["compare"]
     cfg = run.cfg
@@ -431,9 +429,7 @@ def _build_report(run: Run, setup_s: float):
               "note": f"int8 targets only; this target is {prec} (see precision_ok)"},
         "precision_ok": {"required": True, "precision": prec, "value": chk.precision_ok, "passed": chk.precision_ok,
                          "rule": chk.rule, "reason": chk.reason},
-        "max_drop_pp": {"limit": cfg.max_drop_pp, "value": cmp.drop_pp, "passed": cmp.drop_pp <= cfg.max_drop_pp},
-        "min_agreement": {"limit": cfg.min_agreement, "value": cmp.agreement,
-                          "passed": cmp.agreement >= cfg.min_agreement},
+        **accuracy_gates(cmp, cfg.max_drop_pp, cfg.min_agreement),
     }
     gates.update(_device_gates(run))
     n = len(run.x_test)

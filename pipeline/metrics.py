@@ -24,6 +24,14 @@ class Comparison:
         return asdict(self)
 
 
+def accuracy_gates(cmp: Comparison, max_drop_pp: float, min_agreement: float) -> dict:
+    """The export's two accuracy gates on a comparison: top-1 drop (points) and top-1 agreement."""
+    return {
+        "max_drop_pp": {"limit": max_drop_pp, "value": cmp.drop_pp, "passed": cmp.drop_pp <= max_drop_pp},
+        "min_agreement": {"limit": min_agreement, "value": cmp.agreement, "passed": cmp.agreement >= min_agreement},
+    }
+
+
 def top1(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(np.argmax(logits, axis=1) == labels))
 

@@ -18,6 +18,7 @@ corruption x severity set).
 """
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -267,6 +268,7 @@ def evaluate(pair: ModelPair, dataset, n_test: int, cfg: ReliabilityConfig, *, c
                                  f"{MIN_RELIABLE_VAL_SIZE} are unreliable; pass --val-size 1000 or more (needs a "
                                  "training split 1000+ images larger than that)")
         validation["note"] = "; ".join(t for t in (validation["warning"], validation["note"]) if t)
+        (log or print)(f"warning: {validation['warning']}", file=sys.stderr)
     t0 = time.perf_counter()
     clean_rec = record(None, 0, fp32, int8, y_test)
     sections = {
