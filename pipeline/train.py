@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -64,37 +66,20 @@ def train(name: str, data_spec: str, data_dir: str | None, epochs: int, seed: in
     )
     x_train = preprocessing.apply(ds.x_train, pre)
     x_test = preprocessing.apply(ds.x_test, pre)
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    torch.set_num_threads(threads)
-    gen = torch.Generator().manual_seed(seed)
-    model = entry.build_for_training()
-    if channels_last:  # NHWC activations: faster CPU convolutions, above all depthwise ones
-        model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
-    steps_per_epoch = (len(x_train) + batch_size - 1) // batch_size
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch)
-    xt, yt = torch.from_numpy(x_train), torch.from_numpy(ds.y_train)
+    last = len(x_train) % batch_size
+    onednn = onednn_training_check(name, sorted({min(batch_size, len(x_train))} | ({last} if last else set())),
+                                   channels_last, threads)
+    if not onednn["used"]:
+        print(f"warning: {onednn['reason']}", file=sys.stderr, flush=True)
+    threads_before = torch.get_num_threads()
     t0 = time.time()
-    history = []
-    for epoch in range(epochs):
-        model.train()
-        perm = torch.randperm(len(xt), generator=gen)
-        total = 0.0
-        for i in range(steps_per_epoch):
-            idx = perm[i * batch_size:(i + 1) * batch_size]
-            xb = augment(xt[idx], gen)
-            if channels_last:
-                xb = xb.contiguous(memory_format=torch.channels_last)
-            loss = F.cross_entropy(model(xb), yt[idx], label_smoothing=0.05)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += float(loss.detach()) * len(idx)
-        acc = evaluate(model, x_test, ds.y_test)
-        history.append({"epoch": epoch + 1, "train_loss": total / len(xt), "test_top1": acc})
-        print(f"epoch {epoch + 1}/{epochs}: loss {total / len(xt):.4f}, test top-1 {acc:.4f} ({time.time() - t0:.0f}s)", flush=True)
+    try:
+        torch.set_num_threads(threads)
+        with torch.backends.mkldnn.flags(enabled=onednn["used"]):
+            model, history = _fit(entry, x_train, ds.y_train, x_test, ds.y_test, epochs, seed, batch_size, lr,
+                                  channels_last, t0)
+    finally:  # the caller's thread count is theirs (a test or a notebook goes on with it)
+        torch.set_num_threads(threads_before)
     model = model.to(memory_format=torch.contiguous_format).eval()
     deploy = None
     if entry.to_deploy is not None:
@@ -109,6 +94,7 @@ def train(name: str, data_spec: str, data_dir: str | None, epochs: int, seed: in
         "lr": lr,
         "optimizer": "AdamW(weight_decay=5e-4) + OneCycleLR, label smoothing 0.05, shift±2 + hflip",
         "channels_last": channels_last,
+        "onednn": onednn,
         "fp32_test_top1": evaluate(model, x_test, ds.y_test),
         "parameters": int(sum(p.numel() for p in model.parameters())),
         "train_seconds": round(time.time() - t0, 1),
@@ -126,6 +112,93 @@ def train(name: str, data_spec: str, data_dir: str | None, epochs: int, seed: in
     os.replace(f.name, weights)
     (out_dir / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
+
+
+def _fit(entry, x_train, y_train, x_test, y_test, epochs, seed, batch_size, lr, channels_last, t0):
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = entry.build_for_training()
+    if channels_last:  # NHWC activations: faster CPU convolutions, above all depthwise ones
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
+    steps_per_epoch = (len(x_train) + batch_size - 1) // batch_size
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch)
+    xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train)
+    history = []
+    for epoch in range(epochs):
+        model.train()
+        perm = torch.randperm(len(xt), generator=gen)
+        total = 0.0
+        for i in range(steps_per_epoch):
+            idx = perm[i * batch_size:(i + 1) * batch_size]
+            xb = augment(xt[idx], gen)
+            if channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            loss = F.cross_entropy(model(xb), yt[idx], label_smoothing=0.05)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss.detach()) * len(idx)
+        acc = evaluate(model, x_test, y_test)
+        history.append({"epoch": epoch + 1, "train_loss": total / len(xt), "test_top1": acc})
+        print(f"epoch {epoch + 1}/{epochs}: loss {total / len(xt):.4f}, test top-1 {acc:.4f} ({time.time() - t0:.0f}s)", flush=True)
+    return model, history
+
+
+# oneDNN (PyTorch's x86 convolution library) picks JIT kernels from what CPUID reports about the processor and its
+# caches. On some virtualised AMD EPYC hosts its training kernels abort the whole process inside loss.backward()
+# (MobileOne, seen 3 runs of 3; the same step passes with oneDNN off), and no Python code can catch an abort.
+# PyTorch's native kernels do not depend on that detection, but train 2-20x slower (measured here: MobileNetV2
+# 18.6 s vs 0.9 s for 8 steps), so oneDNN stays on wherever it works: one training step of the same model, batch
+# sizes, memory format and thread count is first run in a child process, and only if that child dies from a
+# signal is oneDNN turned off, for this training only.
+_PROBE = ("import sys, json; from pipeline.train import _probe_step; "
+          "_probe_step(*json.loads(sys.argv[1]))")
+
+
+def onednn_training_check(name: str, batch_sizes: list[int], channels_last: bool, threads: int,
+                          timeout_s: float = 300.0, probe: str = _PROBE) -> dict:
+    """Whether oneDNN's training kernels survive one step of ``zoo:name`` on this CPU (run in a child process)."""
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    args = json.dumps([name, batch_sizes, channels_last, threads])
+    try:
+        r = subprocess.run([sys.executable, "-c", probe, args], env=env, capture_output=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"used": False, "probe": "timeout", "reason": f"a oneDNN training step of zoo:{name} did not finish in {timeout_s:.0f} s "
+                                         "in a child process; training with PyTorch's native kernels (slower)"}
+    if r.returncode < 0:
+        try:
+            sig = signal.Signals(-r.returncode).name
+        except ValueError:
+            sig = f"signal {-r.returncode}"
+        return {"used": False, "probe": "crashed", "reason": f"oneDNN's training kernels crashed ({sig}) on this CPU in a test step of "
+                                         f"zoo:{name}; training with PyTorch's native kernels instead (slower, "
+                                         "same arithmetic up to float rounding)"}
+    if r.returncode != 0:  # a Python error is not a kernel crash: the training itself raises it with its message
+        last = (r.stderr.decode(errors="replace").strip().splitlines() or ["no message"])[-1]
+        return {"used": True, "probe": "error", "reason": f"the oneDNN probe step failed without a crash ({last})"}
+    return {"used": True, "probe": "ok", "reason": "a oneDNN training step ran in a child process on this CPU"}
+
+
+def _probe_step(name: str, batch_sizes: list[int], channels_last: bool, threads: int) -> None:
+    torch.set_num_threads(threads)
+    entry = zoo.get_entry(name)
+    model = entry.build_for_training()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    for n in batch_sizes:
+        x = torch.rand((n, *entry.input_shape), generator=gen)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        loss = F.cross_entropy(model(x), torch.randint(0, entry.num_classes, (n,), generator=gen))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
 
 
 @torch.no_grad()

@@ -115,8 +115,11 @@ def test_train_writes_the_deployed_form_of_a_model_trained_in_another_form(tmp_p
     from pipeline import zoo
 
     data = make_tiny_npz(tmp_path / "tiny28.npz", n_train=256, n_test=64, size=28, classes=4)
+    threads_before = torch.get_num_threads()
     rec = train_mod.train("mobileone", str(data), None, epochs=1, seed=0, batch_size=128, lr=3e-3,
-                          out_dir=tmp_path / "w", threads=1)
+                          out_dir=tmp_path / "w", threads=threads_before + 1)
+    assert torch.get_num_threads() == threads_before  # train() leaves the caller's thread count alone
+    assert rec["onednn"]["probe"] in ("ok", "crashed")
     entry = zoo.get_entry("mobileone")
     deployed = entry.factory()
     deployed.load_state_dict(torch.load(tmp_path / "w" / "mobileone.pt", weights_only=True), strict=True)
@@ -130,6 +133,22 @@ def test_train_writes_the_deployed_form_of_a_model_trained_in_another_form(tmp_p
     with torch.no_grad():
         acc = float((deployed.eval()(x).argmax(1).numpy() == z["y_test"]).mean())
     assert saved["fp32_test_top1"] == pytest.approx(acc) == pytest.approx(rec["fp32_test_top1"])
+
+
+def test_onednn_check_runs_a_real_training_step_in_a_child_and_turns_onednn_off_only_on_a_crash():
+    from pipeline.train import onednn_training_check
+
+    # The real probe: one training step of MobileOne's training form in a child process on this CPU. Where
+    # oneDNN works it is kept (the child exits 0); where it aborts, the parent lives on and turns it off.
+    real = onednn_training_check("mobileone", [8, 3], channels_last=False, threads=1)
+    assert (real["probe"], real["used"]) in (("ok", True), ("crashed", False)), real
+    # A child that dies from SIGABRT, as oneDNN did on an AMD EPYC host, turns oneDNN off and says why.
+    crashed = onednn_training_check("mobileone", [8], False, 1,
+                                    probe="import os, signal; os.kill(os.getpid(), signal.SIGABRT)")
+    assert (crashed["probe"], crashed["used"]) == ("crashed", False) and "SIGABRT" in crashed["reason"]
+    # A Python error is not a kernel crash: the training raises it itself, with its own message.
+    err = onednn_training_check("mobileone", [8], False, 1, probe="raise ValueError('bad shape')")
+    assert (err["probe"], err["used"]) == ("error", True) and "bad shape" in err["reason"]
 
 
 def test_channel_parity_slices_convert_on_the_channel_axis(tmp_path):
