@@ -1,0 +1,62 @@
+"""The FP32 sanity gate and the preprocessing probe, on a trained zoo model and on real Fashion-MNIST images."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from pipeline import models, preprocessing, sanity
+
+
+def test_near_chance_limit_follows_the_documented_rule():
+    assert sanity.near_chance_limit(0.1) == pytest.approx(0.2)  # 10 balanced classes: twice chance
+    assert sanity.near_chance_limit(0.5) == pytest.approx(0.625)  # 2 classes: a quarter of the way to 100%
+    assert sanity.near_chance_limit(0.001) == pytest.approx(0.002)
+    assert sanity.chance_level(np.array([0, 0, 0, 1])) == 0.75  # the majority class, not 1/classes
+
+
+@pytest.fixture(scope="module")
+def refcnn_setup(fmnist):
+    model = models.load("zoo:refcnn")
+    pre = preprocessing.Preprocessing(input_shape=(1, 28, 28), source_layout="NHW", source_dtype="uint8",
+                                      scale=1 / 255, mean=tuple(model.mean), std=tuple(model.std))
+    return model, pre, fmnist
+
+
+def _run(model):
+    return lambda x: models.run_fp32(model, x, batch_size=256)
+
+
+def test_probe_finds_the_models_own_normalisation_when_the_one_in_use_is_wrong(refcnn_setup):
+    model, pre, ds = refcnn_setup
+    wrong = dataclasses.replace(pre, mean=(0.9,), std=(0.05,))
+    rec = sanity.probe(_run(model), ds.x_test, ds.y_test, wrong, model.mean, model.std, n=400)
+    by = {r["name"]: r for r in rec["candidates"]}
+    assert by["in use"]["top1"] < 0.3 and by["the model's own record"]["top1"] > 0.85
+    assert rec["better"]["name"] == "the model's own record" and rec["better"]["gain_pp"] > 50
+    gate = sanity.fp32_gate(by["in use"]["top1"], ds.y_test[:400], rec, weights_missing=False)
+    assert not gate["passed"] and "--mean 0.286 --std 0.353" in gate["reason"]
+
+
+def test_probe_is_silent_and_the_gate_passes_for_a_correct_record(refcnn_setup):
+    model, pre, ds = refcnn_setup
+    rec = sanity.probe(_run(model), ds.x_test, ds.y_test, pre, model.mean, model.std,
+                       train_stats=sanity.train_statistics(ds.x_train, pre.scale), n=400)
+    assert rec["better"] is None  # the training split's own statistics are the model's record, within 5 pp
+    top1 = rec["candidates"][0]["top1"]
+    assert sanity.fp32_gate(top1, ds.y_test[:400], rec, weights_missing=False)["passed"]
+
+
+def test_an_untrained_model_fails_the_gate_naming_the_missing_weights(fmnist):
+    import torch
+
+    from pipeline.zoo import get_entry
+    torch.manual_seed(0)
+    untrained = models.LoadedModel(spec="x:y", kind="factory", module=get_entry("refcnn").factory().eval())
+    pre = preprocessing.Preprocessing(input_shape=(1, 28, 28), source_layout="NHW", source_dtype="uint8",
+                                      scale=1 / 255, mean=(0.0,), std=(1.0,))
+    x = preprocessing.apply(fmnist.x_test[:1000], pre)
+    top1 = float(np.mean(np.argmax(models.run_fp32(untrained, x), 1) == fmnist.y_test[:1000]))
+    gate = sanity.fp32_gate(top1, fmnist.y_test[:1000], None, weights_missing=True)
+    assert not gate["passed"] and "without --weights" in gate["reason"]
