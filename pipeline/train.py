@@ -1,4 +1,5 @@
-"""Seeded training of zoo models: ``python -m pipeline.train zoo:NAME --data fashion-mnist --epochs N``.
+"""Seeded training: ``python -m pipeline.train zoo:NAME --data fashion-mnist --epochs N``, or a user's own
+``package.module:factory`` (``--weights`` to fine-tune from a state_dict) on their ``--data my.npz``.
 
 Reproduces a shipped checkpoint: same seed, same data, same schedule -> the same weights
 (up to nondeterminism of CPU kernels across machines). Writes the weights as a plain
@@ -11,6 +12,7 @@ its ``to_deploy`` and checked to give the same outputs; the deployed weights are
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -26,12 +28,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import data as data_mod
-from . import preprocessing, zoo
+from . import models, preprocessing, zoo
 from .errors import ModelError, PipelineError, UsageError
 
 
-def augment(x: torch.Tensor, gen: torch.Generator, pad: int = 2) -> torch.Tensor:
-    """Random shifts by up to ``pad`` pixels and horizontal flips (seeded)."""
+AUGMENTATIONS = ("shift+hflip", "shift", "none")
+
+
+def augment(x: torch.Tensor, gen: torch.Generator, pad: int = 2, hflip: bool = True) -> torch.Tensor:
+    """Random shifts by up to ``pad`` pixels and (``hflip``) horizontal flips (seeded)."""
     n, _, h, w = x.shape
     xp = F.pad(x, (pad, pad, pad, pad), mode="replicate")
     dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
@@ -40,8 +45,9 @@ def augment(x: torch.Tensor, gen: torch.Generator, pad: int = 2) -> torch.Tensor
     cols = (dx[:, None] + torch.arange(w)[None, :])  # n,w
     idx = torch.arange(n)[:, None, None]
     out = xp.permute(0, 2, 3, 1)[idx, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
-    flip = torch.rand(n, generator=gen) < 0.5
-    out[flip] = out[flip].flip(-1)
+    if hflip:
+        flip = torch.rand(n, generator=gen) < 0.5
+        out[flip] = out[flip].flip(-1)
     return out.contiguous()
 
 
@@ -55,9 +61,42 @@ def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, batch: int = 1000) 
     return correct / len(x)
 
 
-def train(name: str, data_spec: str, data_dir: str | None, epochs: int, seed: int, batch_size: int,
-          lr: float, out_dir: Path, threads: int, channels_last: bool = False) -> dict:
-    entry = zoo.get_entry(name)
+def trainee(spec: str, weights: str | None = None, input_shape: tuple[int, int, int] | None = None,
+            data_shape: tuple[int, int, int] | None = None, mean: tuple[float, ...] | None = None,
+            std: tuple[float, ...] | None = None) -> zoo.ZooEntry:
+    """What to train, as a zoo entry: a registered one (``zoo:NAME``), or an unregistered one built around the
+    user's ``package.module:factory`` (named on the command line; ``weights`` fine-tunes from a state_dict)."""
+    if spec.startswith("zoo:"):
+        entry = zoo.get_entry(spec[4:])
+        if weights:  # fine-tune the shipped architecture from the given state_dict
+            factory = lambda: models.load(spec, weights).module  # noqa: E731
+            entry = dataclasses.replace(entry, factory=factory, train_factory=None, to_deploy=None)
+        return entry
+    if ":" not in spec:
+        raise UsageError(f"{spec!r} is neither zoo:NAME nor package.module:factory; pass one of those "
+                         f"(zoo models: {', '.join(zoo.list_models(include_unshipped=True))})")
+    factory = lambda: models.load(spec, weights).module  # noqa: E731
+    shape = tuple(input_shape or data_shape or ())
+    if len(shape) != 3:
+        raise UsageError(f"cannot tell the input shape of {spec}; pass --input-shape C,H,W")
+    num_classes = models.probe(models.load(spec, weights), shape)
+    mod, _, attr = spec.partition(":")
+    name = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in f"{mod.split('.')[-1]}_{attr}")
+    c = shape[0]
+    return zoo.ZooEntry(name=name, factory=factory, input_shape=shape, num_classes=num_classes, dataset="user",
+                        mean=preprocessing.per_channel(mean, c, 0.0, "mean"),
+                        std=preprocessing.per_channel(std, c, 1.0, "std"), description=f"factory {spec}")
+
+
+def train(entry: zoo.ZooEntry | str, data_spec: str, data_dir: str | None, epochs: int, seed: int, batch_size: int,
+          lr: float, out_dir: Path, threads: int, channels_last: bool = False, spec: str | None = None,
+          weights: str | None = None, augmentation: str = "shift+hflip") -> dict:
+    """Train ``entry`` (a zoo entry, or a zoo name) and write ``out_dir/NAME.pt`` (state_dict) and ``NAME.json``.
+
+    ``spec``/``weights``: how a child process rebuilds the model for the oneDNN check (default ``zoo:NAME``)."""
+    if isinstance(entry, str):
+        entry = zoo.get_entry(entry)
+    name, spec = entry.name, spec or f"zoo:{entry.name}"
     ds = data_mod.load(data_spec, data_dir, entry.input_shape)
     data_mod.check_fits(ds, entry.input_shape, entry.num_classes)
     pre = preprocessing.Preprocessing(
@@ -67,7 +106,8 @@ def train(name: str, data_spec: str, data_dir: str | None, epochs: int, seed: in
     x_train = preprocessing.apply(ds.x_train, pre)
     x_test = preprocessing.apply(ds.x_test, pre)
     last = len(x_train) % batch_size
-    onednn = onednn_training_check(name, sorted({min(batch_size, len(x_train))} | ({last} if last else set())),
+    onednn = onednn_training_check(spec, weights, entry.input_shape,
+                                   sorted({min(batch_size, len(x_train))} | ({last} if last else set())),
                                    channels_last, threads)
     if not onednn["used"]:
         print(f"warning: {onednn['reason']}", file=sys.stderr, flush=True)
@@ -77,7 +117,7 @@ def train(name: str, data_spec: str, data_dir: str | None, epochs: int, seed: in
         torch.set_num_threads(threads)
         with torch.backends.mkldnn.flags(enabled=onednn["used"]):
             model, history = _fit(entry, x_train, ds.y_train, x_test, ds.y_test, epochs, seed, batch_size, lr,
-                                  channels_last, t0)
+                                  channels_last, t0, augmentation)
     finally:  # the caller's thread count is theirs (a test or a notebook goes on with it)
         torch.set_num_threads(threads_before)
     model = model.to(memory_format=torch.contiguous_format).eval()
@@ -86,13 +126,15 @@ def train(name: str, data_spec: str, data_dir: str | None, epochs: int, seed: in
         deploy = _to_deploy(entry, model, x_test, ds.y_test)
         model = deploy.pop("model")
     record = {
-        "model": f"zoo:{name}",
+        "model": spec,
+        **({"initial_weights": weights} if weights else {}),
         "dataset": ds.describe(),
         "seed": seed,
         "epochs": epochs,
         "batch_size": batch_size,
         "lr": lr,
-        "optimizer": "AdamW(weight_decay=5e-4) + OneCycleLR, label smoothing 0.05, shift±2 + hflip",
+        "optimizer": "AdamW(weight_decay=5e-4) + OneCycleLR, label smoothing 0.05",
+        "augmentation": {"shift+hflip": "shift±2 + hflip", "shift": "shift±2", "none": "none"}[augmentation],
         "channels_last": channels_last,
         "onednn": onednn,
         "fp32_test_top1": evaluate(model, x_test, ds.y_test),
@@ -101,20 +143,21 @@ def train(name: str, data_spec: str, data_dir: str | None, epochs: int, seed: in
         "torch": torch.__version__,
         **({"deploy": deploy} if deploy is not None else {}),
         "history": history,
+        "mean": list(entry.mean),
+        "std": list(entry.std),
         "command": " ".join(["python -m pipeline.train"] + sys.argv[1:]),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    weights = out_dir / f"{name}.pt"
+    weights_file = out_dir / f"{name}.pt"
     with tempfile.NamedTemporaryFile(dir=out_dir, delete=False, suffix=".tmp") as f:
         torch.save(model.state_dict(), f)
-    os.chmod(f.name, 0o644)
     os.chmod(f.name, 0o644)  # NamedTemporaryFile is private; the weights ship with the package
-    os.replace(f.name, weights)
+    os.replace(f.name, weights_file)
     (out_dir / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
 
 
-def _fit(entry, x_train, y_train, x_test, y_test, epochs, seed, batch_size, lr, channels_last, t0):
+def _fit(entry, x_train, y_train, x_test, y_test, epochs, seed, batch_size, lr, channels_last, t0, augmentation):
     torch.manual_seed(seed)
     np.random.seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -132,7 +175,7 @@ def _fit(entry, x_train, y_train, x_test, y_test, epochs, seed, batch_size, lr, 
         total = 0.0
         for i in range(steps_per_epoch):
             idx = perm[i * batch_size:(i + 1) * batch_size]
-            xb = augment(xt[idx], gen)
+            xb = xt[idx] if augmentation == "none" else augment(xt[idx], gen, hflip=augmentation == "shift+hflip")
             if channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             loss = F.cross_entropy(model(xb), yt[idx], label_smoothing=0.05)
@@ -158,16 +201,17 @@ _PROBE = ("import sys, json; from pipeline.train import _probe_step; "
           "_probe_step(*json.loads(sys.argv[1]))")
 
 
-def onednn_training_check(name: str, batch_sizes: list[int], channels_last: bool, threads: int,
-                          timeout_s: float = 300.0, probe: str = _PROBE) -> dict:
-    """Whether oneDNN's training kernels survive one step of ``zoo:name`` on this CPU (run in a child process)."""
+def onednn_training_check(spec: str, weights: str | None, input_shape, batch_sizes: list[int], channels_last: bool,
+                          threads: int, timeout_s: float = 300.0, probe: str = _PROBE) -> dict:
+    """Whether oneDNN's training kernels survive one step of ``spec`` on this CPU (run in a child process)."""
     root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    args = json.dumps([name, batch_sizes, channels_last, threads])
+    # The child imports what the user named on the command line, from the same folder as this process.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+    args = json.dumps([spec, weights, list(input_shape), batch_sizes, channels_last, threads])
     try:
         r = subprocess.run([sys.executable, "-c", probe, args], env=env, capture_output=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        return {"used": False, "probe": "timeout", "reason": f"a oneDNN training step of zoo:{name} did not finish in {timeout_s:.0f} s "
+        return {"used": False, "probe": "timeout", "reason": f"a oneDNN training step of {spec} did not finish in {timeout_s:.0f} s "
                                          "in a child process; training with PyTorch's native kernels (slower)"}
     if r.returncode < 0:
         try:
@@ -175,7 +219,7 @@ def onednn_training_check(name: str, batch_sizes: list[int], channels_last: bool
         except ValueError:
             sig = f"signal {-r.returncode}"
         return {"used": False, "probe": "crashed", "reason": f"oneDNN's training kernels crashed ({sig}) on this CPU in a test step of "
-                                         f"zoo:{name}; training with PyTorch's native kernels instead (slower, "
+                                         f"{spec}; training with PyTorch's native kernels instead (slower, "
                                          "same arithmetic up to float rounding)"}
     if r.returncode != 0:  # a Python error is not a kernel crash: the training itself raises it with its message
         last = (r.stderr.decode(errors="replace").strip().splitlines() or ["no message"])[-1]
@@ -183,9 +227,10 @@ def onednn_training_check(name: str, batch_sizes: list[int], channels_last: bool
     return {"used": True, "probe": "ok", "reason": "a oneDNN training step ran in a child process on this CPU"}
 
 
-def _probe_step(name: str, batch_sizes: list[int], channels_last: bool, threads: int) -> None:
+def _probe_step(spec: str, weights: str | None, input_shape: list[int], batch_sizes: list[int], channels_last: bool,
+                threads: int) -> None:
     torch.set_num_threads(threads)
-    entry = zoo.get_entry(name)
+    entry = trainee(spec, weights, tuple(input_shape))
     model = entry.build_for_training()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -225,34 +270,66 @@ def _to_deploy(entry, trained: nn.Module, x_test: np.ndarray, y_test: np.ndarray
             "max_abs_logit_diff_vs_train_form": max_diff, "tolerance": tol}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.train", description="Seeded training of a zoo model.")
-    p.add_argument("model", help="zoo:NAME")
-    p.add_argument("--data", default="fashion-mnist")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--epochs", type=int, default=12)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--threads", type=int, default=max(1, os.cpu_count() or 1))
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, no usage dump
+        raise UsageError(f"{message}; see python -m pipeline.train --help")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .export import _floats, _shape
+    from .evaluate import seed_int
+    p = _Parser(prog="python -m pipeline.train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                description="Seeded training (or fine-tuning) of a zoo model or of your own "
+                            "package.module:factory; writes NAME.pt (a state_dict) and NAME.json (the record).")
+    p.add_argument("model", help="zoo:NAME, or package.module:factory (a function or class returning an nn.Module, "
+                                 "importable from the current folder)")
+    p.add_argument("--weights", help="start from this state_dict (fine-tuning; loaded with weights_only=True)")
+    p.add_argument("--data", default="fashion-mnist", help="fashion-mnist or path/to/data.npz")
+    p.add_argument("--data-dir", help="folder with the Fashion-MNIST IDX files (default: the Debian package's)")
+    p.add_argument("--input-shape", type=_shape, help="C,H,W of a factory model (default: the data's image shape)")
+    p.add_argument("--mean", type=_floats, help="factory models: per-channel mean after scaling to [0,1] (default 0)")
+    p.add_argument("--std", type=_floats, help="factory models: per-channel std after scaling to [0,1] (default 1)")
+    p.add_argument("--epochs", type=int, default=12, help="passes over the training split")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the initial weights, the order and augmentation")
+    p.add_argument("--batch-size", type=int, default=128, help="training batch")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the one-cycle schedule (AdamW)")
+    p.add_argument("--threads", type=int, default=max(1, os.cpu_count() or 1), help="PyTorch threads")
+    p.add_argument("--augment", choices=AUGMENTATIONS, default="shift+hflip",
+                   help="random shifts by up to 2 pixels, and horizontal flips (drop them for data whose classes "
+                        "are not mirror-symmetric, e.g. digits or text)")
     p.add_argument("--channels-last", action="store_true",
                    help="train with NHWC (channels_last) activations: faster on CPU, same model")
-    p.add_argument("--out", default=str(zoo.WEIGHTS_DIR), help="folder for NAME.pt and NAME.json")
-    args = p.parse_args(argv)
+    p.add_argument("--out", help=f"folder for NAME.pt and NAME.json (default: {zoo.WEIGHTS_DIR} for zoo models "
+                                 "trained from scratch, else the current folder)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
     try:
-        if not args.model.startswith("zoo:"):
-            raise UsageError(f"{args.model!r} is not a zoo model; pass zoo:NAME (one of {', '.join(zoo.list_models(include_unshipped=True))})")
-        if args.epochs < 1:
-            raise UsageError("--epochs must be at least 1")
-        rec = train(args.model[4:], args.data, args.data_dir, args.epochs, args.seed, args.batch_size,
-                    args.lr, Path(args.out), args.threads, channels_last=args.channels_last)
+        args = build_parser().parse_args(argv)
+        if args.epochs < 1 or args.batch_size < 1 or args.threads < 1:
+            raise UsageError("--epochs, --batch-size and --threads must be at least 1")
+        if not (args.lr > 0 and args.lr < float("inf")):
+            raise UsageError(f"--lr {args.lr} must be a positive number")
+        if args.model.startswith("zoo:") and (args.input_shape or args.mean or args.std):
+            raise UsageError("--input-shape, --mean and --std are for factory models; a zoo model has its own")
+        if args.std and any(v <= 0 for v in args.std):
+            raise UsageError("--std values must be positive")
+        data_shape = None
+        if not args.model.startswith("zoo:") and not args.input_shape:
+            data_shape = data_mod.load(args.data, args.data_dir, None).sample_shape
+        entry = trainee(args.model, args.weights, args.input_shape, data_shape, args.mean, args.std)
+        own = args.model.startswith("zoo:") and not args.weights
+        out = Path(args.out) if args.out else (zoo.WEIGHTS_DIR if own else Path.cwd())
+        rec = train(entry, args.data, args.data_dir, args.epochs, args.seed, args.batch_size, args.lr, out,
+                    args.threads, channels_last=args.channels_last, spec=args.model, weights=args.weights,
+                    augmentation=args.augment)
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_status
     print(f"{rec['model']}: FP32 test top-1 {rec['fp32_test_top1']:.4f} after {rec['epochs']} epochs "
-          f"({rec['train_seconds']}s); weights in {args.out}")
+          f"({rec['train_seconds']}s); weights in {out / (entry.name + '.pt')}")
     return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -3,12 +3,14 @@ training of a model with a separate training form, and the channel-slice convers
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
+from conftest import ROOT
 from pipeline.zoo.ghostnet import GhostModule, GhostNet
 from pipeline.zoo.mobilenetv2 import MobileNetV2
 from pipeline.zoo.mobileone import MobileOne, MobileOneBlock, reparameterize
@@ -140,14 +142,14 @@ def test_onednn_check_runs_a_real_training_step_in_a_child_and_turns_onednn_off_
 
     # The real probe: one training step of MobileOne's training form in a child process on this CPU. Where
     # oneDNN works it is kept (the child exits 0); where it aborts, the parent lives on and turns it off.
-    real = onednn_training_check("mobileone", [8, 3], channels_last=False, threads=1)
+    real = onednn_training_check("zoo:mobileone", None, (1, 28, 28), [8, 3], channels_last=False, threads=1)
     assert (real["probe"], real["used"]) in (("ok", True), ("crashed", False)), real
     # A child that dies from SIGABRT, as oneDNN did on an AMD EPYC host, turns oneDNN off and says why.
-    crashed = onednn_training_check("mobileone", [8], False, 1,
+    crashed = onednn_training_check("zoo:mobileone", None, (1, 28, 28), [8], False, 1,
                                     probe="import os, signal; os.kill(os.getpid(), signal.SIGABRT)")
     assert (crashed["probe"], crashed["used"]) == ("crashed", False) and "SIGABRT" in crashed["reason"]
     # A Python error is not a kernel crash: the training raises it itself, with its own message.
-    err = onednn_training_check("mobileone", [8], False, 1, probe="raise ValueError('bad shape')")
+    err = onednn_training_check("zoo:mobileone", None, (1, 28, 28), [8], False, 1, probe="raise ValueError('bad shape')")
     assert (err["probe"], err["used"]) == ("error", True) and "bad shape" in err["reason"]
 
 
@@ -189,3 +191,40 @@ def test_channel_parity_slices_convert_on_the_channel_axis(tmp_path):
     assert insp.fully_int8 and insp.ops.get("STRIDED_SLICE") == 2, insp.ops
     # One conv, a split, a 1×1 conv, a stride-2 conv and a linear layer: a few output steps at most.
     assert_tflite_matches_torch(model, tfl.path, x[:32], max_steps=4)
+
+
+@pytest.mark.slow
+def test_train_cli_trains_and_fine_tunes_a_users_own_factory(tmp_path, tinynet_dir, tiny_npz):
+    """`python -m pipeline.train mod:factory` trains the user's own model with the same seeded loop, and
+    `--weights` fine-tunes from a state_dict; the weights load into the factory and score what the record says."""
+    import subprocess
+    import sys
+
+    def train(*extra):
+        return subprocess.run([sys.executable, "-m", "pipeline.train", "tinynet:tinynet", "--data", str(tiny_npz),
+                               "--epochs", "6", "--batch-size", "32", "--lr", "1e-2", "--augment", "none",
+                               "--threads", "1", *extra],
+                              cwd=tinynet_dir, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+    r = train("--out", str(tmp_path / "a"))
+    assert r.returncode == 0, r.stderr
+    rec = json.loads((tmp_path / "a" / "tinynet_tinynet.json").read_text())
+    assert rec["model"] == "tinynet:tinynet" and rec["mean"] == [0.0] and rec["std"] == [1.0]
+    sys.path.insert(0, str(tinynet_dir))
+    import tinynet
+    m = tinynet.tinynet()
+    m.load_state_dict(torch.load(tmp_path / "a" / "tinynet_tinynet.pt", weights_only=True), strict=True)
+    z = np.load(tiny_npz)
+    with torch.no_grad():
+        acc = float((m.eval()(torch.from_numpy(z["x_test"][:, None] / np.float32(255))).argmax(1).numpy()
+                     == z["y_test"]).mean())
+    assert acc == pytest.approx(rec["fp32_test_top1"]) and acc > 0.5  # the toy task is learnable in 6 epochs
+    # Fine-tuning starts from the given weights: one more epoch from the trained ones keeps them good.
+    r = train("--weights", str(tmp_path / "a" / "tinynet_tinynet.pt"), "--epochs", "1", "--out", str(tmp_path / "b"))
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "b" / "tinynet_tinynet.json").read_text())["initial_weights"].endswith(".pt")
+    # Usage errors: one line, exit 2.
+    r = train("--mean", "0.5", "--std", "0", "--out", str(tmp_path / "c"))
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "--std" in r.stderr
+    assert not (tmp_path / "c").exists()
