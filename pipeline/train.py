@@ -275,10 +275,17 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message}; see python -m pipeline.train --help")
 
 
+class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default where there is one (an option whose help says its default in words has none)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .export import _floats, _shape
     from .evaluate import seed_int
-    p = _Parser(prog="python -m pipeline.train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = _Parser(prog="python -m pipeline.train", formatter_class=_Defaults,
                 description="Seeded training (or fine-tuning) of a zoo model or of your own "
                             "package.module:factory; writes NAME.pt (a state_dict) and NAME.json (the record).")
     p.add_argument("model", help="zoo:NAME, or package.module:factory (a function or class returning an nn.Module, "
