@@ -82,19 +82,44 @@ def cached(ctx: CalibContext, spec: str, size: int, seed: int, version: int | st
 
 
 def _read(npy: Path, meta_path: Path, key: dict, ctx: CalibContext) -> ArraySource | None:
+    """The cached set, or None (then it is regenerated and rewritten) when the entry is missing, stale,
+    unreadable or tampered with: the sidecar must describe this key, and the array must be float32 of the
+    expected shape (checked from its header before it is read), finite, and within the input range."""
+    from pipeline.errors import PipelineError
+    from pipeline.safe_arrays import load_npy
     if not (npy.is_file() and meta_path.is_file()):
         return None
+    expected = (key["size"], *key["input_shape"])
+
+    def unusable(why: str) -> None:
+        warnings.warn(f"ignoring unreadable calibration cache entry {npy} ({why}); regenerating", stacklevel=4)
+
     try:
         meta = json.loads(meta_path.read_text())
-        samples = np.load(npy, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        warnings.warn(f"ignoring unreadable calibration cache entry {npy} ({type(e).__name__}); regenerating",
-                      stacklevel=3)
-        return None
-    expected = (key["size"], *key["input_shape"])
-    if meta.get("key") != key or samples.dtype != np.float32 or tuple(samples.shape) != expected:
-        return None
-    extra = dict(meta.get("extra", {}))
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return unusable(type(e).__name__)
+    if not isinstance(meta, dict) or meta.get("key") != key:
+        return None  # another key's entry (or not a sidecar at all): build and overwrite
+    extra = meta.get("extra", {})
+    if not (isinstance(meta.get("name"), str) and isinstance(meta.get("origin"), str) and isinstance(extra, dict)
+            and (meta.get("seed") is None or isinstance(meta.get("seed"), int))):
+        return unusable("malformed sidecar")
+    try:
+        # A set of the expected shape, in float32: nothing larger is ever read.
+        samples = load_npy(npy, f"calibration cache entry {npy}", memory=4 * int(np.prod(expected)) + 1)
+    except PipelineError as e:
+        return unusable(e.message)
+    if samples.dtype != np.float32 or tuple(samples.shape) != expected:
+        return unusable(f"holds {samples.dtype} {tuple(samples.shape)}, expected float32 {expected}")
+    if not np.all(np.isfinite(samples)):
+        return unusable("holds NaN or inf")
+    lo, hi = ctx.preprocessing.value_range()
+    margin = 0.05 * (hi - lo)
+    if samples.size and (float(samples.min()) < lo - margin or float(samples.max()) > hi + margin):
+        return unusable("values outside the model's input range")
+    if not samples.flags.c_contiguous:
+        samples = np.ascontiguousarray(samples)
+    extra = dict(extra)
     extra["cache"] = {"used": True, "hit": True, "path": str(npy), "generation_s": meta.get("generation_s")}
     return ArraySource(name=meta["name"], samples=samples, seed=meta.get("seed"), origin=meta["origin"],
                        extra=extra, preprocessing=ctx.preprocessing)

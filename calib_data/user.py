@@ -17,7 +17,6 @@
 """
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +28,8 @@ from . import ArraySource, CalibContext, check_size, finish_raw, raw_bounds, reg
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 NPZ_KEYS = ("x_calib", "x", "x_train")
 _PIL_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
+# Images larger than this are refused before decoding (Pillow's own decompression-bomb threshold).
+MAX_IMAGE_PIXELS = 89_478_485
 
 
 def _subset(n: int, size: int, seed: int) -> np.ndarray:
@@ -40,26 +41,56 @@ def _subset(n: int, size: int, seed: int) -> np.ndarray:
 # --------------------------------------------------------------------------- folder
 
 def read_image(path: Path, channels: int, hw: tuple[int, int]) -> tuple[np.ndarray, bool]:
-    """One image file -> uint8 C x H x W at the model's channels and size; also whether it was resized."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    """One image file -> uint8 C x H x W at the model's channels and size; also whether it was resized.
+
+    The declared size is checked before anything is decoded (``Image.open`` only reads the header): an image
+    over ``MAX_IMAGE_PIXELS`` (a decompression bomb, or a needlessly huge file) is refused."""
+    import warnings
+    from PIL import Image, ImageOps
     if channels not in _PIL_MODES:
         raise CalibrationError(f"folder images can be converted to 1-4 channels; the model takes {channels}")
+    fix = "remove it from the folder or convert it to PNG/JPEG"
     try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            if im.mode.startswith("I;16") or im.mode == "I":
-                a = np.asarray(im, dtype=np.float64)
-                im = Image.fromarray(np.clip(a / 257.0, 0, 255).astype(np.uint8), "L")
-            im = im.convert(_PIL_MODES[channels])
-            resized = im.size != (hw[1], hw[0])
-            if resized:
-                im = im.resize((hw[1], hw[0]), Image.Resampling.BILINEAR)
-            a = np.asarray(im, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise CalibrationError(f"cannot read calibration image {path} ({type(e).__name__}); remove it from the "
-                               "folder or convert it to PNG/JPEG") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # DecompressionBombWarning: our own limit is checked below; damaged-file notes
+            with Image.open(path) as im:
+                w, h = im.size
+                if w <= 0 or h <= 0:
+                    raise CalibrationError(f"calibration image {path} declares {w}x{h} pixels, an empty image; {fix}")
+                if w * h > MAX_IMAGE_PIXELS:
+                    raise CalibrationError(_too_large(path, w, h))
+                im = ImageOps.exif_transpose(im)
+                if im.mode.startswith("I;16") or im.mode == "I":
+                    a = np.asarray(im, dtype=np.float64)
+                    im = Image.fromarray(np.clip(a / 257.0, 0, 255).astype(np.uint8), "L")
+                im = im.convert(_PIL_MODES[channels])
+                resized = im.size != (hw[1], hw[0])
+                if resized:
+                    im = im.resize((hw[1], hw[0]), Image.Resampling.BILINEAR)
+                a = np.asarray(im, dtype=np.uint8)
+    except CalibrationError:
+        raise
+    except Image.DecompressionBombError as e:
+        import re
+        m = re.search(r"\((\d+) pixels\)", str(e))
+        raise CalibrationError(_too_large(path, None, None, int(m.group(1)) if m else None)) from None
+    except MemoryError:
+        raise CalibrationError(f"calibration image {path} is too large to decode in the memory available; "
+                               f"{fix} at a smaller size") from None
+    except Exception as e:  # Pillow raises many types on damaged files (OSError, SyntaxError, struct.error, ...)
+        detail = " ".join(str(e).split())[:100]
+        raise CalibrationError(f"cannot read calibration image {path} ({type(e).__name__}"
+                               f"{': ' + detail if detail else ''}); {fix}") from None
+    if a.ndim not in (2, 3):
+        raise CalibrationError(f"cannot read calibration image {path} (decoded to shape {a.shape}); {fix}")
     a = a[None] if a.ndim == 2 else np.transpose(a, (2, 0, 1))
     return a, resized
+
+
+def _too_large(path: Path, w: int | None, h: int | None, pixels: int | None = None) -> str:
+    size = f"{w}x{h} pixels" if w is not None else f"{pixels} pixels" if pixels else "too many pixels"
+    return (f"calibration image {path} declares {size}, over the limit of {MAX_IMAGE_PIXELS} pixels (a decompression "
+            "bomb, or far larger than calibration needs); remove it from the folder or downscale it")
 
 
 @register_source("folder")
@@ -97,30 +128,10 @@ def folder(ctx: CalibContext, size: int, seed: int, arg: str | None) -> ArraySou
 # --------------------------------------------------------------------------- npz
 
 def _load_array(path: Path) -> tuple[np.ndarray, str]:
-    if not path.is_file():
+    from pipeline.safe_arrays import load_array
+    if not path.exists():
         raise CalibrationError(f"calibration file {path} does not exist; pass --calib npz:path/to/file.npz")
-    try:
-        z = np.load(path, allow_pickle=False)
-    except ValueError:
-        raise CalibrationError(f"{path} holds pickled Python objects; store plain numeric arrays "
-                               "(allow_pickle is off)") from None
-    except (OSError, zipfile.BadZipFile, EOFError) as e:
-        raise CalibrationError(f"{path} is not a readable .npz/.npy file ({type(e).__name__}); save it with "
-                               "numpy.savez(path, x=images)") from None
-    if isinstance(z, np.ndarray):
-        return z, "(.npy array)"
-    with z:
-        key = next((k for k in NPZ_KEYS if k in z.files), None)
-        if key is None:
-            raise CalibrationError(f"{path} has arrays {', '.join(z.files) or '(none)'} but no {', '.join(NPZ_KEYS)}; "
-                                   "store the calibration images under the key x_calib or x")
-        try:
-            return z[key], key
-        except ValueError:
-            raise CalibrationError(f"{path}: array {key} holds Python objects; store plain numeric arrays "
-                                   "(allow_pickle is off)") from None
-        except (OSError, zipfile.BadZipFile, EOFError) as e:
-            raise CalibrationError(f"{path}: array {key} cannot be read ({type(e).__name__}); re-save the file") from None
+    return load_array(path, NPZ_KEYS, what=str(path), error=CalibrationError)
 
 
 @register_source("npz")

@@ -300,7 +300,8 @@ def constants_as_initializers(src: Path, dst: Path) -> Path:
         return src
     del proto.graph.node[:]
     proto.graph.node.extend(keep)
-    onnx.save(proto, str(dst))
+    large = proto.ByteSize() >= onnx.checker.MAXIMUM_PROTOBUF  # over 2 GB: tensors in a file beside dst
+    onnx.save(proto, str(dst), save_as_external_data=large, all_tensors_to_one_file=True, location=dst.name + ".data")
     return dst
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import gzip
 import os
-import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,22 +80,71 @@ def load(spec: str, data_dir: str | None = None, expected_chw: tuple[int, int, i
 
 # --------------------------------------------------------------------------- IDX
 
-def _read_idx(path: Path) -> np.ndarray:
-    opener = gzip.open if path.suffix == ".gz" else open
+_IDX_NDIM = {"x": 3, "y": 1}  # images N x H x W, labels N
+
+
+def _read_idx(path: Path, ndim: int | None = None) -> np.ndarray:
+    """An unsigned-byte IDX file, its header checked against the file's size and the memory before reading."""
+    from .safe_arrays import available_memory, human_bytes
+    fix = "reinstall dataset-fashion-mnist or pass --data-dir DIR holding the four IDX files"
+    gz = path.suffix == ".gz"
     try:
-        with opener(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError) as e:
-        raise DataError(f"cannot read IDX file {path} ({e}); reinstall dataset-fashion-mnist or pass --data-dir") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise DataError(f"{path} is not an unsigned-byte IDX file; pass --data-dir pointing at the Fashion-MNIST IDX files")
-    ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    offset = 4 + 4 * ndim
-    count = int(np.prod(dims))
-    if len(raw) - offset != count:
-        raise DataError(f"{path} is truncated ({len(raw) - offset} of {count} bytes); reinstall the dataset")
-    return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(dims)
+        f = gzip.open(path, "rb") if gz else open(path, "rb")
+    except OSError as e:
+        raise DataError(f"cannot read IDX file {path} ({e.strerror or e}); {fix}") from None
+    try:
+        with f:
+            head = _read_exactly(f, 4)
+            if len(head) < 4 or head[:3] != b"\x00\x00\x08":
+                raise DataError(f"{path} is not an unsigned-byte IDX file; pass --data-dir pointing at the "
+                                "Fashion-MNIST IDX files")
+            nd = head[3]
+            if nd == 0 or (ndim is not None and nd != ndim):
+                want = f"{ndim}-D" if ndim else "at least 1-D"
+                raise DataError(f"{path} declares a {nd}-D array but must hold a {want} one; {fix}")
+            raw_dims = _read_exactly(f, 4 * nd)
+            if len(raw_dims) < 4 * nd:
+                raise DataError(f"{path} is truncated inside its header; {fix}")
+            dims = [int.from_bytes(raw_dims[4 * i: 4 * i + 4], "big") for i in range(nd)]
+            count = 1
+            for d in dims:
+                count *= d
+            shape = "x".join(map(str, dims))
+            if not gz:
+                held = os.fstat(f.fileno()).st_size - 4 - 4 * nd
+                if held != count:
+                    raise DataError(f"{path} declares {shape} bytes ({human_bytes(count)}) but holds "
+                                    f"{human_bytes(held)} after its header ({'truncated, or its header is wrong' if held < count else 'more than it declares'}); {fix}")
+            if count > available_memory():
+                raise DataError(f"{path} declares {shape} bytes ({human_bytes(count)}), more than the "
+                                f"{human_bytes(available_memory())} of memory available; {fix}")
+            buf = bytearray(count)
+            got = f.readinto(memoryview(buf)) if count else 0
+            while 0 < got < count:
+                n = f.readinto(memoryview(buf)[got:])
+                if not n:
+                    break
+                got += n
+            if got < count:
+                raise DataError(f"{path} is truncated: its header declares {shape} bytes ({human_bytes(count)}) but "
+                                f"only {human_bytes(got)} follow; {fix}")
+            if f.read(1):
+                raise DataError(f"{path} holds more data than its header declares ({shape}); {fix}")
+    except DataError:
+        raise
+    except (OSError, EOFError, zlib.error) as e:  # a damaged gzip stream
+        raise DataError(f"cannot read IDX file {path} ({type(e).__name__}: {e}); {fix}") from None
+    return np.frombuffer(buf, dtype=np.uint8).reshape(dims)
+
+
+def _read_exactly(f, n: int) -> bytes:
+    out = b""
+    while len(out) < n:
+        b = f.read(n - len(out))
+        if not b:
+            break
+        out += b
+    return out
 
 
 def _find_idx(folder: Path, stem: str) -> Path:
@@ -110,10 +159,13 @@ def _find_idx(folder: Path, stem: str) -> Path:
 
 
 def load_fashion_mnist(folder: Path) -> Dataset:
-    arrays = {key: _read_idx(_find_idx(folder, stem)) for key, stem in _IDX_FILES.items()}
+    arrays = {key: _read_idx(_find_idx(folder, stem), _IDX_NDIM[key[0]]) for key, stem in _IDX_FILES.items()}
     for split in ("train", "test"):
         if len(arrays[f"x_{split}"]) != len(arrays[f"y_{split}"]):
             raise DataError(f"Fashion-MNIST {split} images and labels differ in count in {folder}; reinstall the dataset")
+        if 0 in arrays[f"x_{split}"].shape:
+            raise DataError(f"Fashion-MNIST {split} images in {folder} are empty (shape "
+                            f"{'x'.join(map(str, arrays[f'x_{split}'].shape))}); reinstall the dataset")
     return Dataset(
         name="fashion-mnist",
         origin=str(folder),
@@ -165,26 +217,10 @@ def _to_nchw(x: np.ndarray, layout: str) -> np.ndarray:
 
 
 def load_npz(path: Path, expected_chw: tuple[int, int, int] | None = None) -> Dataset:
-    if not path.is_file():
+    from .safe_arrays import load_npz as safe_load_npz
+    if not path.exists():
         raise DataError(f"data file {path} does not exist; pass --data path/to/data.npz or --data fashion-mnist")
-    try:
-        npz = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise DataError(f"{path} is not a readable .npz file ({type(e).__name__}); save it with numpy.savez") from None
-    if not isinstance(npz, np.lib.npyio.NpzFile):
-        raise DataError(f"{path} holds a single array, not an .npz archive with {', '.join(NPZ_KEYS)}; save it with numpy.savez")
-    with npz:
-        missing = [k for k in NPZ_KEYS if k not in npz.files]
-        if missing:
-            raise DataError(f"{path} lacks {', '.join(missing)}; it must hold arrays {', '.join(NPZ_KEYS)}")
-        arrays = {}
-        for k in NPZ_KEYS:
-            try:
-                arrays[k] = npz[k]
-            except ValueError:
-                raise DataError(f"{path}: array {k} holds Python objects; store plain numeric arrays (allow_pickle is off)") from None
-            except (OSError, zipfile.BadZipFile, EOFError) as e:
-                raise DataError(f"{path}: array {k} cannot be read ({type(e).__name__}); re-save the file") from None
+    arrays = safe_load_npz(path, NPZ_KEYS, what=str(path), error=DataError)
     for k in NPZ_KEYS:
         if arrays[k].dtype == object or arrays[k].dtype.kind not in "biuf":
             raise DataError(f"{path}: array {k} has dtype {arrays[k].dtype}; store numeric arrays")
@@ -192,6 +228,10 @@ def load_npz(path: Path, expected_chw: tuple[int, int, int] | None = None) -> Da
     layouts = set()
     for split in ("train", "test"):
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if x.ndim not in (3, 4):
+            raise DataError(f"{path}: x_{split} has shape {x.shape}; expected N×H×W, N×C×H×W or N×H×W×C images")
+        if 0 in x.shape[1:]:
+            raise DataError(f"{path}: x_{split} has shape {x.shape}, images with no pixels; store real images")
         if y.ndim != 1:
             raise DataError(f"{path}: y_{split} has shape {y.shape}; labels must be a 1-D array of class indices")
         if len(x) != len(y):
@@ -203,6 +243,8 @@ def load_npz(path: Path, expected_chw: tuple[int, int, int] | None = None) -> Da
                 raise DataError(f"{path}: y_{split} holds non-integer labels; store integer class indices")
         if np.any(y < 0):
             raise DataError(f"{path}: y_{split} holds negative labels; labels must be class indices 0..K-1")
+        if len(y) and y.max() >= 2 ** 31:
+            raise DataError(f"{path}: y_{split} holds labels up to {y.max():.6g}; labels must be class indices 0..K-1")
         if x.dtype.kind == "b":
             raise DataError(f"{path}: x_{split} is a bool array; store images as uint8 (0..255) or float32")
         if x.dtype.kind == "f":

@@ -36,6 +36,26 @@ class OnnxArtifact:
                 "compared_samples": self.samples, "source": self.source}
 
 
+def _copy_given(model: LoadedModel, out_path: Path) -> int:
+    """Copy a given ONNX file to ``out_path``; return the bytes of external data written beside it.
+
+    A model with external data (checked by ``models.external_data_files``: inside the model's folder) is
+    written self-contained, all tensors inline, so the export folder can be moved; a model over protobuf's
+    2 GB limit keeps its tensors in one file beside it, ``model.onnx.data``."""
+    import onnx
+    if not model.extra.get("external_data"):
+        shutil.copyfile(model.onnx_path, out_path)
+        return 0
+    proto = onnx.load(str(model.onnx_path))  # reads the external data into the tensors
+    if proto.ByteSize() < onnx.checker.MAXIMUM_PROTOBUF:
+        onnx.save_model(proto, str(out_path))
+        return 0
+    data = out_path.with_name(out_path.name + ".data")
+    onnx.save_model(proto, str(out_path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data.name, size_threshold=1024)
+    return data.stat().st_size
+
+
 def _first_output(module):
     """Wrap a model returning (logits, aux, ...) so that the graph has one output: the logits."""
     import torch
@@ -62,11 +82,11 @@ def export_onnx(model: LoadedModel, sample: np.ndarray, out_path: Path) -> OnnxA
     import onnxruntime as ort
 
     if model.kind == "onnx":
-        shutil.copyfile(model.onnx_path, out_path)
+        data_bytes = _copy_given(model, out_path)
         proto = onnx.load(str(out_path), load_external_data=False)
         dim0 = proto.graph.input[0].type.tensor_type.shape.dim[0]
         return OnnxArtifact(
-            path=out_path, bytes=out_path.stat().st_size, opset=model.extra.get("opset"),
+            path=out_path, bytes=out_path.stat().st_size + data_bytes, opset=model.extra.get("opset"),
             input_name=model.extra["input_name"], output_name=proto.graph.output[0].name,
             dynamic_batch=not dim0.HasField("dim_value"), max_abs_error=None, tolerance=None, samples=0,
             source="given",
