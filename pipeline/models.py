@@ -105,12 +105,24 @@ def _with_weights(loaded: LoadedModel, weights: str, spec: str) -> LoadedModel:
 # --------------------------------------------------------------------------- factory
 
 def _load_factory(spec: str, weights: str | None) -> LoadedModel:
+    # The module the user named is found from the current folder, as `python -m` finds it; the folder is on
+    # sys.path only while the model is built, so nothing imported later is shadowed by files that lie here.
+    cwd = os.getcwd()
+    added = cwd not in sys.path and "" not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        return _build_factory(spec, weights)
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
+
+
+def _build_factory(spec: str, weights: str | None) -> LoadedModel:
     import torch.nn as nn
     mod_name, _, attr = spec.partition(":")
     if not mod_name or not attr:
         raise ModelError(f"--model {spec!r} is not package.module:factory")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
     try:
         mod = importlib.import_module(mod_name)
     except ModuleNotFoundError as e:
@@ -206,8 +218,14 @@ def _load_onnx(path: Path) -> LoadedModel:
     if not os.access(path, os.R_OK):
         raise ModelError(f"model file {path} is not readable; fix its permissions")
     try:
-        proto = onnx.load(str(path))
-        onnx.checker.check_model(proto)
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ModelError(f"{path} is not a valid ONNX model ({msg}); re-export it with torch.onnx.export") from None
+    external = external_data_files(proto, path)
+    try:
+        # With external data the checker reads the files beside the model (and handles models over 2 GB).
+        onnx.checker.check_model(str(path) if external else proto)
     except Exception as e:
         msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise ModelError(f"{path} is not a valid ONNX model ({msg}); re-export it with torch.onnx.export") from None
@@ -229,8 +247,54 @@ def _load_onnx(path: Path) -> LoadedModel:
         spec=str(path), kind="onnx", onnx_path=path, input_shape=input_shape, num_classes=num_classes,
         description=f"ONNX {path.name}",
         extra={"input_name": graph_inputs[0].name, "batch_dim": shape[0] if shape else None,
-               "opset": max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=None)},
+               "opset": max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=None),
+               **({"external_data": {"files": sorted(external), "bytes": sum(external.values())}} if external else {})},
     )
+
+
+def external_data_files(proto, path: Path) -> dict[str, int]:
+    """The external data files a model (loaded without its external data) names, with their sizes.
+
+    Each must be a relative path to a regular file inside the model's folder or a subfolder (not a symbolic
+    link: onnx refuses those), and must hold every tensor's ``offset + length``. Anything else is a ModelError:
+    a location that is absolute or leaves the folder is refused, never read."""
+    from onnx import TensorProto
+    from onnx.external_data_helper import _get_all_tensors
+    folder = path.absolute().parent  # onnx and onnxruntime look beside the path as given
+    real = folder.resolve()
+    files: dict[str, int] = {}
+    for t in _get_all_tensors(proto):
+        if t.data_location != TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        loc = info.get("location", "")
+        where = f"{path}: tensor {t.name!r} keeps its data in {loc!r}"
+        if not loc:
+            raise ModelError(f"{path}: tensor {t.name!r} is marked as external data but names no file; re-save the "
+                             "model with onnx.save_model(model, path, save_as_external_data=True)")
+        if os.path.isabs(loc) or loc.startswith(("/", "\\")) or (len(loc) > 1 and loc[1] == ":"):
+            raise ModelError(f"{where}, an absolute path; external data must live in the model's folder {folder} or "
+                             "below it, named by a relative path - move the file there and re-save the model")
+        target = folder / loc
+        if not target.resolve().is_relative_to(real):
+            raise ModelError(f"{where}, which leaves the model's folder {folder}; external data must live in that "
+                             "folder or below it - move the file there and re-save the model")
+        if Path(os.path.normpath(real / loc)) != target.resolve():
+            raise ModelError(f"{where}, a symbolic link; onnx refuses linked external data - copy the file there "
+                             "instead of linking it")
+        if not target.is_file():
+            raise ModelError(f"{where}, which is missing from {folder}; copy the model together with its "
+                             "external data files")
+        size = target.stat().st_size
+        try:
+            offset, length = int(info.get("offset") or 0), int(info["length"]) if "length" in info else None
+        except ValueError:
+            raise ModelError(f"{where} at a malformed offset/length; re-save the model") from None
+        if offset < 0 or (length is not None and (length < 0 or offset + length > size)):
+            raise ModelError(f"{where} at bytes {offset}..{offset + (length or 0)}, but the file holds {size} bytes "
+                             "(truncated); copy the external data file again")
+        files[target.resolve().relative_to(real).as_posix()] = size
+    return files
 
 
 # --------------------------------------------------------------------------- probing and FP32 runs
