@@ -319,16 +319,149 @@ def find_bundle(model_path, script_dir):
     return None
 
 
-def read_manifest(bundle_dir):
-    path = os.path.join(bundle_dir, BUNDLE_MANIFEST)
+MAX_JSON_BYTES = 16 << 20  # bundle.json and preprocessing.json are a few KiB
+MAX_JSON_DEPTH = 32
+BUNDLE_FIX = "copy the whole bundle folder again (bundle.tar.gz from the export)"
+
+
+def _json_depth(raw):
+    """Deepest [ / { nesting of JSON text, brackets in strings not counted (no recursion)."""
+    import re
+    import numpy as np
+    a = np.frombuffer(re.sub(rb'"(?:[^"\\]|\\.)*"', b'""', raw), np.uint8)
+    if not len(a):
+        return 0
+    step = np.isin(a, (91, 123)).astype(np.int64) - np.isin(a, (93, 125)).astype(np.int64)
+    return int(np.cumsum(step).max())
+
+
+def _no_constant(name):
+    raise ValueError("%s is not JSON" % name)
+
+
+def read_json_object(path):
+    """A JSON object from a bundle file: bounded size and depth, no NaN, else one-line BadInput."""
     try:
-        with open(path) as f:
-            m = json.load(f)
-    except (OSError, ValueError) as e:
-        raise BadInput("cannot read %s (%s); copy the whole bundle folder again" % (path, type(e).__name__)) from None
-    if not isinstance(m, dict) or "samples" not in m or "expected_outputs" not in m:
-        raise BadInput("%s is not a device bundle manifest; copy the whole bundle folder again" % path)
+        with open(path, "rb") as f:
+            raw = f.read(MAX_JSON_BYTES + 1)
+    except OSError as e:
+        raise BadInput("cannot read %s (%s); %s" % (path, e.strerror or type(e).__name__, BUNDLE_FIX)) from None
+    if len(raw) > MAX_JSON_BYTES:
+        raise BadInput("%s is larger than %d MiB; %s" % (path, MAX_JSON_BYTES >> 20, BUNDLE_FIX))
+    depth = _json_depth(raw)
+    if depth > MAX_JSON_DEPTH:
+        raise BadInput("%s nests %d levels deep (limit %d); %s" % (path, depth, MAX_JSON_DEPTH, BUNDLE_FIX))
+    try:
+        obj = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+    except (ValueError, RecursionError) as e:
+        raise BadInput("cannot read %s (%s); %s" % (path, type(e).__name__, BUNDLE_FIX)) from None
+    if not isinstance(obj, dict):
+        raise BadInput("%s holds a JSON %s, not an object; %s" % (path, type(obj).__name__, BUNDLE_FIX))
+    return obj
+
+
+def _bad(where, key, problem):
+    return BadInput("%s: %s %s; %s" % (where, key, problem, BUNDLE_FIX))
+
+
+def _show(v):
+    s = repr(v)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+def _field(obj, key, where, kind, required=True):
+    """obj[a][b]... for key 'a.b': of type ``kind`` ('object', 'string', 'number', 'sha256'), else BadInput."""
+    v = obj
+    for part in key.split("."):
+        if not isinstance(v, dict):
+            raise _bad(where, key, "is missing")
+        v = v.get(part)
+    if v is None:
+        if required:
+            raise _bad(where, key, "is missing")
+        return None
+    ok = {"object": isinstance(v, dict),
+          "string": isinstance(v, str) and 0 < len(v) <= 4096 and "\x00" not in v,
+          "number": isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+          "int": isinstance(v, int) and not isinstance(v, bool),
+          "sha256": isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)}[kind]
+    if not ok:
+        raise _bad(where, key, "is %s, not %s" % (_show(v), {"object": "an object", "int": "an integer"}.get(
+            kind, "a " + kind)))
+    return v
+
+
+def path_inside(folder, rel):
+    """folder/rel when rel is relative and stays inside folder with every symlink resolved, else None."""
+    if not isinstance(rel, str) or not rel or "\x00" in rel or os.path.isabs(rel) or rel.startswith("~"):
+        return None
+    base = os.path.realpath(folder)
+    target = os.path.realpath(os.path.join(base, rel))
+    if target != base and os.path.commonpath([base, target]) != base:
+        return None
+    return target
+
+
+# The bundle files this script reads besides bundle.json (the keys that name them).
+BUNDLE_FILES = ("model.path", "preprocessing", "samples.path", "expected_outputs.path")
+
+
+def read_manifest(bundle_dir):
+    """bundle.json, every field this script uses checked; adds ``_files``: key -> absolute path inside the bundle."""
+    path = os.path.join(bundle_dir, BUNDLE_MANIFEST)
+    m = read_json_object(path)
+    if m.get("kind") != "device_bundle" or "samples" not in m or "expected_outputs" not in m:
+        raise BadInput("%s is not a device bundle manifest; %s" % (path, BUNDLE_FIX))
+    files = {}
+    for key in BUNDLE_FILES:
+        rel = _field(m, key, path, "string")
+        p = path_inside(bundle_dir, rel)
+        if p is None:
+            raise _bad(path, key, "%s leaves the bundle folder (absolute, '..' or a symlink out); paths in a "
+                       "bundle must stay inside it" % _show(rel))
+        files[key] = p
+    _field(m, "model.sha256", path, "sha256", required=False)
+    digests = _field(m, "sha256", path, "object")
+    for key in BUNDLE_FILES:
+        _field({"d": digests.get(m_key(m, key))}, "d", path, "sha256", required=False)
+        if digests.get(m_key(m, key)) is None:
+            raise _bad(path, "sha256", "records no digest for %s (the %s); a bundle of this version records every "
+                       "file this script reads" % (m_key(m, key), key))
+    for key in ("samples", "expected_outputs", "model"):
+        _field(m, key, path, "object")
+    for key in ("output", "expected_outputs.recorded_with"):
+        _field(m, key, path, "object", required=False)
+    for key in ("created_by", "model_spec"):
+        _field(m, key, path, "string", required=False)
+    tol = _field(m, "check_tolerance_steps", path, "number", required=False)
+    if tol is not None and not 0 <= tol <= 1e6:
+        raise _bad(path, "check_tolerance_steps", "is %r, outside 0..1e6" % tol)
+    m["_files"] = files
     return m
+
+
+def m_key(m, key):
+    """The file name a BUNDLE_FILES key names (the key of the manifest's sha256 map)."""
+    v = m
+    for part in key.split("."):
+        v = v[part]
+    return v
+
+
+def verify_file(manifest, key, bundle_dir):
+    """The bundle file ``key`` names, after checking its sha256 against bundle.json; BadInput naming it otherwise."""
+    p = manifest["_files"][key]
+    name = m_key(manifest, key)
+    if not os.path.isfile(p):
+        raise BadInput("the bundle's %s (%s in bundle.json) does not exist; %s" % (name, key, BUNDLE_FIX))
+    try:
+        got = _sha256(p)
+    except OSError as e:
+        raise BadInput("cannot read the bundle's %s (%s); %s" % (name, e.strerror or e, BUNDLE_FIX)) from None
+    if got != manifest["sha256"][name]:
+        raise BadInput("the bundle's %s changed: its sha256 is not the one bundle.json records; %s"
+                       % (name, BUNDLE_FIX))
+    return p
 
 
 def load_npz(path, what):
@@ -482,15 +615,21 @@ def run_worker(script, spec, timeout):
 
 def check(args, model_path, bundle_dir, manifest, script):
     import numpy as np
-    samples = load_npz(os.path.join(bundle_dir, manifest["samples"]["path"]), "samples")
-    expected = load_npz(os.path.join(bundle_dir, manifest["expected_outputs"]["path"]), "expected outputs")
+    samples = load_npz(verify_file(manifest, "samples.path", bundle_dir), "samples")
+    expected = load_npz(verify_file(manifest, "expected_outputs.path", bundle_dir), "expected outputs")
     if "input_int8" not in samples:
         raise BadInput("the bundle's samples lack input_int8; copy the bundle again")
     x = samples["input_int8"]
     labels = samples.get("labels")
+    if x.ndim < 2 or x.dtype.kind not in "iuf" or (labels is not None and (labels.ndim != 1 or labels.dtype.kind not in "iu")):
+        raise BadInput("the bundle's samples are malformed (input_int8 %s %s); %s" % (x.dtype, list(x.shape), BUNDLE_FIX))
+    for k, v in expected.items():
+        if v.ndim < 1 or v.dtype.kind not in "iuf":
+            raise BadInput("the bundle's expected outputs %s are malformed (%s %s); %s"
+                           % (k, v.dtype, list(v.shape), BUNDLE_FIX))
     tol = float(args.tolerance_steps if args.tolerance_steps is not None
                 else manifest.get("check_tolerance_steps", 1))
-    out_q = manifest.get("output", {})
+    out_q = manifest.get("output") or {}
     report = {
         "samples": int(len(x)),
         "tolerance_steps": tol,
@@ -501,7 +640,7 @@ def check(args, model_path, bundle_dir, manifest, script):
                  "change except where the host's top-2 margin is within 2 x tolerance_steps"),
     }
     failures = []
-    want_sha = manifest.get("model", {}).get("sha256")
+    want_sha = manifest["model"].get("sha256")
     got_sha = _sha256(model_path)
     report["model_sha256"] = got_sha
     report["model_matches_bundle"] = (want_sha == got_sha) if want_sha else None
@@ -575,13 +714,28 @@ def compare_outputs(got, exp, tol, out_q, labels):
 def check_preprocessing(bundle_dir, manifest, samples):
     """Rebuild the int8 inputs from the raw images with the preprocessing record."""
     import numpy as np
-    rel = manifest.get("preprocessing")
-    if not rel or "raw" not in samples:
+    if "raw" not in samples:
         return None
+    where = verify_file(manifest, "preprocessing", bundle_dir)
+    pre = read_json_object(where)
+    q = _field(pre, "input_quantization", where, "object")
+    _field(q, "dtype", where + " input_quantization", "string")
+    for key in ("scale", "input_quantization.scale"):
+        if not _field(pre, key, where, "number") > 0:
+            raise _bad(where, key, "must be positive")
+    _field(pre, "input_quantization.zero_point", where, "int")
+    for key in ("mean", "std"):
+        v = pre.get(key)
+        if not (isinstance(v, list) and 1 <= len(v) <= 64 and all(isinstance(a, (int, float)) and not isinstance(a, bool)
+                                          and math.isfinite(a) for a in v)):
+            raise _bad(where, key, "is %s, not a list of 1 to 64 finite numbers" % _show(v))
+    if not all(a > 0 for a in pre["std"]):
+        raise _bad(where, "std", "must be positive")
+    if pre.get("tflite_input_layout", "NHWC") not in ("NHWC", "NCHW"):
+        raise _bad(where, "tflite_input_layout", "is %s, not NHWC or NCHW" % _show(pre.get("tflite_input_layout")))
+    if samples["raw"].ndim != 4:
+        raise BadInput("the bundle's raw samples are %s, not N×C×H×W; %s" % (list(samples["raw"].shape), BUNDLE_FIX))
     try:
-        with open(os.path.join(bundle_dir, rel)) as f:
-            pre = json.load(f)
-        q = pre["input_quantization"]
         raw = samples["raw"].astype(np.float32)  # N, C, H, W
         x = raw * np.float32(pre["scale"])
         mean = np.asarray(pre["mean"], np.float32).reshape(1, -1, 1, 1)
@@ -680,7 +834,7 @@ def _validate(args):
     if args.model is None:
         if not os.path.isfile(os.path.join(script_dir, BUNDLE_MANIFEST)):
             raise BadInput("no model given and no bundle.json beside this script; pass path/to/model.tflite")
-        args.model = os.path.join(script_dir, read_manifest(script_dir)["model"]["path"])
+        args.model = read_manifest(script_dir)["_files"]["model.path"]
     m = args.model
     if not os.path.exists(m):
         raise BadInput("model %s does not exist; pass path/to/model.tflite" % m)
@@ -758,12 +912,14 @@ def main(argv=None):
 def run(args, rt_name, rt_version, mod):
     import numpy as np
     script = os.path.abspath(__file__)
+    manifest = read_manifest(args.bundle) if args.bundle else None
+    if manifest is not None and os.path.realpath(args.model) == manifest["_files"]["model.path"]:
+        verify_file(manifest, "model.path", args.bundle)  # the bundle's own model: exactly the one it records
     try:
         model = model_facts(mod, os.path.abspath(args.model))
     except Exception as e:
         raise BadInput("%s cannot load %s (%s); use a newer runtime (pip install -U ai-edge-litert) or re-export "
                        "the model" % (rt_name, args.model, (str(e).strip().splitlines() or [type(e).__name__])[0][:200])) from None
-    manifest = read_manifest(args.bundle) if args.bundle else None
     doc = {
         "kind": KIND,
         "schema_version": SCHEMA_VERSION,
@@ -813,8 +969,8 @@ def run(args, rt_name, rt_version, mod):
         sample_path = None
         with tempfile.TemporaryDirectory(prefix="pi_bench-") as tmp:
             if args.bundle:
-                s = load_npz(os.path.join(args.bundle, manifest["samples"]["path"]), "samples")
-                if "input_int8" in s and len(s["input_int8"]):
+                s = load_npz(verify_file(manifest, "samples.path", args.bundle), "samples")
+                if "input_int8" in s and s["input_int8"].ndim >= 1 and len(s["input_int8"]):
                     sample_path = os.path.join(tmp, "sample.npy")
                     np.save(sample_path, s["input_int8"][:1])
             timeout = args.warmup_secs + 2 * args.max_secs + 300

@@ -9,7 +9,8 @@ rest or not at all:
       samples.npz             raw test images (as read, before preprocessing), the same images as
                               int8 model inputs, and their labels
       expected_outputs.npz    the int8 outputs recorded on this host with LiteRT, one array per kernel
-      bundle.json             manifest: files, sha256 of the model, tensors, how the outputs were recorded
+      bundle.json             manifest: files, sha256 of every file the script reads, tensors, how the
+                              outputs were recorded
       pi_benchmark.py         the standalone benchmark and check script (numpy + ai-edge-litert only)
       requirements.txt        what the device needs
       README.txt              the commands to run there
@@ -98,8 +99,8 @@ def _litert_version() -> str | None:
 
 
 def _sha256(path: Path) -> str:
-    import hashlib
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    from .jsonio import sha256_file
+    return sha256_file(path)
 
 
 def _tensor(d: dict) -> dict:
@@ -153,10 +154,10 @@ def write_bundle(work: Path, tflite_path: Path, input_layout: str, preprocessing
         np.savez_compressed(folder / "samples.npz", raw=np.ascontiguousarray(raw[:n]), input_int8=input_int8,
                             labels=np.asarray(labels[:n], np.int64))
         np.savez_compressed(folder / "expected_outputs.npz", **expected)
-        (folder / "requirements.txt").write_text(REQUIREMENTS)
+        (folder / "requirements.txt").write_text(REQUIREMENTS, encoding="utf-8")
         host = _host_description()
         (folder / "README.txt").write_text(README.format(model_spec=model_spec, target=target, n=n, host=host,
-                                                         tol=CHECK_TOLERANCE_STEPS))
+                                                         tol=CHECK_TOLERANCE_STEPS), encoding="utf-8")
         manifest = {
             "kind": "device_bundle",
             "schema_version": SCHEMA_VERSION,
@@ -180,6 +181,9 @@ def write_bundle(work: Path, tflite_path: Path, input_layout: str, preprocessing
                                  "unit": "raw output tensor values (int8 quantization steps)"},
             "check_tolerance_steps": CHECK_TOLERANCE_STEPS,
             "benchmark": {"script": SCRIPT.name, "requirements": "requirements.txt", "readme": "README.txt"},
+            # every file pi_benchmark.py reads besides this manifest: it refuses one whose digest differs
+            "sha256": {name: _sha256(folder / name) for name in
+                       (model_name, "preprocessing.json", "samples.npz", "expected_outputs.npz")},
         }
         _write_json(folder / "bundle.json", manifest)
         files = {p.name: p.stat().st_size for p in sorted(folder.iterdir())}
@@ -202,5 +206,5 @@ _RESOLVERS = {"xnnpack": "BUILTIN", "builtin": "BUILTIN_WITHOUT_DEFAULT_DELEGATE
 
 def _write_json(path: Path, obj: dict) -> None:
     from .report import _clean
-    path.write_text(json.dumps(_clean(obj), indent=2, ensure_ascii=False) + "\n")
+    path.write_text(json.dumps(_clean(obj), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 

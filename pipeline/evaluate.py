@@ -122,15 +122,30 @@ def reliability_config(args: argparse.Namespace, seed: int):
                              max_ece_increase=args.max_ece_increase, max_worst_drop_pp=args.max_worst_drop_pp)
 
 
+FIX = "pass a folder written by python -m pipeline.export (or re-run the export)"
+MODEL_FILE_SUFFIXES = (".onnx", ".pt", ".pth", ".ptl", ".torchscript")
+
+
 def _read_report(export_dir: Path) -> dict:
+    """report.json as data: bounded size and depth, an object whose sections have the right types."""
+    from . import jsonio
     path = export_dir / "report.json"
     if not export_dir.is_dir():
         raise UsageError(f"{export_dir} is not a folder; pass the folder an export wrote (python -m pipeline.export --out DIR)")
     if not path.is_file():
         raise DataError(f"{path} does not exist; pass a folder written by python -m pipeline.export")
     try:
-        rep = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
+        raw = path.read_bytes() if path.stat().st_size <= jsonio.MAX_BYTES else None
+    except OSError as e:
+        raise DataError(f"cannot read {path} ({e.strerror or type(e).__name__}); {FIX}") from None
+    if raw is None:
+        raise DataError(f"{path} is larger than {jsonio.MAX_BYTES >> 20} MiB, not an export report; {FIX}")
+    depth = jsonio.nesting_depth(raw)
+    if depth > jsonio.MAX_DEPTH:
+        raise DataError(f"{path} nests {depth} levels deep (the limit is {jsonio.MAX_DEPTH}), not an export report; {FIX}")
+    try:
+        rep = json.loads(raw.decode("utf-8"), parse_constant=jsonio._no_constant)
+    except (ValueError, RecursionError) as e:
         raise DataError(f"{path} is not readable JSON ({type(e).__name__}); re-run the export") from None
     if not isinstance(rep, dict):
         raise DataError(f"{path} holds a JSON {type(rep).__name__}, not an export report (an object); pass a folder "
@@ -138,78 +153,155 @@ def _read_report(export_dir: Path) -> dict:
     for key in ("preprocessing", "model", "config", "target"):
         if not isinstance(rep.get(key), dict):
             raise DataError(f"{path} lacks the '{key}' section; re-run python -m pipeline.export with this version")
-    for key in ("artifacts", "conversion"):
+    for key in ("artifacts", "conversion", "gates", "timings_s", "data", "versions"):
         if key in rep and not isinstance(rep[key], dict):
             raise DataError(f"{path}: '{key}' is not an object; re-run python -m pipeline.export")
+    for name, g in rep.get("gates", {}).items():
+        if not isinstance(g, dict):
+            raise DataError(f"{path}: gates.{name} is not an object; re-run python -m pipeline.export")
     return rep
 
 
-def _report_str(section: dict, key: str, path: Path) -> str | None:
-    """A string field of the report (None when absent or empty)."""
-    v = section.get(key)
-    if v is None or v == "":
-        return None
-    if not isinstance(v, str):
-        raise DataError(f"{path}: '{key}' is {v!r}, not a string; re-run python -m pipeline.export")
-    return v
+def _fields(rep: dict, section: str, path: Path):
+    from .jsonio import Fields
+    return Fields(rep[section], str(path), "re-run python -m pipeline.export", f"{section}.")
 
 
 def _preprocessing(rep: dict, path: Path):
-    from .preprocessing import Preprocessing
+    from .preprocessing import from_record
+    return from_record(rep["preprocessing"], str(path), "re-run python -m pipeline.export")
+
+
+# --------------------------------------------------------------------------- what a received folder may name
+
+def _is_model_file(spec: str) -> bool:
+    return spec.lower().endswith(MODEL_FILE_SUFFIXES)
+
+
+def _recorded_model(rep: dict, rpath: Path, export_dir: Path) -> tuple[str, str]:
+    """(spec to load, spec as recorded) for the model the report names, when evaluate may load it by itself:
+    a zoo model (shipped in the package), or an ONNX/TorchScript file inside the export folder (read, never run
+    as Python). A factory (package.module:factory) is code: only the user's --model runs it."""
+    key = "model.spec" if _fields(rep, "model", rpath).str("spec") else "config.model"
+    spec = _fields(rep, "model", rpath).str("spec") or _fields(rep, "config", rpath).str("model")
+    if not spec:
+        raise DataError(f"{rpath} names no model (model.spec); pass --model SPEC")
+    if spec.startswith("zoo:"):
+        return spec, spec
+    if _is_model_file(spec):
+        from .jsonio import inside
+        p = inside(export_dir, spec)
+        if p is not None and p.is_file():
+            return str(p), spec
+        raise DataError(f"{rpath}: {key} records the model file {spec!r}, outside the export folder, which evaluate "
+                        f"does not follow; pass --model PATH (the model file the export was made from)")
+    raise DataError(f"{rpath}: {key} names {spec!r}, Python code that evaluate never imports because a report names "
+                    f"it; pass --model {spec} to run it (only if you trust that module), with --weights if the "
+                    "export used them")
+
+
+def _recorded_path(rep: dict, rpath: Path, export_dir: Path, key: str, flag: str) -> str | None:
+    """``config.<key>`` (a --data/--weights/--data-dir value the export recorded as typed): used only when it is
+    a relative path inside the export folder; anything else needs the flag."""
+    from .jsonio import inside
+    v = _fields(rep, "config", rpath).str(key)
+    if v is None or (key == "data" and v == "fashion-mnist"):
+        return v
+    p = inside(export_dir, v)
+    if p is not None and p.exists():
+        return str(p)
+    raise DataError(f"{rpath}: config.{key} records {flag} {v}, a path outside the export folder, which evaluate "
+                    f"does not follow; pass {flag} PATH (the {'folder' if key == 'data_dir' else 'file'} the export "
+                    "used)")
+
+
+def _same(given: str | None, recorded: str | None) -> bool:
+    """Does a flag name what the export recorded (the same text, or the same existing file)?"""
+    if given is None or recorded is None:
+        return False
+    if given == recorded:
+        return True
     try:
-        pre = Preprocessing.from_dict(rep["preprocessing"])
-    except KeyError as e:
-        raise DataError(f"{path}: the preprocessing record lacks {e}; re-run python -m pipeline.export "
-                        "with this version") from None
-    except (TypeError, ValueError) as e:
-        raise DataError(f"{path}: the preprocessing record is malformed ({e}); re-run python -m pipeline.export") from None
-    if len(pre.input_shape) != 3 or min(pre.input_shape) <= 0:
-        raise DataError(f"{path}: preprocessing input_shape {list(pre.input_shape)} is not C,H,W; "
-                        "re-run python -m pipeline.export")
-    c = pre.input_shape[0]
-    for name in ("mean", "std"):
-        v = getattr(pre, name)
-        if v is not None and len(v) not in (1, c):
-            raise DataError(f"{path}: preprocessing {name} has {len(v)} values for {c}-channel inputs; "
-                            "re-run python -m pipeline.export")
-    if pre.std is not None and any(not x > 0 for x in pre.std):
-        raise DataError(f"{path}: preprocessing std {list(pre.std)} must be positive; re-run python -m pipeline.export")
-    return pre
+        a, b = Path(given).expanduser(), Path(recorded).expanduser()
+        return a.exists() and b.is_absolute() and a.resolve() == b.resolve()
+    except (OSError, ValueError, RuntimeError):
+        return False
 
 
-def _export_cwd(cfg: dict) -> Path | None:
-    """``config.cwd``: the folder the export ran in (absent in reports of older versions)."""
-    v = cfg.get("cwd")
-    if isinstance(v, str) and v and os.path.isabs(v) and os.path.isdir(v):
-        return Path(v)
-    return None
+def _verified_artifact(rep: dict, key: str, export_dir: Path, rpath: Path) -> Path:
+    """``artifacts.<key>``: a file inside the export folder whose sha256 is the one the export recorded."""
+    from .jsonio import sha256_file
+    art = _fields(rep, "artifacts", rpath) if "artifacts" in rep else None
+    sec = art.section(key, required=False) if art is not None else None
+    if sec is None:
+        raise DataError(f"{rpath} records no artifacts.{key}; re-run python -m pipeline.export")
+    p = sec.path_inside("path", export_dir, required=True)
+    want = sec.sha256("sha256", required=False)
+    if want is None:
+        raise DataError(f"{rpath} records no sha256 for artifacts.{key} (an export of an older version): its files "
+                        "cannot be checked; re-run python -m pipeline.export")
+    if not p.is_file():
+        raise DataError(f"the export's {p.name} (artifacts.{key}.path) does not exist in {export_dir}; copy the whole "
+                        "export folder")
+    try:
+        got = sha256_file(p)
+    except OSError as e:
+        raise DataError(f"cannot read the export's {p.name} ({e.strerror or e}); check its permissions") from None
+    if got != want:
+        raise DataError(f"the export's {p.name} changed after the export: its sha256 is not the one report.json "
+                        f"records (artifacts.{key}.sha256); copy the export folder again or re-run the export")
+    return p
 
 
-def _from_export_cwd(value: str | None, export_cwd: Path | None) -> str | None:
-    """A path the export recorded as typed: relative to the folder it ran in. Kept as is when it exists from
-    here (or is absolute, or is not a path, like zoo:NAME or fashion-mnist); otherwise the export folder's."""
-    if not value or export_cwd is None or value == "fashion-mnist" or value.startswith("zoo:"):
-        return value
-    p = Path(value).expanduser()
-    if p.is_absolute() or p.exists():
-        return value
-    there = export_cwd / p
-    return str(there) if there.exists() else value
+def _inside_folder(path: str | os.PathLike, folder: Path) -> bool:
+    try:
+        p, f = Path(path).resolve(), folder.resolve()
+    except (OSError, RuntimeError, ValueError):
+        return False
+    return p == f or f in p.parents
 
 
-def _is_factory_spec(spec: str) -> bool:
-    return (":" in spec and not spec.startswith("zoo:") and not os.path.exists(spec)
-            and not spec.lower().endswith((".onnx", ".pt", ".pth", ".ptl", ".torchscript")))
+def _check_factory_source(spec: str, export_dir: Path) -> None:
+    """A --model package.module:factory must not be imported from inside the export folder: find where its top
+    package would come from (without running it) and refuse that folder."""
+    import importlib.machinery
+    top = spec.partition(":")[0].split(".")[0]
+    if not top or not top.isidentifier():
+        return  # models.load gives the usage error
+    where = f"--model {spec}"
+    if _inside_folder(os.getcwd(), export_dir):
+        raise UsageError(f"{where}: the current folder is inside the export folder {export_dir}, so its files would be "
+                         "importable; run python -m pipeline.evaluate from the folder that holds your module")
+    mod = sys.modules.get(top)
+    if mod is not None:
+        places = [getattr(mod, "__file__", None), *list(getattr(mod, "__path__", []) or [])]
+    else:
+        search = list(sys.path) + ([os.getcwd()] if os.getcwd() not in sys.path and "" not in sys.path else [])
+        found = importlib.machinery.PathFinder.find_spec(top, [p or os.getcwd() for p in search])
+        places = [] if found is None else [found.origin, *list(found.submodule_search_locations or [])]
+    if any(p and _inside_folder(p, export_dir) for p in places):
+        raise UsageError(f"{where} would import {top} from inside the export folder {export_dir}: a received folder "
+                         "is data, never code; keep the module outside it and run from the folder that holds it")
 
 
-def _add_import_path(folder: Path) -> None:
-    """Make ``package.module:factory`` importable from the export's folder, after the current folder."""
-    f = str(folder)
-    if f in sys.path:
-        return
-    here = ("", os.getcwd())
-    i = next((k + 1 for k, p in enumerate(sys.path) if p in here), 0)
-    sys.path.insert(i, f)
+class _NoImportsFrom:
+    """While evaluating, no sys.path entry that is (or resolves inside) the export folder: running from inside a
+    received folder must not make its files importable by the imports evaluate does later (numpy, torch, ...)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def __enter__(self):
+        self.saved = list(sys.path)
+        sys.path[:] = [p for p in sys.path if not _inside_folder(p or os.getcwd(), self.folder)]
+        return self
+
+    def __exit__(self, *exc):
+        removed = [p for p in self.saved if p not in sys.path]
+        for p in removed:  # put back what was removed; keep what evaluate added (a factory's folder)
+            if p not in sys.path:
+                sys.path.insert(min(self.saved.index(p), len(sys.path)), p)
+        return False
 
 
 def held_out_from_training(model) -> bool | None:
@@ -227,95 +319,126 @@ def held_out_from_training(model) -> bool | None:
 
 
 def evaluate_export(args: argparse.Namespace, log=print):
+    export_dir = Path(args.export_dir)
+    with _NoImportsFrom(export_dir):
+        return _evaluate_export(args, export_dir)
+
+
+def _evaluate_export(args: argparse.Namespace, export_dir: Path):
     import numpy as np
 
     from . import data as data_mod
-    from . import html_report, models, quiet
+    from . import models, quiet
     from .parallel_eval import ModelPair
+    from .preprocessing import check_batch_fits_memory
     from .reliability import evaluate, resolve_val_size
 
     quiet.configure(args.verbose)
     t0 = time.perf_counter()
-    export_dir = Path(args.export_dir)
     rep = _read_report(export_dir)
     rpath = export_dir / "report.json"
-    cfg = rep["config"]
+    cfg, target = _fields(rep, "config", rpath), _fields(rep, "target", rpath)
     pre = _preprocessing(rep, rpath)
-    # The export recorded --model/--weights/--data/--data-dir as typed, relative to the folder it ran in
-    # (config.cwd): found from there when they do not exist from here. Command-line overrides are used as given.
-    export_cwd = _export_cwd(cfg)
-    if args.model:
-        model_spec = args.model
-    else:
-        model_spec = _report_str(rep["model"], "spec", rpath) or _report_str(cfg, "model", rpath)
-        if not model_spec:
-            raise DataError(f"{rpath} names no model; pass --model")
-        model_spec = _from_export_cwd(model_spec, export_cwd)
-        if export_cwd is not None and _is_factory_spec(model_spec):
-            _add_import_path(export_cwd)
-    weights = args.weights if args.model or args.weights else _from_export_cwd(_report_str(cfg, "weights", rpath),
-                                                                              export_cwd)
-    tfl = rep.get("artifacts", {}).get("tflite")
-    tfl_rel = _report_str(tfl, "path", rpath) if isinstance(tfl, dict) else None
-    tflite = Path(args.tflite) if args.tflite else (export_dir / tfl_rel if tfl_rel else None)
-    if tflite is None:
-        raise DataError(f"{rpath} names no TFLite model (artifacts.tflite.path); pass --tflite path/to/model.tflite")
-    if not tflite.is_file():
-        raise DataError(f"the TFLite model {tflite} does not exist; pass --tflite path/to/model.tflite")
-    data_spec = args.data or _from_export_cwd(_report_str(cfg, "data", rpath), export_cwd) or "fashion-mnist"
-    data_dir = args.data_dir or (_from_export_cwd(_report_str(cfg, "data_dir", rpath), export_cwd)
-                                 if not args.data else None)
-    kernels = (args.kernels or _report_str(rep["target"], "litert_kernels", rpath)
-               or _report_str(rep["target"], "kernels", rpath) or "xnnpack")
-    if kernels not in ("xnnpack", "builtin", "ref"):
-        raise UsageError(f"--kernels {kernels!r}: choose xnnpack, builtin or ref")
     if args.batch_size <= 0:
         raise UsageError("--batch-size must be at least 1")
-    try:
-        seed = args.seed if args.seed is not None else int(cfg.get("seed") or 0)
-    except (TypeError, ValueError):
-        raise DataError(f"{rpath}: config.seed {cfg.get('seed')!r} is not an integer; pass --seed") from None
+    check_batch_fits_memory(pre.input_shape, args.batch_size, f"{rpath}: preprocessing.input_shape")
+    # A received folder is data. The model, weights and data it records are used only when they are a zoo model
+    # or files inside the folder; anything else must come from this command line. A flag naming what the export
+    # recorded confirms it (the FP32 check below then applies); a flag naming something else overrides it.
+    overrides: list[str] = []
+    if args.model:
+        rec_spec = _fields(rep, "model", rpath).str("spec") or cfg.str("model")
+        model_spec = args.model
+        model_given = not _same(args.model, rec_spec)
+        if model_given:
+            overrides.append("--model")
+    else:
+        model_spec, rec_spec = _recorded_model(rep, rpath, export_dir)
+        model_given = False
+    rec_weights = cfg.str("weights")
+    if args.weights is not None:
+        weights = args.weights
+        if not _same(args.weights, rec_weights):
+            overrides.append("--weights")
+    elif model_given:
+        weights = None  # another model: the export's weights do not belong to it
+    else:
+        weights = _recorded_path(rep, rpath, export_dir, "weights", "--weights")
+    tflite, tflite_given = _tflite(args, rep, export_dir, rpath, overrides)
+    rec_data = cfg.str("data")
+    if args.data:
+        data_spec = args.data
+        if not _same(args.data, rec_data):
+            overrides.append("--data")
+    else:
+        data_spec = _recorded_path(rep, rpath, export_dir, "data", "--data") or "fashion-mnist"
+    if args.data_dir:
+        data_dir = args.data_dir
+        if not _same(args.data_dir, cfg.str("data_dir")):
+            overrides.append("--data-dir")
+    elif args.data or data_spec != "fashion-mnist":
+        data_dir = None
+    else:
+        data_dir = _recorded_path(rep, rpath, export_dir, "data_dir", "--data-dir")
+    rec_kernels = target.str("litert_kernels") or target.str("kernels")
+    kernels = args.kernels or rec_kernels or "xnnpack"
+    if kernels not in ("xnnpack", "builtin", "ref"):
+        raise UsageError(f"--kernels {kernels!r}: choose xnnpack, builtin or ref")
+    if args.kernels is not None and args.kernels != rec_kernels:
+        overrides.append("--kernels")
+    seed = args.seed if args.seed is not None else (cfg.int("seed", 0, 2 ** 32 - 1) or 0)
     rcfg = reliability_config(args, seed)
-    limit = args.eval_limit if args.eval_limit is not None else cfg.get("eval_limit")
+    rec_limit = cfg.int("eval_limit", 1, 2 ** 62)
+    limit = args.eval_limit if args.eval_limit is not None else rec_limit
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0):
         raise UsageError(f"--eval-limit must be at least 1 (got {limit!r})")
+    if args.eval_limit is not None and args.eval_limit != rec_limit:
+        overrides.append("--eval-limit")
+    precision = target.str("precision", choices=_PRECISIONS) or "int8"
+    layout = (_fields(rep, "preprocessing", rpath).str("tflite_input_layout", choices=("NHWC", "NCHW"))
+              or (_fields(rep, "conversion", rpath).str("input_layout", choices=("NHWC", "NCHW"))
+                  if "conversion" in rep else None) or "NHWC")
+    own_models = not overrides
+    # The export's recorded logits: verified before use, needed to check the FP32 model is the export's.
+    predictions = _verified_artifact(rep, "predictions", export_dir, rpath) if own_models else None
     out_dir = Path(args.out) if args.out else export_dir
     _check_writable(out_dir)  # created only when the results are written
     # Data before the model: the validation split's size is checked before any model is loaded or run.
     ds = data_mod.load(data_spec, data_dir, pre.input_shape)
     resolve_val_size(rcfg.val_size, len(ds.y_train))
+    if tuple(ds.sample_shape) != tuple(pre.input_shape):  # before any model sees an input of this shape
+        data_mod.check_fits(ds, pre.input_shape, 2)
     if rcfg.corruptions:
         from .corruptions import check_corruptible
         check_corruptible(pre.input_shape)
+    if ":" in model_spec and not model_spec.startswith("zoo:") and not _is_model_file(model_spec):
+        _check_factory_source(model_spec, export_dir)
     model = models.load(model_spec, weights)
+    if model_spec != args.model:
+        model.spec = rec_spec  # the report keeps the spec as recorded, not the folder's absolute path
+    fp32_onnx = None
+    if args.fp32_runtime == "onnxruntime" and model.kind != "onnx":
+        if model_given:
+            raise UsageError("--fp32-runtime onnxruntime needs the export's model.onnx (and no --model override); "
+                             "drop --fp32-runtime or re-run the export")
+        fp32_onnx = str(_verified_artifact(rep, "onnx", export_dir, rpath))
     num_classes = models.probe(model, pre.input_shape)
     data_mod.check_fits(ds, pre.input_shape, num_classes)
-    precision = _report_str(rep["target"], "precision", rpath) or "int8"
-    insp, chk = _check_tflite(tflite, precision, num_classes, rep, given=bool(args.tflite),
+    insp, chk = _check_tflite(tflite, precision, num_classes, rep, given=tflite_given,
                               pre_shape=pre.input_shape)
     n = len(ds.x_test) if limit is None else min(int(limit), len(ds.x_test))
     if n <= 0:
         raise DataError(f"{data_spec} has no test images; pass data with a test split")
-    layout = rep["preprocessing"].get("tflite_input_layout") or rep.get("conversion", {}).get("input_layout") or "NHWC"
-    fp32_onnx = None
-    if args.fp32_runtime == "onnxruntime" and model.kind != "onnx":
-        onnx_rel = (rep.get("artifacts", {}).get("onnx") or {}).get("path")
-        fp32_onnx = export_dir / onnx_rel if onnx_rel and not args.model else None
-        if fp32_onnx is None or not fp32_onnx.is_file():
-            raise UsageError("--fp32-runtime onnxruntime needs the export's model.onnx (and no --model override); "
-                             "drop --fp32-runtime or re-run the export")
-        fp32_onnx = str(fp32_onnx.resolve())
+    clean, clean_note = None, ""
+    if predictions is not None:
+        clean, clean_note = _export_predictions(predictions, precision, n)
+        _check_fp32_reproduces(model, ds, pre, predictions, args.batch_size, model.spec)
     pair = ModelPair(model_spec=model_spec, weights=weights, tflite_path=str(tflite.resolve()), input_layout=layout,
                      kernels=kernels, preprocessing=pre, batch_size=args.batch_size, fp32_onnx=fp32_onnx)
-    clean, clean_note = _export_predictions(export_dir, rep, n, own_models=not (args.model or args.tflite or args.weights
-                                                                                  or args.data or args.kernels))
     result = evaluate(pair, ds, n, rcfg, clean=clean, loaded_model=model, held_out_from_training=held_out_from_training(model),
                       runtime_note=clean_note, progress=not args.verbose and sys.stderr.isatty())
     rep.update(result.sections)
     rep.setdefault("gates", {}).update(result.gates)
-    overrides = [flag for flag, v in (("--model", args.model), ("--weights", args.weights), ("--tflite", args.tflite),
-                                      ("--data", args.data), ("--data-dir", args.data_dir),
-                                      ("--eval-limit", args.eval_limit), ("--kernels", args.kernels)) if v is not None]
     if overrides:
         _restate_for_overrides(rep, overrides, result.clean, np.asarray(ds.y_test[:n]), ds, n, model, tflite, insp,
                                chk, kernels, pair.fp32_runtime)
@@ -327,6 +450,62 @@ def evaluate_export(args: argparse.Namespace, log=print):
     rep.setdefault("artifacts", {})["report_html"] = {"path": "report.html"}
     write_outputs(rep, out_dir)
     return rep, out_dir
+
+
+_PRECISIONS = ("fp32", "fp16", "dynamic", "int16x8", "int8")
+# Recorded FP32 logits vs the FP32 model loaded here, on the first FP32_CHECK_IMAGES test inputs. The export
+# accepted ONNX (onnxruntime) against PyTorch within onnx_export.tolerance_for (1e-4 + 1e-4 of the output range)
+# and its recorded logits may be onnxruntime's, so PyTorch here is within one such tolerance of them; batch size
+# and thread count change float summation order by far less (~1e-6 relative). Twice that tolerance is therefore
+# never hit by the export's own model, while another model (other weights or architecture) differs by a sizeable
+# fraction of the output range - thousands of times more.
+FP32_CHECK_IMAGES = 256
+FP32_CHECK_TOLERANCE_FACTOR = 2.0
+
+
+def _tflite(args, rep: dict, export_dir: Path, rpath: Path, overrides: list[str]) -> tuple[Path, bool]:
+    """The .tflite: --tflite as given, else the export's (inside the folder, sha256 verified)."""
+    art = rep.get("artifacts", {}).get("tflite")
+    if args.tflite:
+        given = Path(args.tflite)
+        if not given.is_file():
+            raise DataError(f"the TFLite model {given} does not exist; pass --tflite path/to/model.tflite")
+        from .jsonio import inside
+        own = inside(export_dir, art.get("path")) if isinstance(art, dict) else None
+        if own is None or own != given.resolve():
+            overrides.append("--tflite")
+            return given, True
+    if not isinstance(art, dict) or not art.get("path"):
+        raise DataError(f"{rpath} names no TFLite model (artifacts.tflite.path); pass --tflite path/to/model.tflite")
+    return _verified_artifact(rep, "tflite", export_dir, rpath), False
+
+
+def _check_fp32_reproduces(model, ds, pre, predictions: Path, batch_size: int, spec: str) -> None:
+    """The FP32 model loaded here must give the export's recorded FP32 logits (predictions.npz, verified): a report
+    whose model spec was edited to another model, or a changed factory module, is refused."""
+    import numpy as np
+
+    from . import models
+    from .onnx_export import tolerance_for
+    from .preprocessing import apply
+    from .safe_arrays import SafeNpz
+    with SafeNpz(predictions, f"the export's {predictions.name}", DataError) as z:
+        recorded = z.load("fp32_logits") if "fp32_logits" in z else None
+    if recorded is None or recorded.ndim != 2 or recorded.dtype.kind != "f":
+        raise DataError(f"the export's {predictions.name} holds no FP32 logits (fp32_logits); re-run the export")
+    k = min(FP32_CHECK_IMAGES, len(recorded), len(ds.x_test))
+    if k == 0:
+        return
+    got = models.run_fp32(model, apply(ds.x_test[:k], pre), batch_size=batch_size)
+    want = recorded[:k].astype(np.float64)
+    tol = FP32_CHECK_TOLERANCE_FACTOR * tolerance_for(want)
+    err = float(np.abs(got.astype(np.float64) - want).max()) if got.shape == want.shape else math.inf
+    if not err <= tol:
+        how = (f"differ by up to {err:.3g} (tolerance {tol:.3g})" if math.isfinite(err)
+               else f"have shape {list(got.shape[1:])}, the recorded ones {list(want.shape[1:])}")
+        raise DataError(f"the FP32 model {spec} does not reproduce the export's FP32 logits ({predictions.name}): on "
+                        f"the first {k} test images its outputs {how}; this is not the model (or data) the export was "
+                        "made from: pass --model/--weights/--data naming what the export used, or re-run the export")
 
 
 def _check_tflite(tflite: Path, precision: str, num_classes: int, rep: dict, given: bool, pre_shape):
@@ -403,21 +582,14 @@ def _restate_for_overrides(rep: dict, overrides: list[str], clean: dict, labels,
         "the export"}
 
 
-def _export_predictions(export_dir: Path, rep: dict, n: int, own_models: bool):
-    """The export's clean-test logits (predictions.npz), when they belong to these models and inputs."""
-    import numpy as np
-    p = export_dir / "predictions.npz"
-    prec = rep.get("target", {}).get("precision", "int8")
-    if not own_models or not p.is_file():
-        return None, ""
-    try:
-        with np.load(p, allow_pickle=False) as z:
-            if "fp32_logits" not in z.files or f"{prec}_logits" not in z.files:
-                return None, ""
-            fp32, q = z["fp32_logits"], z[f"{prec}_logits"]
-    except (OSError, ValueError):
-        return None, ""
-    if len(fp32) != n or len(q) != n:
+def _export_predictions(predictions: Path, precision: str, n: int):
+    """The export's clean-test logits (predictions.npz, sha256 verified), when they cover these ``n`` inputs."""
+    from .safe_arrays import SafeNpz
+    with SafeNpz(predictions, f"the export's {predictions.name}", DataError) as z:
+        if "fp32_logits" not in z or f"{precision}_logits" not in z:
+            return None, ""
+        fp32, q = z.load("fp32_logits"), z.load(f"{precision}_logits")
+    if len(fp32) != n or len(q) != n or fp32.shape != q.shape or fp32.ndim != 2:
         return None, ""
     return {"fp32": fp32, "int8": q}, "clean-test logits read from the export's predictions.npz"
 

@@ -59,6 +59,61 @@ class Preprocessing:
         )
 
 
+# Limits of a preprocessing record read from a file (a report or a bundle someone sent): far above any image
+# classifier this pipeline targets (ImageNet 3x224x224 = 150,528 values), far below what exhausts a host.
+MAX_CHANNELS = 16
+MAX_SIDE = 4096
+MAX_INPUT_VALUES = 1 << 22  # values per image: 16 MiB of float32
+LAYOUTS = ("NHW", "NCHW", "NHWC")
+DTYPES = ("uint8", "float32")
+
+
+def from_record(d: dict, where: str, fix: str) -> Preprocessing:
+    """A preprocessing record read from a file, every field checked for type and range (DataError naming
+    ``preprocessing.<key>`` otherwise)."""
+    from .jsonio import Fields
+    f = Fields(d, where, fix, "preprocessing.")
+    shape = f.numbers("input_shape", 3, 3, 1, MAX_SIDE, required=True, integer=True)
+    c, h, w = shape
+    if c > MAX_CHANNELS:
+        raise f.fail("input_shape", f"{shape} has {c} channels (at most {MAX_CHANNELS}); it is not C,H,W")
+    if c * h * w > MAX_INPUT_VALUES:
+        raise f.fail("input_shape", f"{shape} is {c * h * w:,} values per image, above the limit of "
+                                    f"{MAX_INPUT_VALUES:,}")
+    mean = f.numbers("mean", 1, MAX_CHANNELS, -1e6, 1e6, required=True)
+    std = f.numbers("std", 1, MAX_CHANNELS, -1e6, 1e6, required=True)
+    for name, v in (("mean", mean), ("std", std)):
+        if len(v) not in (1, c):
+            raise f.fail(name, f"has {len(v)} values for {c}-channel inputs")
+    if not all(v > 0 for v in std):
+        raise f.fail("std", f"{std} must be positive")
+    raw_range = f.numbers("raw_range", 2, 2, -1e12, 1e12) or [0.0, 255.0]
+    if not raw_range[0] < raw_range[1]:
+        raise f.fail("raw_range", f"{raw_range} is not [low, high]")
+    return Preprocessing(
+        input_shape=(c, h, w),
+        source_layout=f.str("source_layout", required=True, choices=LAYOUTS),
+        source_dtype=f.str("source_dtype", required=True, choices=DTYPES),
+        scale=f.number("scale", 1e-12, 1e12, required=True),
+        mean=tuple(mean), std=tuple(std), raw_range=(raw_range[0], raw_range[1]),
+        layout=f.str("layout", choices=("NCHW",)) or "NCHW",
+    )
+
+
+def check_batch_fits_memory(input_shape, batch: int, what: str) -> None:
+    """Refuse a batch of ``input_shape`` images that cannot fit in this host's free memory (about eight float32
+    copies of a batch are alive at once: raw, scaled, normalised, transposed, quantized, outputs)."""
+    import os
+    need = 8 * 4 * int(batch) * int(np.prod(np.asarray(input_shape, np.int64)))
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return
+    if free > 0 and need > free:
+        raise DataError(f"{what}: batches of {batch} images of {'x'.join(map(str, input_shape))} need about "
+                        f"{need / 2 ** 30:.1f} GiB but {free / 2 ** 30:.1f} GiB is free; pass a smaller --batch-size")
+
+
 def per_channel(values: tuple[float, ...] | None, channels: int, default: float, name: str) -> tuple[float, ...]:
     """Broadcast a --mean/--std value list to one value per channel."""
     if values is None or len(values) == 0:

@@ -53,7 +53,7 @@ class Report:
 
     def write(self, path: Path) -> None:
         tmp = path.with_name(path.name + ".part")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n", encoding="utf-8")
         os.replace(tmp, path)
 
 

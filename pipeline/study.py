@@ -89,7 +89,7 @@ def precision_ladder(base: ExportConfig, out: Path, names: list[str] | None = No
         log(f"      {name}: top-1 {acc['tflite_top1']:.2%}, agreement {acc['agreement']:.2%}, "
             f"{rows[-1]['bytes']:,} B", file=sys.stderr)
     first = rows[0] if rows else None
-    n = int(np.load(Path(first["folder"]) / "predictions.npz")["labels"].shape[0]) if first else 0
+    n = int(np.load(Path(first["folder"]) / "predictions.npz", allow_pickle=False)["labels"].shape[0]) if first else 0
     from .runtime import host_description
     return {
         "kind": "study.precision",
@@ -160,7 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--eval-limit", type=int, help="evaluate on the first N test images only")
     q.add_argument("--targets", help="comma-separated targets (default: the ladder " + ",".join(ladder_targets()) + ")")
-    q.add_argument("--out", default="study-precision", help="output folder (default study-precision)")
+    q.add_argument("--out", default="study-precision", help="output folder (default study-precision): created when "
+                                                            "new; an earlier study there is replaced only with "
+                                                            "--overwrite; any other non-empty folder is refused")
+    q.add_argument("--overwrite", action="store_true", help="replace an earlier study in --out (each target's export "
+                                                            "folder as a whole, as pipeline.export --overwrite)")
     q.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -177,9 +181,15 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         if out.exists() and not out.is_dir():
             raise UsageError(f"--out {out} exists and is not a folder; pass a folder path")
+        if out.is_dir() and any(out.iterdir()):
+            if not (out / "study.json").is_file():
+                raise UsageError(f"--out {out} is a non-empty folder that holds no study (no study.json); pass a new "
+                                 "or empty folder: nothing of yours is replaced")
+            if not args.overwrite:
+                raise UsageError(f"--out {out} holds an earlier study; pass --overwrite to replace it, or another --out")
         base = ExportConfig(model=args.model, weights=args.weights, data=args.data, data_dir=args.data_dir,
                             calib=args.calib, calib_size=args.calib_size, seed=args.seed, eval_limit=args.eval_limit,
-                            verbose=args.verbose)
+                            verbose=args.verbose, overwrite=args.overwrite)
         out.mkdir(parents=True, exist_ok=True)
         study = precision_ladder(base, out, names)
     except PipelineError as e:

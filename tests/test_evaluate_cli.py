@@ -45,9 +45,25 @@ def _write_report(folder: Path, rep) -> None:
     (folder / "report.json").write_text(json.dumps(rep))
 
 
-def _main(args, capsys):
+# A received folder's factory, weights and data are never followed (issue #11): every evaluate of the tiny export
+# names the model, weights and data it was made from, as its user would. Set by the autouse fixture below.
+OWN: dict[str, str] = {}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _own_flags(tinynet_dir, tiny_npz):
+    OWN.update({"--model": "tinynet:tinynet", "--weights": str(tinynet_dir / "tinynet.pt"), "--data": str(tiny_npz)})
+
+
+def with_own(args) -> list[str]:
+    """``args`` plus the tiny export's --model/--weights/--data where they are not given."""
+    args = [str(a) for a in args]
+    return args + [a for flag, v in OWN.items() if flag not in args for a in (flag, v)]
+
+
+def _main(args, capsys, own=True):
     from pipeline.evaluate import main
-    status = main([str(a) for a in args])
+    status = main(with_own(args) if own else [str(a) for a in args])
     err = capsys.readouterr().err
     return status, err
 
@@ -58,9 +74,14 @@ def _one_error_line(err: str, needle: str) -> None:
     assert "Traceback" not in err
 
 
+def _env() -> dict:
+    """The tiny factory's folder importable in a subprocess too (as the user's module would be)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(Path(OWN["--weights"]).parent)])}
+
+
 def _cli(args, cwd, timeout=120):
-    return subprocess.run([sys.executable, "-m", "pipeline.evaluate", *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return subprocess.run([sys.executable, "-m", "pipeline.evaluate", *with_own(args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env=_env())
 
 
 # --------------------------------------------------------------------------- defect 1: no endless worker respawn
@@ -68,10 +89,10 @@ def _cli(args, cwd, timeout=120):
 def test_garbage_tflite_with_two_workers_fails_fast(export_copy, tmp_path):
     """workers=2: the models are built once in this process before the pool starts, so a .tflite LiteRT cannot
     load gives the same clean error as --workers 1 (it used to respawn pool workers forever)."""
-    (export_copy / "model_int8.tflite").write_bytes(b"garbage\n")
+    (tmp_path / "garbage.tflite").write_bytes(b"garbage\n")  # --tflite: the export's own file is sha256-checked
     out = tmp_path / "o"
     t0 = time.perf_counter()
-    proc = _cli([export_copy, "--val-size", "100", "--corruptions", "fog", "--severities", "1", "--workers", "2",
+    proc = _cli([export_copy, "--tflite", tmp_path / "garbage.tflite", "--val-size", "100", "--corruptions", "fog", "--severities", "1", "--workers", "2",
                  "--out", out], cwd=tmp_path)
     assert time.perf_counter() - t0 < 60
     assert proc.returncode == 2, proc.stderr
@@ -224,7 +245,7 @@ def test_write_outputs_removes_what_it_created_on_failure(default_run, tmp_path)
     (42, "holds a JSON int"),
     (None, "holds a JSON NoneType"),
     ({"hello": 1}, "lacks the 'preprocessing' section"),
-    ({"preprocessing": {}, "model": {}, "config": {}, "target": {}}, "preprocessing record lacks"),
+    ({"preprocessing": {}, "model": {}, "config": {}, "target": {}}, "preprocessing.input_shape is missing"),
     ({"preprocessing": [], "model": {}, "config": {}, "target": {}}, "lacks the 'preprocessing' section"),
 ])
 def test_report_json_that_is_not_an_export_report(tmp_path, capsys, content, needle):
@@ -257,7 +278,7 @@ def test_report_with_malformed_fields(export_copy, tmp_path, capsys):
     _write_report(export_copy, rep)
     status, err = _main([export_copy, "--out", tmp_path / "o", *FAST], capsys)
     assert status == 2
-    _one_error_line(err, "'model' is 5, not a string")
+    _one_error_line(err, "config.model is 5, not a string")
     assert not (tmp_path / "o").exists()
 
 
@@ -288,47 +309,59 @@ def relative_export(exported, tinynet_dir, tiny_npz, tmp_path, monkeypatch):
     sys.modules.pop(mod, None)
 
 
-def test_relative_specs_resolve_against_the_export_cwd(relative_export, tmp_path, capsys):
+def test_a_relative_factory_is_never_imported_from_the_export_cwd(relative_export, tmp_path, capsys):
+    """Issue #11 replaced the old config.cwd resolution: the report's factory is not imported (exit 2 naming the
+    spec), config.cwd is never put on sys.path, and the recorded relative paths are not guessed; the user's own
+    flags are used as given."""
     exp, proj, mod = relative_export
-    # Without config.cwd (a report of an older export) the relative names cannot be found from here.
-    old = _report(exp)
-    no_cwd = {**old, "config": {k: v for k, v in old["config"].items() if k != "cwd"}}
-    _write_report(exp, no_cwd)
-    status, err = _main([exp, "--out", tmp_path / "o", "--val-size", "50", *FAST], capsys)
-    assert status == 2 and "error: " in err and "Traceback" not in err
+    status, err = _main([exp, "--out", tmp_path / "o", *FAST], capsys, own=False)
+    assert status == 2
+    _one_error_line(err, f"pass --model {mod}:tinynet")
+    status, err = _main([exp, "--model", f"{mod}:tinynet", "--out", tmp_path / "o", *FAST], capsys, own=False)
+    assert status == 2
+    _one_error_line(err, "config.weights records --weights w.pt, a path outside the export folder")
+    status, err = _main([exp, "--model", f"{mod}:tinynet", "--weights", proj / "w.pt", "--out", tmp_path / "o",
+                         *FAST], capsys, own=False)
+    assert status == 2
+    _one_error_line(err, "config.data records --data d.npz, a path outside the export folder")
+    status, err = _main([exp, "--model", f"{mod}:tinynet", "--weights", proj / "w.pt", "--data", proj / "d.npz",
+                         "--out", tmp_path / "o", *FAST], capsys, own=False)
+    assert status == 2
+    _one_error_line(err, f"cannot import module {mod!r}")  # config.cwd (proj/) is not importable
+    assert mod not in sys.modules and str(proj) not in sys.path
     assert not (tmp_path / "o").exists()
-    _write_report(exp, old)
-    status, err = _main([exp, "--out", tmp_path / "o", "--val-size", "50", *FAST], capsys)
+    sys.path.insert(0, str(proj))  # the user makes their module importable (monkeypatched sys.path: restored)
+    status, err = _main([exp, "--model", f"{mod}:tinynet", "--weights", proj / "w.pt", "--data", proj / "d.npz",
+                         "--out", tmp_path / "o", "--val-size", "50", *FAST], capsys, own=False)
     assert status in (0, 1), err
     rep = _report(tmp_path / "o")
-    assert rep["model"]["spec"] == f"{mod}:tinynet"
-    assert rep["temperature_scaling"]["validation"]["size"] == 50
-    # The factory was imported from the export's folder and the weights loaded from there: the FP32 clean
-    # accuracy is the trained model's, not a random one.
-    assert rep["calibration_drift"]["fp32"]["top1"] > 0.9
-    assert sys.modules[mod].__file__ == str(proj / f"{mod}.py")
+    assert rep["model"]["spec"] == f"{mod}:tinynet" and rep["calibration_drift"]["fp32"]["top1"] > 0.9
 
 
-def test_relative_onnx_model_resolves_against_the_export_cwd(relative_export, tmp_path, capsys):
+def test_a_relative_onnx_model_outside_the_folder_needs_model(relative_export, tmp_path, capsys):
     exp, proj, _ = relative_export
     rep = _report(exp)
     rep["config"].update(model="m.onnx", weights=None)
     rep["model"]["spec"] = "m.onnx"
     _write_report(exp, rep)
-    assert not Path("m.onnx").exists()
-    status, err = _main([exp, "--out", tmp_path / "o", "--val-size", "50", *FAST], capsys)
+    status, err = _main([exp, "--out", tmp_path / "o", *FAST], capsys, own=False)
+    assert status == 2
+    _one_error_line(err, "model.spec records the model file 'm.onnx', outside the export folder")
+    status, err = _main([exp, "--model", proj / "m.onnx", "--data", proj / "d.npz", "--out", tmp_path / "o",
+                         "--val-size", "50", *FAST], capsys, own=False)
     assert status in (0, 1), err
     assert _report(tmp_path / "o")["calibration_drift"]["fp32"]["top1"] > 0.9
 
 
-def test_paths_that_exist_here_win(relative_export, tmp_path, capsys):
-    """A relative name that exists from the current folder is used as is (the export's folder is the fallback)."""
-    exp, proj, _ = relative_export
+def test_recorded_relative_paths_are_not_guessed_from_here(relative_export, tmp_path, capsys):
+    """A recorded relative --data that happens to exist from the current folder is not used either."""
+    exp, proj, mod = relative_export
     np.savez(Path("d.npz"), x_train=np.zeros((10, 5, 5), np.uint8), y_train=np.zeros(10, np.int64),
-             x_test=np.zeros((4, 5, 5), np.uint8), y_test=np.zeros(4, np.int64))  # wrong image size on purpose
-    status, err = _main([exp, "--out", tmp_path / "o", "--val-size", "5", *FAST], capsys)
+             x_test=np.zeros((4, 5, 5), np.uint8), y_test=np.zeros(4, np.int64))
+    status, err = _main([exp, "--model", f"{mod}:tinynet", "--weights", proj / "w.pt", "--out", tmp_path / "o",
+                         *FAST], capsys, own=False)
     assert status == 2
-    _one_error_line(err, "images are 1x5x5")  # the local d.npz, not the export folder's 12x12 one
+    _one_error_line(err, "config.data records --data d.npz")
     assert not (tmp_path / "o").exists()
 
 
@@ -355,7 +388,7 @@ def default_run(exported, tinynet_dir, tmp_path_factory):
     from pipeline.evaluate import main
     out = tmp_path_factory.mktemp("default_run") / "o"
     with contextlib.chdir(tinynet_dir):
-        status = main([str(exported), "--out", str(out), *FAST])
+        status = main(with_own([str(exported), "--out", str(out), *FAST]))
     assert status in (0, 1)
     return _report(out), out
 
@@ -563,9 +596,9 @@ def test_a_signal_while_workers_start_stops_everything_cleanly(export_copy, tmp_
     written, and no process left behind (SIGTERM used to orphan the workers)."""
     before = sorted(p.name for p in export_copy.iterdir())
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # else the CLI would inherit SIG_IGN
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.evaluate", str(export_copy), "--corruptions", "all",
-                             "--workers", "2"], cwd=tmp_path, stderr=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True, start_new_session=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.evaluate",
+                             *with_own([export_copy, "--corruptions", "all", "--workers", "2"])], cwd=tmp_path, stderr=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, start_new_session=True, env=_env())
     deadline = time.monotonic() + 120
     kids: list[int] = []
     while time.monotonic() < deadline and proc.poll() is None and len(kids) < 2:
@@ -598,8 +631,8 @@ def test_a_tflite_for_another_input_shape_is_refused(export_copy, tmp_path, caps
 
 @pytest.mark.parametrize("edit, needle", [
     (lambda r: r["artifacts"].pop("tflite"), "names no TFLite model (artifacts.tflite.path); pass --tflite"),
-    (lambda r: r["preprocessing"].update(mean=[0.0, 0.0, 0.0]), "preprocessing mean has 3 values for 1-channel inputs"),
-    (lambda r: r["preprocessing"].update(std=[0.0]), "preprocessing std [0.0] must be positive"),
+    (lambda r: r["preprocessing"].update(mean=[0.0, 0.0, 0.0]), "preprocessing.mean has 3 values for 1-channel inputs"),
+    (lambda r: r["preprocessing"].update(std=[0.0]), "preprocessing.std [0.0] must be positive"),
 ])
 def test_an_edited_report_gets_a_message_that_names_the_key(export_copy, tmp_path, capsys, edit, needle):
     rep = _report(export_copy)

@@ -124,10 +124,16 @@ def _cli(args, cwd=None):
 
 
 @pytest.fixture(scope="module")
-def evaluated(exported, tinynet_dir, tmp_path_factory):
+def own_model(tinynet_dir, tiny_npz):
+    """The tiny export's factory is named on the command line: evaluate never imports what a report names."""
+    return ["--model", "tinynet:tinynet", "--weights", str(tinynet_dir / "tinynet.pt"), "--data", str(tiny_npz)]
+
+
+@pytest.fixture(scope="module")
+def evaluated(exported, tinynet_dir, tmp_path_factory, own_model):
     out = tmp_path_factory.mktemp("evaluated")
     before = (exported / "report.json").read_bytes()
-    proc = _cli([str(exported), "--out", str(out), *SMALL_SUITE], cwd=tinynet_dir)
+    proc = _cli([str(exported), "--out", str(out), *own_model, *SMALL_SUITE], cwd=tinynet_dir)
     assert proc.returncode in (0, 1), proc.stderr
     assert (exported / "report.json").read_bytes() == before, "--out must leave the export folder untouched"
     return proc, out
@@ -158,8 +164,8 @@ def test_evaluate_cli_writes_every_section(evaluated):
     assert rep["calibration_drift"]["int8"]["top1"] == pytest.approx(rep["accuracy"]["int8_top1"])
 
 
-def test_evaluate_gate_failure_exits_1(exported, tinynet_dir, tmp_path):
-    proc = _cli([str(exported), "--out", str(tmp_path), "--corruptions", "none", "--val-size", "100",
+def test_evaluate_gate_failure_exits_1(exported, tinynet_dir, tmp_path, own_model):
+    proc = _cli([str(exported), "--out", str(tmp_path), *own_model, "--corruptions", "none", "--val-size", "100",
                  "--workers", "1", "--max-worst-drop-pp", "-1"], cwd=tinynet_dir)
     assert proc.returncode == 1, proc.stderr
     rep = json.loads((tmp_path / "report.json").read_text())
@@ -176,9 +182,9 @@ def test_evaluate_gate_failure_exits_1(exported, tinynet_dir, tmp_path):
     (["{export}", "--tflite", "/nonexistent/model.tflite"], "does not exist"),
     (["{empty}"], "report.json does not exist"),
 ])
-def test_evaluate_cli_bad_input(exported, tmp_path, args, message):
+def test_evaluate_cli_bad_input(exported, tmp_path, args, message, own_model, tinynet_dir):
     args = [a.replace("{export}", str(exported)).replace("{empty}", str(tmp_path)) for a in args]
-    proc = _cli(args + ["--out", str(tmp_path / "o")])
+    proc = _cli(args + own_model + ["--out", str(tmp_path / "o")], cwd=tinynet_dir)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
