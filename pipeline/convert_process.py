@@ -10,11 +10,18 @@ exports ONNX; the ``convert`` stage then waits only for the conversion itself. T
 - A worker that dies (a crash in TensorFlow, the OOM killer) is reported as a ``ConversionError`` naming
   its exit code.
 - The worker converts one model and exits; ``close()`` ends it at once when the export fails earlier.
+- The worker dies with the export: the kernel sends it SIGKILL when its parent dies (``PR_SET_PDEATHSIG``,
+  even when the parent is SIGKILLed mid-conversion), and it exits on EOF of its pipe while waiting.
+- Its temporary files (onnx2tf's folder, TensorFlow's) go to the TMPDIR it inherits: ``export()`` points
+  TMPDIR into the export's staging folder, which the next run sweeps if this one is killed.
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import multiprocessing as mp
+import os
+import signal
 import time
 
 import numpy as np
@@ -24,7 +31,23 @@ from .convert import TfliteArtifact, _short, get_converter
 from .errors import ConversionError, PipelineError
 
 
-def _serve(name: str, verbose: bool, conn) -> None:
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """SIGKILL this process when the parent dies; exit now if it died already (before the prctl took effect)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the pipe's EOF still ends the wait for a request
+        pass
+    if os.getppid() != parent_pid:
+        os._exit(0)
+
+
+def _serve(name: str, verbose: bool, conn, parent_pid: int | None = None) -> None:
+    if parent_pid is not None:
+        _die_with_parent(parent_pid)
     try:
         from . import quiet
         quiet.configure(verbose)
@@ -67,7 +90,8 @@ class ConverterProcess:
         self.name = get_converter(name).name  # unknown names fail here, in this process
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve, args=(name, verbose, child), name="pipeline-convert", daemon=True)
+        self._proc = ctx.Process(target=_serve, args=(name, verbose, child, os.getpid()), name="pipeline-convert",
+                                 daemon=True)
         self._proc.start()
         child.close()
 

@@ -13,16 +13,14 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .errors import OutputError, PipelineError, UsageError
+from .errors import PipelineError, UsageError
 from .quiet import progress as _progress
 
 DEFAULT_MODEL = "zoo:refcnn"
@@ -43,6 +41,7 @@ class ExportConfig:
     seed: int = 0
     target: str = "tflite-int8"
     out: str | None = None
+    overwrite: bool = False  # replace an earlier export in --out as a whole (pipeline/outdir.py)
     max_drop_pp: float = 1.0
     min_agreement: float = 0.98
     converter: str = "onnx2tf"
@@ -62,8 +61,8 @@ class ExportConfig:
     # FP32 side of the run stage and of --reliability: "onnxruntime" runs the exported model.onnx (checked against
     # PyTorch in export_onnx on 256 real inputs); "reference" runs the model's own runtime (PyTorch).
     fp32_runtime: str = "onnxruntime"
-    # The folder the export ran in: relative --model/--weights/--data paths and factory modules are found
-    # from here (pipeline.evaluate resolves them against it when run from another folder).
+    # The folder the export ran in, recorded so a reader can tell what relative --model/--weights/--data paths
+    # meant. pipeline.evaluate never follows it (a received report is data: see README "Bad input").
     cwd: str = field(default_factory=os.getcwd)
 
     def to_dict(self) -> dict:
@@ -203,51 +202,62 @@ class RunOutputs:
 # --------------------------------------------------------------------------- driver
 
 def export(cfg: ExportConfig, log=print) -> tuple[int, Path, "object"]:
-    """Run the whole export. Returns (exit status, output folder, report)."""
-    import numpy as np
+    """Run the whole export. Returns (exit status, output folder, report).
 
+    ``--out`` is checked and locked before anything else (pipeline/outdir.py); the export is built in a staging
+    folder beside it, whose ``tmp/`` is TMPDIR meanwhile, and moved in whole at the end, or not at all."""
     from . import quiet
+    from .outdir import OutputFolder
     quiet.configure(cfg.verbose)
     t_start = time.perf_counter()
-    setup_t0 = time.perf_counter()
-    converter_process = _start_converter_process(cfg)
-    try:
-        run, out = _prepare(cfg, log)
-    except BaseException:
-        if converter_process is not None:
-            converter_process.close()
-        raise
-    run.converter_process = converter_process
-    setup_s = time.perf_counter() - setup_t0
-    try:
-        for i, (name, fn) in enumerate(STAGES, 1):
-            t0 = time.perf_counter()
-            run.outputs[name] = fn(run)
-            run.timings[name] = round(time.perf_counter() - t0, 3)
-            shown = "skipped (not this target)" if run.outputs[name] is None else f"{run.timings[name]:6.2f}s"
-            log(f"[{i}/{len(STAGES)}] {name:<12} {shown}", file=sys.stderr)
-        report = _build_report(run, setup_s)
-        r = run.outputs["run"]
-        np.savez_compressed(run.work / "predictions.npz", **_prediction_arrays(run))
-        t0 = time.perf_counter()
-        report.artifacts["bundle"] = _write_bundle(run, report)
-        report.timings_s["bundle"] = round(time.perf_counter() - t0, 3)
-        if cfg.reliability:
-            t0 = time.perf_counter()
-            _add_reliability(run, report)
-            report.timings_s["reliability"] = round(time.perf_counter() - t0, 3)
-            log(f"[+] reliability  {report.timings_s['reliability']:6.2f}s", file=sys.stderr)
-        report.timings_s["total"] = round(time.perf_counter() - t_start, 3)
-        report.write(run.work / "report.json")
-        if cfg.reliability:
-            from .html_report import write as write_html
-            write_html(report.to_dict(), run.work / "report.html")
-        _publish(run.work, out)
-    finally:
-        if converter_process is not None:
-            converter_process.close()
-        shutil.rmtree(run.work, ignore_errors=True)
+    out = _out_path(cfg)
+    with OutputFolder.claim(out, cfg.overwrite) as folder, folder.temp_files_inside():
+        converter_process = _start_converter_process(cfg)  # inherits TMPDIR: the staging folder's tmp/
+        try:
+            run = _prepare(cfg, log, folder.work)
+            run.converter_process = converter_process
+            report = _run_and_write(run, folder, t_start, log)
+            folder.publish()
+        finally:
+            if converter_process is not None:
+                converter_process.close()
     return (0 if report.passed else 1), out, report
+
+
+def _run_and_write(run: Run, folder, t_start: float, log):
+    """The stages, then the files (into the staging folder; a full disk is one OutputError line)."""
+    import numpy as np
+
+    from .jsonio import sha256_file
+    cfg = run.cfg
+    setup_s = time.perf_counter() - t_start
+    for i, (name, fn) in enumerate(STAGES, 1):
+        t0 = time.perf_counter()
+        run.outputs[name] = fn(run)
+        run.timings[name] = round(time.perf_counter() - t0, 3)
+        shown = "skipped (not this target)" if run.outputs[name] is None else f"{run.timings[name]:6.2f}s"
+        log(f"[{i}/{len(STAGES)}] {name:<12} {shown}", file=sys.stderr)
+    report = _build_report(run, setup_s)
+    with folder.writing("predictions.npz"):
+        np.savez_compressed(run.work / "predictions.npz", **_prediction_arrays(run))
+    report.artifacts["predictions"]["sha256"] = sha256_file(run.work / "predictions.npz")
+    t0 = time.perf_counter()
+    with folder.writing("the device bundle (bundle/, bundle.tar.gz)"):
+        report.artifacts["bundle"] = _write_bundle(run, report)
+    report.timings_s["bundle"] = round(time.perf_counter() - t0, 3)
+    if cfg.reliability:
+        t0 = time.perf_counter()
+        _add_reliability(run, report)
+        report.timings_s["reliability"] = round(time.perf_counter() - t0, 3)
+        log(f"[+] reliability  {report.timings_s['reliability']:6.2f}s", file=sys.stderr)
+    report.timings_s["total"] = round(time.perf_counter() - t_start, 3)
+    with folder.writing("report.json"):
+        report.write(run.work / "report.json")
+    if cfg.reliability:
+        from .html_report import write as write_html
+        with folder.writing("report.html"):
+            write_html(report.to_dict(), run.work / "report.html")
+    return report
 
 
 def _start_converter_process(cfg: ExportConfig):
@@ -264,7 +274,9 @@ def _start_converter_process(cfg: ExportConfig):
         return None
 
 
-def _prepare(cfg: ExportConfig, log) -> tuple[Run, Path]:
+def _prepare(cfg: ExportConfig, log, work: Path) -> Run:
+    """Load and check the model, the data and the representative dataset; ``work``: where the files go (the
+    claimed output folder's staging folder, removed by its owner on failure)."""
     import numpy as np
     import targets
     from calib_data import CalibContext, build
@@ -277,58 +289,52 @@ def _prepare(cfg: ExportConfig, log) -> tuple[Run, Path]:
                          "(100-500 recommended)")
     if cfg.batch_size <= 0:
         raise UsageError("--batch-size must be at least 1")
-    out = Path(cfg.out) if cfg.out else Path(_default_out_name(cfg.model, target.name))
-    work = _make_workdir(out)
-    try:
-        model = models.load(cfg.model, cfg.weights)
-        ds = data_mod.load(cfg.data, cfg.data_dir, cfg.input_shape or model.input_shape)
-        if cfg.input_shape and model.input_shape and tuple(cfg.input_shape) != tuple(model.input_shape):
-            raise UsageError(f"--input-shape {','.join(map(str, cfg.input_shape))} does not fit {model.spec}, which "
-                             f"takes {','.join(map(str, model.input_shape))}; drop --input-shape or fix it")
-        input_shape = tuple(cfg.input_shape or model.input_shape or ds.sample_shape)
-        num_classes = models.probe(model, input_shape)
-        if model.num_classes is None:
-            model.num_classes = num_classes
-        if model.extra.get("outputs_returned", 1) > 1:
-            log(f"warning: {model.spec} returns {model.extra['outputs_returned']} outputs; the first is taken as the "
-                "logits and only it is exported and compared (return one tensor to silence this)", file=sys.stderr)
-        data_mod.check_fits(ds, input_shape, num_classes)
-        if cfg.reliability:  # the validation split and the corruption suite must fit the data: say so now
-            from .corruptions import check_corruptible
-            from .reliability import parse_corruptions, resolve_val_size
-            resolve_val_size(cfg.val_size, len(ds.y_train))
-            if parse_corruptions(cfg.corruptions):
-                check_corruptible(input_shape)
-        mean = preprocessing.per_channel(cfg.mean if cfg.mean is not None else model.mean, input_shape[0], 0.0, "mean")
-        std = preprocessing.per_channel(cfg.std if cfg.std is not None else model.std, input_shape[0], 1.0, "std")
-        if any(s <= 0 for s in std):
-            raise UsageError("--std values must be positive")
-        pre = preprocessing.Preprocessing(
-            input_shape=input_shape, source_layout=ds.source_layout, source_dtype=ds.source_dtype,
-            scale=ds.scale, mean=mean, std=std,
-            raw_range=(0.0, 255.0) if ds.source_dtype == "uint8" else (float(ds.x_train.min()), float(ds.x_train.max())),
-        )
-        ctx = CalibContext(x_train=ds.x_train, y_train=ds.y_train, preprocessing=pre, dataset_name=ds.name,
-                           cache_dir=Path(cfg.calib_cache).expanduser() if cfg.calib_cache else None)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            calib = build(cfg.calib, ctx, cfg.calib_size, cfg.seed)
-        for w in caught:
-            log(f"warning: {w.message}", file=sys.stderr)
-        if len(calib) < target.min_calibration_samples and not caught:
-            log(f"warning: {len(calib)} calibration samples is below the target's minimum of "
-                f"{target.min_calibration_samples}", file=sys.stderr)
-        n_eval = len(ds.x_test) if cfg.eval_limit is None else min(cfg.eval_limit, len(ds.x_test))
-        if n_eval <= 0:
-            raise UsageError("--eval-limit must be at least 1")
-        x_test = preprocessing.apply(ds.x_test[:n_eval], pre)
-        run = Run(cfg=cfg, target=target, model=model, dataset=ds, pre=pre, calib=calib, work=work, x_test=x_test,
-                  progress=not cfg.verbose and sys.stderr.isatty())
-        np.random.seed(cfg.seed)
-        return run, out
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
+    model = models.load(cfg.model, cfg.weights)
+    ds = data_mod.load(cfg.data, cfg.data_dir, cfg.input_shape or model.input_shape)
+    if cfg.input_shape and model.input_shape and tuple(cfg.input_shape) != tuple(model.input_shape):
+        raise UsageError(f"--input-shape {','.join(map(str, cfg.input_shape))} does not fit {model.spec}, which "
+                         f"takes {','.join(map(str, model.input_shape))}; drop --input-shape or fix it")
+    input_shape = tuple(cfg.input_shape or model.input_shape or ds.sample_shape)
+    num_classes = models.probe(model, input_shape)
+    if model.num_classes is None:
+        model.num_classes = num_classes
+    if model.extra.get("outputs_returned", 1) > 1:
+        log(f"warning: {model.spec} returns {model.extra['outputs_returned']} outputs; the first is taken as the "
+            "logits and only it is exported and compared (return one tensor to silence this)", file=sys.stderr)
+    data_mod.check_fits(ds, input_shape, num_classes)
+    if cfg.reliability:  # the validation split and the corruption suite must fit the data: say so now
+        from .corruptions import check_corruptible
+        from .reliability import parse_corruptions, resolve_val_size
+        resolve_val_size(cfg.val_size, len(ds.y_train))
+        if parse_corruptions(cfg.corruptions):
+            check_corruptible(input_shape)
+    mean = preprocessing.per_channel(cfg.mean if cfg.mean is not None else model.mean, input_shape[0], 0.0, "mean")
+    std = preprocessing.per_channel(cfg.std if cfg.std is not None else model.std, input_shape[0], 1.0, "std")
+    if any(s <= 0 for s in std):
+        raise UsageError("--std values must be positive")
+    pre = preprocessing.Preprocessing(
+        input_shape=input_shape, source_layout=ds.source_layout, source_dtype=ds.source_dtype,
+        scale=ds.scale, mean=mean, std=std,
+        raw_range=(0.0, 255.0) if ds.source_dtype == "uint8" else (float(ds.x_train.min()), float(ds.x_train.max())),
+    )
+    ctx = CalibContext(x_train=ds.x_train, y_train=ds.y_train, preprocessing=pre, dataset_name=ds.name,
+                       cache_dir=Path(cfg.calib_cache).expanduser() if cfg.calib_cache else None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        calib = build(cfg.calib, ctx, cfg.calib_size, cfg.seed)
+    for w in caught:
+        log(f"warning: {w.message}", file=sys.stderr)
+    if len(calib) < target.min_calibration_samples and not caught:
+        log(f"warning: {len(calib)} calibration samples is below the target's minimum of "
+            f"{target.min_calibration_samples}", file=sys.stderr)
+    n_eval = len(ds.x_test) if cfg.eval_limit is None else min(cfg.eval_limit, len(ds.x_test))
+    if n_eval <= 0:
+        raise UsageError("--eval-limit must be at least 1")
+    x_test = preprocessing.apply(ds.x_test[:n_eval], pre)
+    run = Run(cfg=cfg, target=target, model=model, dataset=ds, pre=pre, calib=calib, work=work, x_test=x_test,
+              progress=not cfg.verbose and sys.stderr.isatty())
+    np.random.seed(cfg.seed)
+    return run
 
 
 def _default_out_name(model_spec: str, target: str) -> str:
@@ -337,47 +343,9 @@ def _default_out_name(model_spec: str, target: str) -> str:
     return f"{stem}-{target}"
 
 
-def _make_workdir(out: Path) -> Path:
-    """A temp folder beside ``out`` (same file system, so publishing is a rename)."""
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"--out {out} exists and is not a folder; pass a folder path")
-    parent = out.resolve().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
-    except OSError as e:
-        raise OutputError(f"cannot write the output folder {out} ({e.strerror or e}); pass a writable --out") from None
-    if out.is_dir() and not os.access(out, os.W_OK):
-        shutil.rmtree(work, ignore_errors=True)
-        raise OutputError(f"the output folder {out} is not writable; pass a writable --out")
-    return work
-
-
-# What an export writes: a re-export into the same folder removes those of them it did not write this time
-# (a report.html from an earlier --reliability run would no longer match report.json). Other files stay.
-EXPORT_ARTIFACTS = ("model.onnx", "report.json", "report.html", "predictions.npz", "bundle", "bundle.tar.gz")
-
-
-def _publish(work: Path, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    produced = {f.name for f in work.iterdir()}
-    if (out / "report.json").is_file():  # an earlier export's folder
-        earlier = set(EXPORT_ARTIFACTS) | {p.name for p in out.glob("model_*.tflite")}
-        for name in sorted(earlier - produced):
-            stale = out / name
-            if stale.is_dir() and not stale.is_symlink():
-                shutil.rmtree(stale, ignore_errors=True)
-            elif stale.exists() or stale.is_symlink():
-                stale.unlink()
-    for f in sorted(work.iterdir()):
-        dest = out / f.name
-        if f.is_dir() and dest.is_dir():  # a folder left by an earlier export (the device bundle)
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-            os.replace(dest, old)
-            os.replace(f, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(f, dest)
+def _out_path(cfg: ExportConfig) -> Path:
+    import targets
+    return Path(cfg.out) if cfg.out else Path(_default_out_name(cfg.model, targets.get_target(cfg.target).name))
 
 
 def _write_bundle(run: Run, report) -> dict:
@@ -417,6 +385,7 @@ def _add_reliability(run: Run, report) -> None:
 def _build_report(run: Run, setup_s: float):
     from .report import Report
     from .inspect_tflite import check_precision
+    from .jsonio import sha256_file
     from .metrics import accuracy_gates
     o = run.outputs
     onnx_art, tfl, insp, r, cmp = o["export_onnx"], o["convert"], o["inspect"], o["run"], o["compare"]
@@ -435,6 +404,7 @@ def _build_report(run: Run, setup_s: float):
     n = len(run.x_test)
     q = insp.to_dict(with_tensors=True) | {"precision": chk.to_dict()}
     int8_run = r.int8.describe()
+    tfl_sha256 = sha256_file(tfl.path)
     return Report(
         kind="export",
         target=run.target.to_dict(),
@@ -454,10 +424,10 @@ def _build_report(run: Run, setup_s: float):
             "note": "host measurements on this machine's CPU, not device latency",
             **_latency_section(run),
         },
-        artifacts={
-            "onnx": {"path": "model.onnx", "bytes": onnx_art.bytes},
-            f"tflite_{prec}": {"path": tfl.path.name, "bytes": tfl.bytes},
-            "tflite": {"path": tfl.path.name, "bytes": tfl.bytes, "precision": prec},
+        artifacts={  # sha256: pipeline.evaluate and the Pi script refuse a file that changed after the export
+            "onnx": {"path": "model.onnx", "bytes": onnx_art.bytes, "sha256": sha256_file(onnx_art.path)},
+            f"tflite_{prec}": {"path": tfl.path.name, "bytes": tfl.bytes, "sha256": tfl_sha256},
+            "tflite": {"path": tfl.path.name, "bytes": tfl.bytes, "precision": prec, "sha256": tfl_sha256},
             "size_ratio_onnx_to_int8": round(onnx_art.bytes / tfl.bytes, 3) if tfl.bytes else None,
             "predictions": {"path": "predictions.npz", "arrays": list(_prediction_arrays(run, names_only=True))},
             "report": {"path": "report.json"},
@@ -598,7 +568,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluate import add_reliability_arguments
     add_reliability_arguments(p, in_export=True, adaptive_val_size=True)
     g = p.add_argument_group("Output")
-    g.add_argument("--out", help="output folder (default MODEL-TARGET in the current folder)")
+    g.add_argument("--out", help="output folder (default MODEL-TARGET in the current folder): created when new, "
+                                 "used when empty; any other folder is refused, except an earlier export "
+                                 "with --overwrite")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier export in --out as a whole (refused if it also holds files no "
+                        "export writes)")
     g.add_argument("-v", "--verbose", action="store_true", help="show the tools' own output")
     return p
 
@@ -611,7 +586,7 @@ def config_from_args(args: argparse.Namespace) -> ExportConfig:
         model=args.model, weights=args.weights, input_shape=args.input_shape, data=args.data,
         data_dir=args.data_dir, mean=args.mean, std=args.std, calib=args.calib, calib_size=args.calib_size,
         calib_cache=None if args.calib_cache in ("off", "") else args.calib_cache,
-        seed=args.seed, target=args.target, out=args.out, max_drop_pp=args.max_drop_pp,
+        seed=args.seed, target=args.target, out=args.out, overwrite=args.overwrite, max_drop_pp=args.max_drop_pp,
         min_agreement=args.min_agreement, converter=args.converter, batch_size=args.batch_size,
         eval_limit=args.eval_limit, micro_limit=args.micro_limit, verbose=args.verbose,
         **_reliability_args(args),
@@ -737,7 +712,10 @@ def main(argv: list[str] | None = None) -> int:
     except Terminated:
         print("error: terminated (SIGTERM); nothing was written to the output folder", file=sys.stderr)
         return 143
-    print(summary(report, out))
+    from .outdir import shown
+    text = summary(report, Path(shown(out)))  # an --out with bytes that are not UTF-8: shown escaped (out\xff)
+    enc = getattr(sys.stdout, "encoding", None) or "utf-8"
+    print(text.encode(enc, "backslashreplace").decode(enc, "replace"))
     return status
 
 

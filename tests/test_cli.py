@@ -86,8 +86,8 @@ def test_gate_failure_exits_1_and_still_writes(tmp_path, tinynet_dir, tiny_npz, 
     assert "FAIL (max_drop_pp)" in capsys.readouterr().out
 
 
-def test_re_export_removes_stale_artifacts_and_keeps_other_files(tmp_path, tinynet_dir, tiny_npz, in_dir,
-                                                                  tiny_export):
+def test_re_export_needs_overwrite_keeps_user_files_and_replaces_the_whole_folder(tmp_path, tinynet_dir, tiny_npz,
+                                                                                 in_dir, tiny_export, capsys):
     import shutil
     in_dir(tinynet_dir)
     out = tmp_path / "out"
@@ -95,11 +95,18 @@ def test_re_export_removes_stale_artifacts_and_keeps_other_files(tmp_path, tinyn
     (out / "report.html").write_text("<html>from an earlier --reliability run</html>")  # ... with extras
     (out / "model_fp16.tflite").write_bytes(b"old")
     (out / "notes.txt").write_text("mine")
-    assert main(["--model", "tinynet:tinynet", "--weights", str(tinynet_dir / "tinynet.pt"), "--data",
-                 str(tiny_npz), "--calib-size", "50", "--eval-limit", "50", "--out", str(out)]) in (0, 1)
+    args = ["--model", "tinynet:tinynet", "--weights", str(tinynet_dir / "tinynet.pt"), "--data", str(tiny_npz),
+            "--calib-size", "50", "--eval-limit", "50", "--out", str(out)]
+    assert main(args) == 2  # without --overwrite: refused before any stage
+    assert "holds an earlier export (report.json); pass --overwrite" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 2  # a file no export writes is never deleted
+    assert "also notes.txt, which no export writes" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "mine"
+    (out / "notes.txt").unlink()
+    assert main([*args, "--overwrite"]) in (0, 1)
     names = {p.name for p in out.iterdir()}
     assert "report.html" not in names and "model_fp16.tflite" not in names
-    assert {"notes.txt", "report.json", "model_int8.tflite", "model.onnx", "bundle"} <= names
+    assert {"report.json", "model_int8.tflite", "model.onnx", "bundle"} <= names
     assert json.loads((out / "report.json").read_text())["accuracy"]["n"] == 50
 
 
