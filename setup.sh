@@ -59,6 +59,9 @@ if [[ ! -d /usr/share/datasets/fashion-mnist ]]; then
 fi
 
 if (( RUN_JOB )); then
+  # The default job re-runs into its own folder (refcnn-tflite-int8/): an earlier run of it is replaced
+  # (--overwrite never deletes a file an export did not write). With arguments, the user decides.
+  if (( $# == 0 )); then set -- --overwrite; fi
   echo "setup: running python -m pipeline.export $*" >&2
   exec .venv/bin/python -m pipeline.export "$@"
 fi
