@@ -233,7 +233,8 @@ def _run_and_write(run: Run, folder, t_start: float, log):
     setup_s = time.perf_counter() - t_start
     for i, (name, fn) in enumerate(STAGES, 1):
         t0 = time.perf_counter()
-        run.outputs[name] = fn(run)
+        with folder.writing(f"the {name} stage's files", only_full_disk=True):
+            run.outputs[name] = fn(run)
         run.timings[name] = round(time.perf_counter() - t0, 3)
         shown = "skipped (not this target)" if run.outputs[name] is None else f"{run.timings[name]:6.2f}s"
         log(f"[{i}/{len(STAGES)}] {name:<12} {shown}", file=sys.stderr)

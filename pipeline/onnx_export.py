@@ -105,6 +105,8 @@ def export_onnx(model: LoadedModel, sample: np.ndarray, out_path: Path) -> OnnxA
                 dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
                 opset_version=OPSET, do_constant_folding=True, dynamo=False,
             )
+    except OSError:  # writing the file failed (a full disk): the caller says so, not "export failed"
+        raise
     except Exception as e:
         msg = str(e).strip().splitlines()[0][:240] if str(e).strip() else type(e).__name__
         raise ExportError(f"torch.onnx.export failed for {model.spec}: {msg}") from None

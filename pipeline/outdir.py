@@ -317,11 +317,14 @@ class OutputFolder:
                 os.environ["TMPDIR"] = saved_env
 
     @contextlib.contextmanager
-    def writing(self, what: str):
-        """Turn an OSError (a full disk, above all) while writing ``what`` into one OutputError line."""
+    def writing(self, what: str, only_full_disk: bool = False):
+        """Turn an OSError (a full disk, above all) while writing ``what`` into one OutputError line;
+        ``only_full_disk``: other errors pass (the stages, whose own errors name their cause)."""
         try:
             yield
         except OSError as e:
+            if only_full_disk and e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 try:
                     n = shutil.disk_usage(self.real.parent).free
