@@ -436,8 +436,51 @@ def read_manifest(bundle_dir):
     tol = _field(m, "check_tolerance_steps", path, "number", required=False)
     if tol is not None and not 0 <= tol <= 1e6:
         raise _bad(path, "check_tolerance_steps", "is %r, outside 0..1e6" % tol)
+    m["class_names"] = class_names_field(m, path)
     m["_files"] = files
     return m
+
+
+MAX_CLASSES = 100000
+MAX_CLASS_NAME_CHARS = 256
+
+
+def class_names_field(m, path):
+    """bundle.json ``class_names`` (optional): a list of distinct, printable, non-empty strings, one per output."""
+    names = m.get("class_names")
+    if names is None:
+        return None
+    if not isinstance(names, list) or not 1 <= len(names) <= MAX_CLASSES:
+        raise _bad(path, "class_names", "is %s, not a list of 1 to %d names" % (_show(names), MAX_CLASSES))
+    for i, n in enumerate(names):
+        if not (isinstance(n, str) and 0 < len(n) <= MAX_CLASS_NAME_CHARS and n.strip() == n and n.isprintable()):
+            raise _bad(path, "class_names[%d]" % i, "is %s, not a printable name of 1 to %d characters"
+                       % (_show(n), MAX_CLASS_NAME_CHARS))
+    if len(set(names)) != len(names):
+        raise _bad(path, "class_names", "names a class twice")
+    shape = (m.get("output") or {}).get("shape")
+    if isinstance(shape, list) and len(shape) >= 2 and all(isinstance(d, int) and not isinstance(d, bool) and d > 0
+                                                           for d in shape[1:]):
+        k = 1
+        for d in shape[1:]:
+            k *= d
+        if k != len(names):
+            raise _bad(path, "class_names", "holds %d names but the model has %d outputs (output.shape %s)"
+                       % (len(names), k, shape))
+    return names
+
+
+def class_label(names, c):
+    """Class ``c`` as printed: its index, and its name when the bundle records one."""
+    c = int(c)
+    if names is not None and 0 <= c < len(names):
+        return "%d (%s)" % (c, names[c])
+    return str(c)
+
+
+def _pct(v):
+    """A fraction printed as a percentage ("n/a" when missing)."""
+    return "n/a" if v is None else "%.2f%%" % (100.0 * v)
 
 
 def m_key(m, key):
@@ -669,6 +712,8 @@ def check(args, model_path, bundle_dir, manifest, script):
             row = compare_outputs(got, exp[:n].reshape(n, -1), tol, out_q, labels[:n] if labels is not None else None)
             row.update({"kernels": k, "compared_with": "host %s" % key})
             per_kernel.append(row)
+            if "predictions" not in report and got.ndim == 2 and len(got):
+                report["predictions"] = predictions(got, labels, manifest.get("class_names"), k)
             if not row["passed"]:
                 failures.append("kernels=%s: %d of %d top-1 differ beyond tolerance, largest difference %s steps "
                                 "(tolerance %s)" % (k, row["flips_beyond_tolerance"], n, row["max_diff_steps"], tol))
@@ -676,6 +721,22 @@ def check(args, model_path, bundle_dir, manifest, script):
     report["failures"] = failures
     report["passed"] = not failures
     return report
+
+
+SHOWN_PREDICTIONS = 5
+
+
+def predictions(got, labels, names, kernels):
+    """The device's top-1 class on the first SHOWN_PREDICTIONS samples, with its name and the true label."""
+    top = got.argmax(axis=1)
+    rows = []
+    for i in range(min(SHOWN_PREDICTIONS, len(top))):
+        r = {"sample": i, "class": int(top[i]), "name": names[int(top[i])] if names and int(top[i]) < len(names) else None}
+        if labels is not None and i < len(labels):
+            r["label"] = int(labels[i])
+            r["label_name"] = names[int(labels[i])] if names and 0 <= int(labels[i]) < len(names) else None
+        rows.append(r)
+    return {"kernels": kernels, "samples": rows}
 
 
 def compare_outputs(got, exp, tol, out_q, labels):
@@ -928,7 +989,8 @@ def run(args, rt_name, rt_version, mod):
                      "numpy": np.__version__, "runtime": rt_name, "runtime_version": rt_version,
                      "script": SCHEMA_VERSION},
         "model": model,
-        "bundle": ({"path": args.bundle, "created_by": manifest.get("created_by"), "model_spec": manifest.get("model_spec")}
+        "bundle": ({"path": args.bundle, "created_by": manifest.get("created_by"), "model_spec": manifest.get("model_spec"),
+                    "class_names": manifest.get("class_names")}
                    if manifest else None),
         "config": {"threads": args.threads, "kernels": args.kernels, "op_resolvers": {k: KERNELS[k] for k in args.kernels},
                    "warmup": args.warmup, "warmup_secs": args.warmup_secs, "runs": args.runs, "min_secs": args.min_secs,
@@ -960,8 +1022,17 @@ def run(args, rt_name, rt_version, mod):
             % ("yes" if pp["passed"] else "NO", pp["max_diff_steps"])))
         for r in c["kernels"]:
             print("         %-8s vs %-12s top-1 agreement %s  max diff %s steps  values differing %s  %s" % (
-                r["kernels"], r["compared_with"], r.get("top1_agreement"), r.get("max_diff_steps"),
-                r.get("values_differing"), "ok" if r["passed"] else "FAIL"))
+                r["kernels"], r["compared_with"], _pct(r.get("top1_agreement")), r.get("max_diff_steps"),
+                _pct(r.get("values_differing")), "ok" if r["passed"] else "FAIL"))
+        pr = c.get("predictions")
+        if pr:
+            names = manifest.get("class_names")
+            print("predict  first %d samples on %s: %s" % (
+                len(pr["samples"]), pr["kernels"], "; ".join(
+                    "#%d %s%s" % (r["sample"], class_label(names, r["class"]),
+                                  "" if "label" not in r else (" = label" if r["label"] == r["class"]
+                                                               else ", label %s" % class_label(names, r["label"])))
+                    for r in pr["samples"])))
         print("check    %s" % ("PASS" if c["passed"] else "FAIL: " + "; ".join(c["failures"])))
         if not c["passed"]:
             status = 1

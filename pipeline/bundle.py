@@ -10,7 +10,7 @@ rest or not at all:
                               int8 model inputs, and their labels
       expected_outputs.npz    the int8 outputs recorded on this host with LiteRT, one array per kernel
       bundle.json             manifest: files, sha256 of every file the script reads, tensors, how the
-                              outputs were recorded
+                              outputs were recorded, the class names (when known)
       pi_benchmark.py         the standalone benchmark and check script (numpy + ai-edge-litert only)
       requirements.txt        what the device needs
       README.txt              the commands to run there
@@ -112,11 +112,15 @@ def _tensor(d: dict) -> dict:
 
 def write_bundle(work: Path, tflite_path: Path, input_layout: str, preprocessing: dict, raw: np.ndarray,
                  x: np.ndarray, labels: np.ndarray, *, model_spec: str, target: str,
-                 n_samples: int = SAMPLES, ref_samples: int = REF_SAMPLES) -> BundleArtifact:
+                 n_samples: int = SAMPLES, ref_samples: int = REF_SAMPLES,
+                 class_names=None) -> BundleArtifact:
     """Write ``work/bundle/`` and ``work/bundle.tar.gz``.
 
     ``raw`` are the images as read (N×C×H×W, before preprocessing), ``x`` the same images as
     normalised float32 model input (the preprocessing record applied), ``labels`` their classes.
+    ``class_names`` (one per model output, index order; None: unknown) go into bundle.json, where the Pi
+    script reads them to print a label next to each class index. They live in the manifest itself, so no
+    file is added to its ``sha256`` map (which covers every file the script reads besides bundle.json).
     """
     from .runtime import TfliteRunner
     t0 = time.perf_counter()
@@ -143,6 +147,7 @@ def write_bundle(work: Path, tflite_path: Path, input_layout: str, preprocessing
             if input_int8 is None:
                 input_int8 = runner.to_model_input(x[:n])
                 in_t, out_t = _tensor(runner.inp), _tensor(runner.out)
+                names = _class_names(class_names, out_t)
             res = runner.run(x[:m])
             expected[k] = np.ascontiguousarray(res.raw_outputs.reshape(m, -1))
             recorded[k] = {"samples": m, "op_resolver": _RESOLVERS[k], "threads": 1, "batch": 1}
@@ -180,6 +185,7 @@ def write_bundle(work: Path, tflite_path: Path, input_layout: str, preprocessing
                                                    "host": host, "threads": 1, "batch": 1},
                                  "unit": "raw output tensor values (int8 quantization steps)"},
             "check_tolerance_steps": CHECK_TOLERANCE_STEPS,
+            **({"class_names": names} if names is not None else {}),
             "benchmark": {"script": SCRIPT.name, "requirements": "requirements.txt", "readme": "README.txt"},
             # every file pi_benchmark.py reads besides this manifest: it refuses one whose digest differs
             "sha256": {name: _sha256(folder / name) for name in
@@ -199,6 +205,19 @@ def write_bundle(work: Path, tflite_path: Path, input_layout: str, preprocessing
     return BundleArtifact(folder=folder, tarball=tar_path, files=files, samples=n, expected=recorded,
                           seconds=time.perf_counter() - t0,
                           extra={"recorded_on": host, "check_tolerance_steps": CHECK_TOLERANCE_STEPS})
+
+
+def _class_names(class_names, out_t: dict) -> list[str] | None:
+    """The names as a JSON list, one per output of the model (OutputError otherwise: the export checked the count
+    against the FP32 model, so a mismatch here is a bug, never silently shipped)."""
+    if class_names is None:
+        return None
+    names = [str(v) for v in class_names]
+    k = int(np.prod(out_t["shape"][1:])) if len(out_t["shape"]) > 1 else int(np.prod(out_t["shape"]))
+    if len(names) != k:
+        raise OutputError(f"the device bundle got {len(names)} class names for a model with {k} outputs; give one "
+                          "name per class (--class-names)")
+    return names
 
 
 _RESOLVERS = {"xnnpack": "BUILTIN", "builtin": "BUILTIN_WITHOUT_DEFAULT_DELEGATES", "ref": "BUILTIN_REF"}

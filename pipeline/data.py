@@ -20,6 +20,7 @@ FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
+FASHION_MNIST_NAMES_SOURCE = "the Fashion-MNIST names"  # built in: a mismatch drops them instead of failing
 _IDX_FILES = {
     "x_train": "train-images-idx3-ubyte",
     "y_train": "train-labels-idx1-ubyte",
@@ -27,6 +28,8 @@ _IDX_FILES = {
     "y_test": "t10k-labels-idx1-ubyte",
 }
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+CLASS_NAMES_KEY = "class_names"  # optional in a user's .npz: a 1-D unicode array, one name per class
+MAX_CLASS_NAME_CHARS = 256
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,10 @@ class Dataset:
     x_test: np.ndarray
     y_test: np.ndarray
     source_layout: str  # "NHW", "NCHW" or "NHWC"
-    class_names: tuple[str, ...] | None = None
+    class_names: tuple[str, ...] | None = None  # one per class (index order), or None: classes shown by index
+    # where the names came from, said in errors and in the report: "--class-names", "the .npz's class_names
+    # array", "the Fashion-MNIST names" (built in), or "report.json data.class_names" (pipeline.evaluate)
+    class_names_source: str | None = None
 
     @property
     def source_dtype(self) -> str:
@@ -55,7 +61,7 @@ class Dataset:
         return tuple(int(v) for v in self.x_train.shape[1:])  # type: ignore[return-value]
 
     def describe(self) -> dict:
-        return {
+        d = {
             "name": self.name,
             "origin": self.origin,
             "train_size": int(len(self.y_train)),
@@ -64,6 +70,53 @@ class Dataset:
             "source_dtype": self.source_dtype,
             "sample_shape_chw": list(self.sample_shape),
         }
+        if self.class_names is not None:
+            d["class_names"] = list(self.class_names)
+            d["class_names_source"] = self.class_names_source
+        return d
+
+    def with_class_names(self, names, source: str) -> "Dataset":
+        """This dataset with ``names`` (checked: :func:`check_class_names`) from ``source``."""
+        from dataclasses import replace
+        return replace(self, class_names=check_class_names(names, source), class_names_source=source)
+
+    def label(self, c: int) -> str:
+        """Class ``c`` as shown to people: its name when known, else its index."""
+        names = self.class_names
+        return names[c] if names is not None and 0 <= c < len(names) else str(c)
+
+
+def check_class_names(names, source: str) -> tuple[str, ...]:
+    """One name per class, in index order: non-empty, distinct, printable, at most MAX_CLASS_NAME_CHARS characters
+    (DataError naming ``source`` otherwise)."""
+    fix = "give one distinct, non-empty name per class in index order"
+    if isinstance(names, (str, bytes)) or not hasattr(names, "__iter__"):
+        raise DataError(f"{source} is {type(names).__name__}, not a list of class names; {fix}")
+    out = []
+    for i, n in enumerate(names):
+        if not isinstance(n, str):
+            raise DataError(f"{source}: name {i} is {type(n).__name__}, not text; {fix}")
+        n = n.strip()
+        if not n:
+            raise DataError(f"{source}: name {i} is empty; {fix}")
+        if len(n) > MAX_CLASS_NAME_CHARS:
+            raise DataError(f"{source}: name {i} has {len(n)} characters (at most {MAX_CLASS_NAME_CHARS}); {fix}")
+        if not n.isprintable():
+            raise DataError(f"{source}: name {i} ({n!r}) holds control characters; {fix}")
+        out.append(n)
+    if not out:
+        raise DataError(f"{source} holds no names; {fix}")
+    seen: dict[str, int] = {}
+    for i, n in enumerate(out):
+        if n in seen:
+            raise DataError(f"{source} names class {seen[n]} and class {i} both {n!r}; {fix}")
+        seen[n] = i
+    return tuple(out)
+
+
+def parse_class_names(text: str) -> tuple[str, ...]:
+    """``--class-names a,b,...``: comma-separated names (spaces around each dropped), checked."""
+    return check_class_names(text.split(","), "--class-names")
 
 
 def load(spec: str, data_dir: str | None = None, expected_chw: tuple[int, int, int] | None = None) -> Dataset:
@@ -175,6 +228,7 @@ def load_fashion_mnist(folder: Path) -> Dataset:
         y_test=arrays["y_test"].astype(np.int64),
         source_layout="NHW",
         class_names=FASHION_MNIST_CLASSES,
+        class_names_source=FASHION_MNIST_NAMES_SOURCE,
     )
 
 
@@ -220,7 +274,8 @@ def load_npz(path: Path, expected_chw: tuple[int, int, int] | None = None) -> Da
     from .safe_arrays import load_npz as safe_load_npz
     if not path.exists():
         raise DataError(f"data file {path} does not exist; pass --data path/to/data.npz or --data fashion-mnist")
-    arrays = safe_load_npz(path, NPZ_KEYS, what=str(path), error=DataError)
+    arrays = safe_load_npz(path, NPZ_KEYS, what=str(path), error=DataError, optional=(CLASS_NAMES_KEY,))
+    names = arrays.pop(CLASS_NAMES_KEY, None)
     for k in NPZ_KEYS:
         if arrays[k].dtype == object or arrays[k].dtype.kind not in "biuf":
             raise DataError(f"{path}: array {k} has dtype {arrays[k].dtype}; store numeric arrays")
@@ -264,6 +319,7 @@ def load_npz(path: Path, expected_chw: tuple[int, int, int] | None = None) -> Da
         raise DataError(f"{path}: train images are {xs['train'].shape[1:]} but test images are {xs['test'].shape[1:]}; they must match")
     if xs["train"].dtype != xs["test"].dtype:
         raise DataError(f"{path}: x_train is {xs['train'].dtype} but x_test is {xs['test'].dtype}; store both alike")
+    names_source = f"{path}: array {CLASS_NAMES_KEY}"
     return Dataset(
         name=path.stem,
         origin=str(path),
@@ -272,6 +328,8 @@ def load_npz(path: Path, expected_chw: tuple[int, int, int] | None = None) -> Da
         x_test=xs["test"],
         y_test=arrays["y_test"].astype(np.int64),
         source_layout=layouts.pop(),
+        class_names=None if names is None else check_class_names([str(v) for v in names.tolist()], names_source),
+        class_names_source=None if names is None else names_source,
     )
 
 
@@ -295,3 +353,19 @@ def check_fits(ds: Dataset, input_chw: tuple[int, int, int], num_classes: int) -
             raise DataError(f"{ds.name}: {split} labels go up to {hi} but the model has {num_classes} outputs; labels "
                             f"must lie in 0..{num_classes - 1} (pass data labelled for this model, or the model for "
                             "this data)")
+    check_class_count(ds, num_classes)
+
+
+def check_class_count(ds: Dataset, num_classes: int) -> Dataset:
+    """The class names must name every class of the model: DataError (exit 2) naming both counts otherwise.
+    Returns the dataset, without the built-in Fashion-MNIST names when they do not fit (another model's classes:
+    shown by index then)."""
+    names = ds.class_names
+    if names is None or len(names) == num_classes:
+        return ds
+    if ds.class_names_source == FASHION_MNIST_NAMES_SOURCE:
+        from dataclasses import replace
+        return replace(ds, class_names=None, class_names_source=None)
+    raise DataError(f"{ds.class_names_source} gives {len(names)} class name{'s' if len(names) != 1 else ''} but the "
+                    f"model has {num_classes} classes (outputs); give exactly {num_classes} names, one per class in "
+                    "index order")

@@ -146,11 +146,13 @@ def temperature_scaling(fp32_val: np.ndarray, int8_val: np.ndarray, y_val: np.nd
                 "test_before": cm.summary(test, y_test), "test_after": cm.summary(test, y_test, fit.temperature)}
 
     fp32, int8 = side(tf, fp32_val, fp32_test), side(tq, int8_val, int8_test)
+    fp32["reading"], int8["reading"] = temperature_reading(tf.temperature), temperature_reading(tq.temperature)
     transfer = cm.summary(int8_test, y_test, tf.temperature)
     return {
         "validation": validation,
         "method": "one scalar T minimising mean NLL of softmax(z / T) on the validation split (Newton on 1/T; "
                   "convex); fitted separately for FP32 and for the int8 outputs (dequantized)",
+        "meaning": TEMPERATURE_MEANING,
         "fp32": fp32,
         "int8": int8,
         "int8_with_fp32_temperature": {
@@ -160,6 +162,38 @@ def temperature_scaling(fp32_val: np.ndarray, int8_val: np.ndarray, y_val: np.nd
         },
         "temperature_ratio_int8_to_fp32": tq.temperature / tf.temperature,
     }
+
+
+TEMPERATURE_MEANING = ("T divides the logits before the softmax. T > 1: the model is over-confident (its probabilities "
+                       "are higher than its accuracy) and scaling softens them; T < 1: the model is under-confident "
+                       "and scaling sharpens them; T = 1: calibrated as it is. Top-1 never changes.")
+TEMPERATURE_CLOSE_TO_ONE = 0.05  # |T - 1| below this: read as calibrated as it is
+
+
+def temperature_reading(t: float) -> str:
+    """One sentence on what a fitted temperature says about the model (over- or under-confident)."""
+    if abs(t - 1.0) < TEMPERATURE_CLOSE_TO_ONE:
+        return f"T = {t:.3g}, close to 1: the model is about as confident as it is accurate; scaling changes little"
+    if t > 1.0:
+        return (f"T = {t:.3g} > 1: the model is over-confident on the validation split; dividing its logits by T "
+                "softens its probabilities")
+    return (f"T = {t:.3g} < 1: the model is under-confident on the validation split; dividing its logits by T "
+            "sharpens its probabilities")
+
+
+def change_phrase(drop_pp: float, subject: str = "the int8 model") -> str:
+    """A top-1 drop in points said without a double negative: "loses 0.38 pp", "gains 0.38 pp" (a negative drop),
+    "matches FP32"."""
+    if round(drop_pp, 2) == 0:
+        return f"{subject} matches FP32 (0.00 pp)"
+    return f"{subject} {'loses' if drop_pp > 0 else 'gains'} {abs(drop_pp):.2f} pp"
+
+
+def class_label(c: int, class_names=None) -> str:
+    """Class ``c`` for people: "3 (Dress)" when named, else "3"."""
+    if class_names and 0 <= c < len(class_names):
+        return f"{c} ({class_names[c]})"
+    return str(c)
 
 
 def per_class(fp32: np.ndarray, int8: np.ndarray, labels: np.ndarray, class_names=None) -> dict:
@@ -173,7 +207,7 @@ def per_class(fp32: np.ndarray, int8: np.ndarray, labels: np.ndarray, class_name
             continue
         f, q = float(np.mean(pf[m] == c)), float(np.mean(pq[m] == c))
         rows.append({"class": c, "name": (class_names[c] if class_names and c < len(class_names) else str(c)),
-                     "n": n, "fp32_top1": f, "int8_top1": q, "drop_pp": (f - q) * 100.0,
+                     "label": class_label(c, class_names), "n": n, "fp32_top1": f, "int8_top1": q, "drop_pp": (f - q) * 100.0,
                      "flips": int(np.sum(pf[m] != pq[m]))})
     worst = max(rows, key=lambda r: (r["drop_pp"], r["flips"]))
     return {"classes": rows, "worst_class": worst,
@@ -185,7 +219,7 @@ def per_class(fp32: np.ndarray, int8: np.ndarray, labels: np.ndarray, class_name
 def gates(sections: dict, cfg: ReliabilityConfig) -> dict:
     d = sections["calibration_drift"]["delta"]["ece"]
     cls = sections["per_class"]["worst_class"]
-    worst = {"group": f"class {cls['name']}", "drop_pp": cls["drop_pp"]}
+    worst = {"group": f"class {cls.get('label', cls['name'])}", "drop_pp": cls["drop_pp"]}
     sh = sections["shifts"]
     if sh.get("records"):
         w = sh["worst_by_int8_drop"]
@@ -215,14 +249,15 @@ class ReliabilityResult:
 
 def evaluate(pair: ModelPair, dataset, n_test: int, cfg: ReliabilityConfig, *, clean: dict | None = None,
              loaded_model=None, held_out_from_training: bool | None = None, runtime_note: str = "",
-             progress: bool = False, log=None) -> ReliabilityResult:
+             progress: bool = False, log=None, clean_from_fp32_onnx: bool = False) -> ReliabilityResult:
     """Run FP32 and int8 on the validation split and every shifted test set, and build all sections.
 
     ``clean``: {"fp32": logits, "int8": logits} already computed on the first ``n_test`` test images
-    (the export's predictions.npz); computed here when None.
+    (the export's predictions.npz); computed here when None. With ``pair.fp32_onnx`` they are used only when
+    ``clean_from_fp32_onnx`` says their FP32 side came from onnxruntime on that same model.onnx too.
     """
     t_all = time.perf_counter()
-    if pair.fp32_onnx:
+    if pair.fp32_onnx and not clean_from_fp32_onnx:
         clean, runtime_note = None, ""  # the given clean logits came from another FP32 runtime: recompute
     clean_given = clean is not None
     y_test = np.asarray(dataset.y_test[:n_test])
@@ -237,7 +272,8 @@ def evaluate(pair: ModelPair, dataset, n_test: int, cfg: ReliabilityConfig, *, c
     total = sum(j.stop - j.start for j in jobs)
     timings = {}
     t0 = time.perf_counter()
-    with progress_bar(total, "reliability: FP32 + int8", progress) as bar, \
+    with progress_bar(total, f"reliability: FP32 ({pair.fp32_runtime}) + int8, {workers} worker"
+                             + ("s" if workers != 1 else ""), progress) as bar, \
             Engine(pair, arrays, workers=workers, loaded_model=loaded_model) as engine:
         results = engine.run(jobs, progress=bar)
     timings["engine"] = round(time.perf_counter() - t0, 3)
@@ -283,6 +319,9 @@ def evaluate(pair: ModelPair, dataset, n_test: int, cfg: ReliabilityConfig, *, c
         f"MNIST-C; not the published files), in blocks of {BLOCK} images seeded by (seed {cfg.seed}, block); each "
         f"shifted set generated once and fed to both models; FP32 on {pair.fp32_runtime}, int8 on LiteRT "
         f"{pair.kernels} kernels")
+    if sections["shifts"].get("records"):  # in words, without a double negative ("loses -0.38 pp")
+        sections["shifts"]["mean_change"] = (change_phrase(sections["shifts"]["mean"]["drop_pp"])
+                                             + f" on average over the {sections['shifts']['sets']} shifted sets")
     timings["metrics"] = round(time.perf_counter() - t0, 3)
     timings["total"] = round(time.perf_counter() - t_all, 3)
     images_run = total

@@ -8,7 +8,8 @@ numpy ``ValueError``:
 - the bytes it declares are checked against what the file (or the zip member) really holds
   (truncated) and against the memory available (too large) before anything is allocated;
 - only plain numeric dtypes (bool, int, uint, float) are read; object arrays (pickles) are never
-  loaded, and structured, complex, string, void and date dtypes are refused by name;
+  loaded, and structured, complex, string, void and date dtypes are refused by name; the one exception is
+  a ``.npz``'s ``class_names`` (:data:`TEXT_KEYS`): a 1-D numpy unicode (``U``) array, never object dtype;
 - a zip that is not a zip, members that are not ``.npy``, duplicate names, members that expand far
   beyond their array (zip bombs), bad CRCs and damaged compressed data are refused.
 
@@ -29,6 +30,11 @@ import numpy as np
 from .errors import DataError, PipelineError
 
 NUMERIC_KINDS = "biuf"
+# .npz keys that hold text: a 1-D numpy unicode array (dtype '<U..'), never object dtype (pickles). Bounded so that
+# a hostile header cannot declare huge names: at most MAX_TEXT_ITEMS entries of at most MAX_TEXT_CHARS characters.
+TEXT_KEYS = ("class_names",)
+MAX_TEXT_ITEMS = 100_000
+MAX_TEXT_CHARS = 256
 # A zip member may hold at most this many bytes beyond its array before it is refused as padded
 # (a member that declares gigabytes but whose array needs kilobytes is a zip bomb, not an array).
 MAX_TRAILING_BYTES = 1 << 20
@@ -82,8 +88,14 @@ def available_memory() -> int:
         return 1 << 62
 
 
-def _dtype_problem(dtype: np.dtype) -> str | None:
-    """Why ``dtype`` cannot be loaded (None: a plain numeric dtype)."""
+def _dtype_problem(dtype: np.dtype, text: bool = False) -> str | None:
+    """Why ``dtype`` cannot be loaded (None: a plain numeric dtype, or with ``text`` a unicode one)."""
+    if text and dtype.kind == "U" and dtype.fields is None and dtype.subdtype is None:
+        return None
+    if text and dtype.kind == "S":
+        return f"holds byte strings ({dtype}), not unicode text"
+    if text and not dtype.hasobject and dtype.kind in NUMERIC_KINDS:
+        return f"holds numbers ({dtype}), not names"
     if dtype.hasobject:
         return "holds pickled Python objects (object dtype), which are never loaded (allow_pickle is off)"
     if dtype.fields is not None or dtype.names is not None:
@@ -141,11 +153,24 @@ def read_header(f, where: str, error: type[PipelineError] = DataError) -> NpyHea
 
 
 def check_header(h: NpyHeader, where: str, error: type[PipelineError] = DataError, *,
-                 holds: int | None = None, memory: int | None = None) -> None:
-    """Refuse a non-numeric dtype, an array larger than ``memory`` or than the ``holds`` bytes after the header."""
-    problem = _dtype_problem(h.dtype)
+                 holds: int | None = None, memory: int | None = None, text: bool = False) -> None:
+    """Refuse a non-numeric dtype, an array larger than ``memory`` or than the ``holds`` bytes after the header.
+    ``text`` (a :data:`TEXT_KEYS` member): a 1-D unicode array of bounded size is accepted instead."""
+    problem = _dtype_problem(h.dtype, text)
+    if problem and text:
+        raise error(f"{where} {problem}; store the names as a 1-D unicode array, e.g. "
+                    "numpy.savez(path, ..., class_names=numpy.array(['cat', 'dog']))")
     if problem:
         raise error(f"{where} {problem}; store plain numeric arrays (uint8 or float32 images, integer labels)")
+    if text:
+        fix = "store the names as a 1-D unicode array, e.g. class_names=numpy.array(['cat', 'dog'])"
+        if len(h.shape) != 1:
+            raise error(f"{where} has shape {h.shape}, not a 1-D list of names; {fix}")
+        if h.shape[0] > MAX_TEXT_ITEMS:
+            raise error(f"{where} declares {h.shape[0]} names (at most {MAX_TEXT_ITEMS}); {fix}")
+        if h.dtype.itemsize // 4 > MAX_TEXT_CHARS:
+            raise error(f"{where} has names of up to {h.dtype.itemsize // 4} characters (dtype {h.dtype}; at most "
+                        f"{MAX_TEXT_CHARS}); {fix}")
     if h.dtype.itemsize == 0:
         raise error(f"{where} has a zero-size dtype {h.dtype}; store plain numeric arrays")
     shape = "x".join(map(str, h.shape)) or "scalar"
@@ -290,7 +315,7 @@ class SafeNpz:
             except _READ_ERRORS as e:
                 raise self._damaged(where, e) from None
             holds = info.file_size - h.offset
-            check_header(h, where, self.error, holds=holds, memory=1 << 62)
+            check_header(h, where, self.error, holds=holds, memory=1 << 62, text=key in TEXT_KEYS)
             if holds - h.nbytes > MAX_TRAILING_BYTES:
                 raise self.error(f"{where} expands to {human_bytes(info.file_size)} but its array needs only "
                                  f"{human_bytes(h.nbytes)} (a zip bomb or a damaged archive); re-save the file "
@@ -304,7 +329,7 @@ class SafeNpz:
         total = 0
         for k in keys:
             h = self.header(k)
-            check_header(h, self._where(k), self.error, memory=memory)
+            check_header(h, self._where(k), self.error, memory=memory, text=k in TEXT_KEYS)
             total += h.nbytes
         if total > memory:
             raise self.error(f"{self.where}: arrays {', '.join(keys)} need {human_bytes(total)} together, more than "
@@ -313,7 +338,7 @@ class SafeNpz:
     def load(self, key: str, memory: int | None = None) -> np.ndarray:
         h = self.header(key)
         where = self._where(key)
-        check_header(h, where, self.error, memory=memory)
+        check_header(h, where, self.error, memory=memory, text=key in TEXT_KEYS)
         try:
             with self._open_member(key) as f:
                 f.read(h.offset)
@@ -373,15 +398,17 @@ def _what_is(head: bytes) -> str:
 
 
 def load_npz(path: Path | str, keys, what: str | None = None, error: type[PipelineError] = DataError,
-             memory: int | None = None) -> dict[str, np.ndarray]:
+             memory: int | None = None, optional=()) -> dict[str, np.ndarray]:
     """The arrays ``keys`` of an ``.npz`` archive, each checked (header, size, dtype, CRC); all of them must
-    be present, and together fit in memory, before any is read."""
+    be present, and together fit in memory, before any is read. ``optional`` keys are read too when present
+    (e.g. ``class_names``, a :data:`TEXT_KEYS` member)."""
     keys = list(keys)
     with SafeNpz(path, what, error) as z:
         missing = [k for k in keys if k not in z]
         if missing:
             raise error(f"{z.where} lacks {', '.join(missing)}; it must hold arrays {', '.join(keys)} "
                         f"(it holds {', '.join(z.files) or 'none'})")
+        keys += [k for k in optional if k in z and k not in keys]
         z.check_memory(keys, memory)
         return {k: z.load(k, memory) for k in keys}
 

@@ -35,7 +35,7 @@ DEVICE_KEYS = {"board", "is_raspberry_pi", "cpu", "cpu_cores", "cpu_hardware", "
 CONDITION_KEYS = {"time_utc", "temperature_c", "thermal_zone", "vcgencmd_temp", "throttled", "cpu_cur_mhz",
                   "load_average"}
 CHECK_KEYS = {"samples", "tolerance_steps", "threads", "batch", "expected_recorded_with", "rule", "model_sha256",
-              "model_matches_bundle", "preprocessing", "kernels", "failures", "passed"}
+              "model_matches_bundle", "preprocessing", "kernels", "failures", "passed", "predictions"}
 CHECK_ROW_KEYS = {"samples", "top1_agreement", "flips", "flips_beyond_tolerance", "max_diff_steps", "mean_diff_steps",
                   "values_differing", "unit", "passed", "top1_vs_labels", "kernels", "compared_with"}
 
