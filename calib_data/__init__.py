@@ -37,6 +37,9 @@ from pipeline.preprocessing import Preprocessing
 DEFAULT_CACHE_DIR = "~/.cache/edge-int8-pipeline/calib"
 # Below this many samples the set is probably too small to find activation ranges.
 WARN_BELOW = 100
+# ``--calib-size`` when it is not given. A source holding fewer samples (a folder, an .npz, a small training
+# split) then gives all it holds; an explicit ``--calib-size`` larger than the source stays an error.
+DEFAULT_SIZE = 500
 
 
 @runtime_checkable
@@ -110,7 +113,9 @@ class CalibContext:
     cache_dir: Path | None = None
 
 
-Builder = Callable[[CalibContext, int, int, str | None], ArraySource]
+# (context, size, seed, argument): ``size`` None means "not given": DEFAULT_SIZE, or all a smaller source holds
+# (builders resolve it with :func:`resolve_size` or :func:`generated_size`).
+Builder = Callable[[CalibContext, int | None, int, str | None], ArraySource]
 _REGISTRY: dict[str, Builder] = {}
 
 
@@ -140,13 +145,16 @@ def did_you_mean(what: str, name: str, choices) -> str:
     return f"unknown {what} {name!r}; {hint}"
 
 
-def build(spec: str, ctx: CalibContext, size: int, seed: int) -> ArraySource:
-    """Build the source named by ``spec`` (``NAME`` or ``NAME:ARG``) and check it fits the model."""
+def build(spec: str, ctx: CalibContext, size: int | None, seed: int) -> ArraySource:
+    """Build the source named by ``spec`` (``NAME`` or ``NAME:ARG``) and check it fits the model.
+
+    ``size`` None (``--calib-size`` not given): :data:`DEFAULT_SIZE` samples, or all a smaller source holds.
+    """
     _load()
     name, _, arg = spec.partition(":")
     if name not in _REGISTRY:
         raise CalibrationError(did_you_mean("calibration source", name, _REGISTRY))
-    if size <= 0:
+    if size is not None and size <= 0:
         raise CalibrationError(f"--calib-size {size} gives an empty representative dataset; pass at least 1 (100-500 recommended)")
     t0 = time.perf_counter()
     src = _REGISTRY[name](ctx, size, seed, arg or None)
@@ -256,6 +264,21 @@ def check_size(what: str, size: int, holds: int) -> None:
         raise CalibrationError(f"{what} holds no samples; give it data or pick another --calib")
     if size > holds:
         raise CalibrationError(f"--calib-size {size} is larger than {what} ({holds} samples); pass --calib-size {holds} or fewer")
+
+
+def resolve_size(what: str, size: int | None, holds: int) -> int:
+    """How many samples to take from a source holding ``holds``: an explicit ``size`` must fit (else an error);
+    ``None`` (``--calib-size`` not given) takes :data:`DEFAULT_SIZE`, or all the source holds when that is fewer."""
+    if size is None:
+        check_size(what, 1, holds)  # an empty source is an error either way
+        return min(DEFAULT_SIZE, holds)
+    check_size(what, size, holds)
+    return size
+
+
+def generated_size(size: int | None) -> int:
+    """How many samples a generated source (fractal, noise) makes: ``size``, or :data:`DEFAULT_SIZE` when not given."""
+    return DEFAULT_SIZE if size is None else size
 
 
 def pixel_sample(ctx: CalibContext, seed: int, max_images: int = 1000) -> np.ndarray:

@@ -32,7 +32,7 @@ import numpy as np
 
 from pipeline.errors import CalibrationError
 
-from . import ArraySource, CalibContext, finish_raw, pixel_sample, register_source
+from . import ArraySource, CalibContext, finish_raw, generated_size, pixel_sample, register_source
 from .cache import cached
 
 VERSION = 1  # bump when the generator's output changes (invalidates cached sets)
@@ -304,8 +304,9 @@ def generate(count: int, shape: tuple[int, int, int], quantiles: np.ndarray, see
 
 
 @register_source("fractal")
-def fractal(ctx: CalibContext, size: int, seed: int, arg: str | None) -> ArraySource:
+def fractal(ctx: CalibContext, size: int | None, seed: int, arg: str | None) -> ArraySource:
     """FractalDB-style IFS fractals rendered at the model's input size and channel count."""
+    size = generated_size(size)
     if arg:
         raise CalibrationError(f"--calib fractal takes no argument (got fractal:{arg}); pass --calib fractal")
     pre = ctx.preprocessing

@@ -13,7 +13,8 @@ import numpy as np
 
 from pipeline.errors import CalibrationError
 
-from . import ArraySource, CalibContext, did_you_mean, finish_raw, pixel_sample, raw_bounds, register_source
+from . import (ArraySource, CalibContext, did_you_mean, finish_raw, generated_size, pixel_sample, raw_bounds,
+               register_source)
 from .cache import cached
 
 VERSION = 1
@@ -21,8 +22,9 @@ KINDS = ("gaussian", "uniform")
 
 
 @register_source("noise")
-def noise(ctx: CalibContext, size: int, seed: int, arg: str | None) -> ArraySource:
+def noise(ctx: CalibContext, size: int | None, seed: int, arg: str | None) -> ArraySource:
     """Gaussian or uniform noise matched to the data's value range and statistics."""
+    size = generated_size(size)
     kind = arg or "gaussian"
     if kind not in KINDS:
         raise CalibrationError(did_you_mean("noise kind", kind, KINDS) + " (--calib noise:gaussian or noise:uniform)")

@@ -6,11 +6,11 @@ import numpy as np
 from pipeline.errors import CalibrationError
 from pipeline.preprocessing import apply
 
-from . import ArraySource, CalibContext, check_size, register_source
+from . import ArraySource, CalibContext, register_source, resolve_size
 
 
-def _check_size(ctx: CalibContext, size: int) -> None:
-    check_size(f"the {ctx.dataset_name} training split", size, len(ctx.x_train))
+def _resolve_size(ctx: CalibContext, size: int | None) -> int:
+    return resolve_size(f"the {ctx.dataset_name} training split", size, len(ctx.x_train))
 
 
 def _no_arg(name: str, arg: str | None) -> None:
@@ -47,25 +47,25 @@ def balanced_indices(y: np.ndarray, size: int, seed: int) -> np.ndarray:
 
 
 @register_source("balanced")
-def balanced(ctx: CalibContext, size: int, seed: int, arg: str | None) -> ArraySource:
+def balanced(ctx: CalibContext, size: int | None, seed: int, arg: str | None) -> ArraySource:
     """Class-stratified random training images: as equal a share per class as the split allows."""
     _no_arg("balanced", arg)
-    _check_size(ctx, size)
+    size = _resolve_size(ctx, size)
     return _source("balanced", ctx, balanced_indices(ctx.y_train, size, seed), seed)
 
 
 @register_source("real")
-def real(ctx: CalibContext, size: int, seed: int, arg: str | None) -> ArraySource:
+def real(ctx: CalibContext, size: int | None, seed: int, arg: str | None) -> ArraySource:
     """Plain random training images."""
     _no_arg("real", arg)
-    _check_size(ctx, size)
+    size = _resolve_size(ctx, size)
     idx = np.random.default_rng(seed).choice(len(ctx.x_train), size=size, replace=False)
     return _source("real", ctx, idx, seed)
 
 
 @register_source("first")
-def first(ctx: CalibContext, size: int, seed: int, arg: str | None) -> ArraySource:
+def first(ctx: CalibContext, size: int | None, seed: int, arg: str | None) -> ArraySource:
     """The first N training images (the naive baseline some papers use)."""
     _no_arg("first", arg)
-    _check_size(ctx, size)
+    size = _resolve_size(ctx, size)
     return _source("first", ctx, np.arange(size), None)

@@ -12,7 +12,7 @@ import numpy as np
 
 from pipeline.errors import CalibrationError, PipelineError
 
-from . import ArraySource, CalibContext, check_size, did_you_mean, finish_raw, raw_bounds, register_source
+from . import ArraySource, CalibContext, did_you_mean, finish_raw, raw_bounds, register_source, resolve_size
 from .cache import cached
 
 VERSION = 1
@@ -39,12 +39,12 @@ def parse(arg: str | None) -> tuple[str, int]:
 
 
 @register_source("shifted")
-def shifted(ctx: CalibContext, size: int, seed: int, arg: str | None) -> ArraySource:
+def shifted(ctx: CalibContext, size: int | None, seed: int, arg: str | None) -> ArraySource:
     """Class-balanced training images with one corruption at one severity."""
     from pipeline.corruptions import corrupt
     from .real import balanced_indices
     name, severity = parse(arg)
-    check_size(f"the {ctx.dataset_name} training split", size, len(ctx.x_train))
+    size = resolve_size(f"the {ctx.dataset_name} training split", size, len(ctx.x_train))
     pre = ctx.preprocessing
     spec = f"shifted:{name}:{severity}"
 

@@ -4,8 +4,9 @@
     Every image file under PATH (recursively; .png .jpg .jpeg .bmp .gif .webp .tif .tiff .ppm .pgm),
     read with Pillow (EXIF orientation applied), converted to the model's channel count (1: "L",
     2: "LA", 3: "RGB", 4: "RGBA"), resized to the model's H x W (bilinear, antialiased) and mapped from
-    0..255 onto the training data's raw value range. With more files than ``--calib-size``, a seeded
-    random subset is used; with fewer, it is an error.
+    0..255 onto the training data's raw value range. With more files than the calibration size, a seeded
+    random subset is used. Without ``--calib-size``, a folder of fewer than 500 images is used whole (under
+    100 gives the usual warning); an explicit ``--calib-size`` larger than the folder is an error.
 
 ``npz:PATH``
     A NumPy ``.npz`` archive (read with ``allow_pickle=False``) holding the images under the key
@@ -13,7 +14,8 @@
     N x H x W, N x C x H x W or N x H x W x C, raw like the training data (uint8 0..255, or float in the
     data's raw range) - not normalised: the preprocessing record normalises them once. Channels and
     H x W must match the model (arrays are not resized). A seeded random subset is used when the
-    archive holds more images than ``--calib-size``.
+    archive holds more images than the calibration size; without ``--calib-size``, an archive of fewer than
+    500 images is used whole, as a folder is.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import numpy as np
 
 from pipeline.errors import CalibrationError, DataError
 
-from . import ArraySource, CalibContext, check_size, finish_raw, raw_bounds, register_source
+from . import ArraySource, CalibContext, finish_raw, raw_bounds, register_source, resolve_size
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 NPZ_KEYS = ("x_calib", "x", "x_train")
@@ -94,7 +96,7 @@ def _too_large(path: Path, w: int | None, h: int | None, pixels: int | None = No
 
 
 @register_source("folder")
-def folder(ctx: CalibContext, size: int, seed: int, arg: str | None) -> ArraySource:
+def folder(ctx: CalibContext, size: int | None, seed: int, arg: str | None) -> ArraySource:
     """Images from a folder, converted to the model's channels and resized to its H x W."""
     if not arg:
         raise CalibrationError("--calib folder needs a path: --calib folder:path/to/images")
@@ -105,7 +107,7 @@ def folder(ctx: CalibContext, size: int, seed: int, arg: str | None) -> ArraySou
     if not files:
         raise CalibrationError(f"calibration folder {root} holds no image files ({', '.join(IMAGE_SUFFIXES)}); "
                                "add images or pick another --calib")
-    check_size(f"the calibration folder {root}", size, len(files))
+    size = resolve_size(f"the calibration folder {root}", size, len(files))
     pre = ctx.preprocessing
     c, h, w = pre.input_shape
     chosen = [files[i] for i in _subset(len(files), size, seed)]
@@ -135,7 +137,7 @@ def _load_array(path: Path) -> tuple[np.ndarray, str]:
 
 
 @register_source("npz")
-def npz(ctx: CalibContext, size: int, seed: int, arg: str | None) -> ArraySource:
+def npz(ctx: CalibContext, size: int | None, seed: int, arg: str | None) -> ArraySource:
     """Raw image arrays from an .npz archive (key x_calib, x or x_train) or an .npy file."""
     if not arg:
         raise CalibrationError("--calib npz needs a path: --calib npz:path/to/file.npz")
@@ -160,7 +162,7 @@ def npz(ctx: CalibContext, size: int, seed: int, arg: str | None) -> ArraySource
     if tuple(x.shape[2:]) != (h, w):
         raise CalibrationError(f"{where} holds {x.shape[2]}x{x.shape[3]} images but the model takes {h}x{w}; "
                                "resize the arrays (or use --calib folder:DIR, which resizes)")
-    check_size(where, size, len(x))
+    size = resolve_size(where, size, len(x))
     held = len(x)
     x = x[_subset(held, size, seed)]
     if x.dtype.kind == "f" and not np.all(np.isfinite(x)):

@@ -52,7 +52,7 @@ def precision_ladder(base: ExportConfig, out: Path, names: list[str] | None = No
     import targets
 
     names = names or ladder_targets()
-    rows, fp32_row, failures = [], None, []
+    rows, fp32_row, failures, calibration = [], None, [], None
     for i, name in enumerate(names, 1):
         t = targets.get_target(name)
         cfg = replace(base, target=name, out=str(out / name))
@@ -65,6 +65,8 @@ def precision_ladder(base: ExportConfig, out: Path, names: list[str] | None = No
             log(f"      {name}: error: {e}", file=sys.stderr)
             continue
         r = report.to_dict()
+        if calibration is None:  # the size used (--calib-size not given: 500 or all a smaller source holds)
+            calibration = {"source": base.calib, "size": r["calibration"]["size"], "seed": base.seed}
         z = np.load(folder / "predictions.npz", allow_pickle=False)
         labels, fp32 = z["labels"], z["fp32_logits"]
         logits = z[f"{t.precision}_logits"]
@@ -94,7 +96,7 @@ def precision_ladder(base: ExportConfig, out: Path, names: list[str] | None = No
     return {
         "kind": "study.precision",
         "model": base.model, "data": base.data, "evaluated": n,
-        "calibration": {"source": base.calib, "size": base.calib_size, "seed": base.seed},
+        "calibration": calibration or {"source": base.calib, "size": base.calib_size, "seed": base.seed},
         "fp32_reference": fp32_row, "rows": rows, "failures": failures,
         "definitions": {
             "agreement": "share of test images whose top-1 equals the FP32 reference's on the same inputs",
@@ -146,26 +148,32 @@ def _write(path: Path, text: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .evaluate import seed_int
     p = _Parser(prog="python -m pipeline.study",
                 description="Studies over the export pipeline. 'precision': the same model at every rung of the "
                             "precision ladder (fp32, fp16, dynamic, int16x8, int8) in one table.")
-    sub = p.add_subparsers(dest="study", required=True, metavar="STUDY", parser_class=_Parser)
+    sub = p.add_subparsers(dest="study", required=True, metavar="STUDY", parser_class=_Parser,
+                           help="the study to run (python -m pipeline.study STUDY --help for its options)")
     q = sub.add_parser("precision", help="export at each precision and print one table")
     q.add_argument("--model", default=DEFAULT_MODEL, help=f"as for pipeline.export (default {DEFAULT_MODEL})")
     q.add_argument("--weights", help="state_dict file for a factory model")
     q.add_argument("--data", default="fashion-mnist", help="fashion-mnist or path/to/data.npz")
     q.add_argument("--data-dir", help="folder with the Fashion-MNIST IDX files")
-    q.add_argument("--calib", default="balanced", help="representative dataset source (default balanced)")
-    q.add_argument("--calib-size", type=int, default=500, help="calibration samples (default 500)")
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--eval-limit", type=int, help="evaluate on the first N test images only")
+    q.add_argument("--calib", default="balanced", help="representative dataset source, as for pipeline.export "
+                                                      "(default balanced)")
+    q.add_argument("--calib-size", type=int, default=None,
+                   help="calibration samples (default 500, or all a folder, npz or training split holds when that "
+                        "is fewer; given explicitly, a source holding fewer is an error)")
+    q.add_argument("--seed", type=seed_int, default=0,
+                   help="seed of the calibration draw and generated sets, the same for every rung (default 0)")
+    q.add_argument("--eval-limit", type=int, help="evaluate on the first N test images only (default: all)")
     q.add_argument("--targets", help="comma-separated targets (default: the ladder " + ",".join(ladder_targets()) + ")")
     q.add_argument("--out", default="study-precision", help="output folder (default study-precision): created when "
                                                             "new; an earlier study there is replaced only with "
                                                             "--overwrite; any other non-empty folder is refused")
     q.add_argument("--overwrite", action="store_true", help="replace an earlier study in --out (each target's export "
                                                             "folder as a whole, as pipeline.export --overwrite)")
-    q.add_argument("-v", "--verbose", action="store_true")
+    q.add_argument("-v", "--verbose", action="store_true", help="show the tools' own output")
     return p
 
 
@@ -187,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
                                  "or empty folder: nothing of yours is replaced")
             if not args.overwrite:
                 raise UsageError(f"--out {out} holds an earlier study; pass --overwrite to replace it, or another --out")
+        if args.calib_size is not None and args.calib_size <= 0:
+            raise UsageError(f"--calib-size {args.calib_size} gives an empty representative dataset; pass at least 1 "
+                             "(100-500 recommended), or leave it out for 500")
         base = ExportConfig(model=args.model, weights=args.weights, data=args.data, data_dir=args.data_dir,
                             calib=args.calib, calib_size=args.calib_size, seed=args.seed, eval_limit=args.eval_limit,
                             verbose=args.verbose, overwrite=args.overwrite)

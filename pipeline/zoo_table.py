@@ -66,6 +66,7 @@ def provenance(rows: list[dict], target) -> str:
     evaluated = rows[0]["evaluated_on"].split(" (matches PyTorch")[0] if rows else ""
     if any(r["evaluated_on"].startswith(evaluated) and "(matches PyTorch" in r["evaluated_on"] for r in rows):
         evaluated += " (the FP32 ONNX model was checked against PyTorch for each model; the figures are in --json)"
+    from calib_data import DEFAULT_SIZE
     cfg = ExportConfig()
     try:
         litert = ai_edge_litert.__version__
@@ -74,7 +75,7 @@ def provenance(rows: list[dict], target) -> str:
         litert = version("ai-edge-litert")
     return (f"Measured by `python -m pipeline.zoo_table` on {host_description()}: {evaluated}. "
             f"Drop = FP32 top-1 minus int8 top-1; agreement = share of test images where int8 and FP32 "
-            f"predict the same class. Target {target.name}; calibration: {cfg.calib_size} training images from "
+            f"predict the same class. Target {target.name}; calibration: {cfg.calib_size or DEFAULT_SIZE} training images from "
             f"the '{cfg.calib}' source (seed {cfg.seed}); onnx2tf {onnx2tf.__version__} + TFLiteConverter (TensorFlow {tf.__version__}), "
             f"ai-edge-litert {litert}, torch {torch.__version__}. int8 size = the .tflite file.")
 
