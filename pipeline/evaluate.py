@@ -47,6 +47,15 @@ def seed_int(text: str) -> int:
     return v
 
 
+def class_names_arg(text: str) -> tuple[str, ...]:
+    """argparse type: ``--class-names a,b,...`` (non-empty, distinct, printable names)."""
+    from .data import parse_class_names
+    try:
+        return parse_class_names(text)
+    except DataError as e:
+        raise argparse.ArgumentTypeError(str(e).replace("--class-names", repr(text), 1)) from None
+
+
 def _severities(text: str) -> tuple[int, ...]:
     try:
         vals = tuple(int(v) for v in text.split(","))
@@ -68,19 +77,27 @@ def add_reliability_arguments(p: argparse.ArgumentParser, in_export: bool, adapt
     from .reliability import DEFAULT_MAX_ECE_INCREASE, DEFAULT_MAX_WORST_DROP_PP, DEFAULT_VAL_SIZE
     adaptive = (not in_export) if adaptive_val_size is None else bool(adaptive_val_size)
     g = p.add_argument_group("Reliability" + (" (with --reliability)" if in_export else ""))
+    from .corruptions import CORRUPTIONS
     g.add_argument("--corruptions", default="all",
-                   help="corruption suite: all (default), none, or a comma-separated list of names "
-                        "(see pipeline/corruptions.py)")
+                   help="corruption suite: all (default), none, or a comma-separated list of: "
+                        + ", ".join(CORRUPTIONS))
     g.add_argument("--severities", type=_severities, default=(1, 2, 3, 4, 5), help="severities (default 1,2,3,4,5)")
     g.add_argument("--val-size", type=int, default=None if adaptive else DEFAULT_VAL_SIZE,
                    help="training images held for fitting the temperature (default: "
                         + (f"min({DEFAULT_VAL_SIZE}, training images // 5))" if adaptive else f"{DEFAULT_VAL_SIZE})"))
     g.add_argument("--workers", type=int, default=0, help="worker processes (default: one per core)")
-    g.add_argument("--fp32-runtime", choices=("reference", "onnxruntime"),
-                   default="onnxruntime" if in_export else "reference",
-                   help="FP32 side: the model's own runtime (PyTorch for torch models) or onnxruntime on the "
-                        "export's model.onnx (checked against PyTorch by the export on 256 inputs; faster on CPU). "
-                        f"Default: {'onnxruntime' if in_export else 'reference'}")
+    if in_export:
+        g.add_argument("--fp32-runtime", choices=("reference", "onnxruntime"), default="onnxruntime",
+                       help="FP32 side: the model's own runtime (PyTorch for torch models) or onnxruntime on the "
+                            "exported model.onnx (checked against PyTorch on 256 inputs; faster on CPU). "
+                            "Default: onnxruntime")
+    else:
+        g.add_argument("--fp32-runtime", choices=("reference", "onnxruntime"), default=None,
+                       help="FP32 side: onnxruntime on the export's model.onnx (checked against PyTorch by the "
+                            "export on 256 inputs; several times faster on CPU) or the model's own runtime "
+                            "(reference: PyTorch for torch models). Default: onnxruntime, as in the export, "
+                            "unless --model or --weights names another FP32 model than the export's (model.onnx "
+                            "does not describe it then): reference, with a note")
     g.add_argument("--max-ece-increase", type=finite_float, default=DEFAULT_MAX_ECE_INCREASE,
                    help=f"gate: largest int8-minus-FP32 ECE on the clean test split (default {DEFAULT_MAX_ECE_INCREASE})")
     g.add_argument("--max-worst-drop-pp", type=finite_float, default=DEFAULT_MAX_WORST_DROP_PP,
@@ -99,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tflite", help="the deployed .tflite model")
     g.add_argument("--data", help="fashion-mnist or path/to/data.npz")
     g.add_argument("--data-dir", help="folder with the Fashion-MNIST IDX files")
+    g.add_argument("--class-names", type=class_names_arg, metavar="A,B,...",
+                   help="one name per class, in index order (default: report.json's data.class_names, else the "
+                        "data's own: the .npz's class_names array, the Fashion-MNIST names)")
     g.add_argument("--eval-limit", type=int, help="evaluate on the first N test images only")
     g.add_argument("--kernels", help="LiteRT kernels: xnnpack, builtin or ref")
     g.add_argument("--batch-size", type=int, default=256, help="batch for interpreter and FP32 runs (default 256)")
@@ -321,10 +341,10 @@ def held_out_from_training(model) -> bool | None:
 def evaluate_export(args: argparse.Namespace, log=print):
     export_dir = Path(args.export_dir)
     with _NoImportsFrom(export_dir):
-        return _evaluate_export(args, export_dir)
+        return _evaluate_export(args, export_dir, log)
 
 
-def _evaluate_export(args: argparse.Namespace, export_dir: Path):
+def _evaluate_export(args: argparse.Namespace, export_dir: Path, log=print):
     import numpy as np
 
     from . import data as data_mod
@@ -335,6 +355,7 @@ def _evaluate_export(args: argparse.Namespace, export_dir: Path):
 
     quiet.configure(args.verbose)
     t0 = time.perf_counter()
+    steps = _Steps(log)
     rep = _read_report(export_dir)
     rpath = export_dir / "report.json"
     cfg, target = _fields(rep, "config", rpath), _fields(rep, "target", rpath)
@@ -416,14 +437,11 @@ def _evaluate_export(args: argparse.Namespace, export_dir: Path):
     model = models.load(model_spec, weights)
     if model_spec != args.model:
         model.spec = rec_spec  # the report keeps the spec as recorded, not the folder's absolute path
-    fp32_onnx = None
-    if args.fp32_runtime == "onnxruntime" and model.kind != "onnx":
-        if model_given:
-            raise UsageError("--fp32-runtime onnxruntime needs the export's model.onnx (and no --model override); "
-                             "drop --fp32-runtime or re-run the export")
-        fp32_onnx = str(_verified_artifact(rep, "onnx", export_dir, rpath))
     num_classes = models.probe(model, pre.input_shape)
+    ds = _with_class_names(ds, args, rep, rpath)
     data_mod.check_fits(ds, pre.input_shape, num_classes)
+    ds = data_mod.check_class_count(ds, num_classes)
+    fp32_onnx, fp32_choice, fp32_note = _fp32_runtime(args, rep, export_dir, rpath, model, overrides)
     insp, chk = _check_tflite(tflite, precision, num_classes, rep, given=tflite_given,
                               pre_shape=pre.input_shape)
     n = len(ds.x_test) if limit is None else min(int(limit), len(ds.x_test))
@@ -435,9 +453,30 @@ def _evaluate_export(args: argparse.Namespace, export_dir: Path):
         _check_fp32_reproduces(model, ds, pre, predictions, args.batch_size, model.spec)
     pair = ModelPair(model_spec=model_spec, weights=weights, tflite_path=str(tflite.resolve()), input_layout=layout,
                      kernels=kernels, preprocessing=pre, batch_size=args.batch_size, fp32_onnx=fp32_onnx)
+    if fp32_note:
+        log(f"note: {fp32_note}", file=sys.stderr)
+    steps.done("checks", f"report, data ({n} test images), FP32 model ({fp32_choice.split(':')[0]}) and "
+                         f"{tflite.name} checked")
+    # The export's clean logits (predictions.npz) serve an onnxruntime FP32 side when the export ran that too
+    recorded_fp32 = (rep.get("runtime") or {}).get("fp32") if isinstance(rep.get("runtime"), dict) else None
+    clean_from_onnx = bool(fp32_onnx) and isinstance(recorded_fp32, dict) \
+        and str(recorded_fp32.get("runtime", "")).startswith("onnxruntime on model.onnx")
     result = evaluate(pair, ds, n, rcfg, clean=clean, loaded_model=model, held_out_from_training=held_out_from_training(model),
-                      runtime_note=clean_note, progress=not args.verbose and sys.stderr.isatty())
+                      runtime_note=clean_note, progress=not args.verbose and sys.stderr.isatty(), log=log,
+                      clean_from_fp32_onnx=clean_from_onnx)
+    steps.done("engine", f"{result.sections['reliability']['images_evaluated']:,} images through both models, "
+                         f"{result.sections['reliability']['workers']} worker(s)")
     rep.update(result.sections)
+    from .report_figures import confusion_and_flip_examples
+    rep["fp32_vs_int8"] = confusion_and_flip_examples(ds.x_test[:n], ds.y_test[:n], result.clean["fp32"],
+                                                      result.clean["int8"], class_names=ds.class_names,
+                                                      raw_range=pre.raw_range)
+    rep["reliability"]["fp32_runtime_choice"] = fp32_choice
+    if ds.class_names is not None:  # the names the per-class table used, whatever their source
+        rep.setdefault("data", {}).update(class_names=list(ds.class_names), class_names_source=ds.class_names_source)
+    elif isinstance(rep.get("data"), dict):
+        for k in ("class_names", "class_names_source"):
+            rep["data"].pop(k, None)
     rep.setdefault("gates", {}).update(result.gates)
     if overrides:
         _restate_for_overrides(rep, overrides, result.clean, np.asarray(ds.y_test[:n]), ds, n, model, tflite, insp,
@@ -449,7 +488,73 @@ def _evaluate_export(args: argparse.Namespace, export_dir: Path):
                                     for k, v in dataclasses.asdict(rcfg).items()}
     rep.setdefault("artifacts", {})["report_html"] = {"path": "report.html"}
     write_outputs(rep, out_dir)
+    steps.done("report", f"{out_dir}/report.json and report.html written")
     return rep, out_dir
+
+
+class _Steps:
+    """``[i/N] name  seconds  what`` on stderr after each step, as the export prints its stages (the engine's
+    progress bar, with an ETA, is shown meanwhile when stderr is a terminal)."""
+
+    NAMES = ("checks", "engine", "report")
+
+    def __init__(self, log):
+        self.log, self.t = log, time.perf_counter()
+
+    def done(self, name: str, what: str) -> None:
+        now = time.perf_counter()
+        i = self.NAMES.index(name) + 1
+        self.log(f"[{i}/{len(self.NAMES)}] {name:<8} {now - self.t:6.2f}s  {what}", file=sys.stderr)
+        self.t = now
+
+
+def _with_class_names(ds, args, rep: dict, rpath: Path):
+    """The class names: --class-names, else the ones report.json records (what the export showed), else the
+    data's own (the .npz's class_names array, the Fashion-MNIST names)."""
+    if args.class_names is not None:
+        return ds.with_class_names(args.class_names, "--class-names")
+    data = rep.get("data")
+    recorded = data.get("class_names") if isinstance(data, dict) else None
+    if recorded is None:
+        return ds
+    where = f"{rpath}: data.class_names"
+    if not isinstance(recorded, list) or len(recorded) > 100_000:
+        raise DataError(f"{where} is not a list of names; pass --class-names A,B,... or re-run the export")
+    return ds.with_class_names(recorded, where)
+
+
+def _fp32_runtime(args, rep: dict, export_dir: Path, rpath: Path, model, overrides: list[str]):
+    """The FP32 side: ``(model.onnx path or None, how it was chosen, a note to print or "")``.
+
+    Default (no --fp32-runtime): onnxruntime on the export's model.onnx (sha256 verified; the export checked it
+    against PyTorch), as the export does, unless --model/--weights name another FP32 model than the export's -
+    model.onnx does not describe it then - or the report records no model.onnx: the model's reference runtime,
+    with a note."""
+    others = [f for f in ("--model", "--weights") if f in overrides]
+    ref = f"the reference runtime ({model.reference_runtime})"
+    if model.kind == "onnx":
+        return None, "onnxruntime: the FP32 model is an ONNX file, whose own runtime is onnxruntime", ""
+    if args.fp32_runtime == "reference":
+        return None, f"reference: {ref}, as --fp32-runtime reference asks", ""
+    if args.fp32_runtime == "onnxruntime" and others:
+        raise UsageError(f"--fp32-runtime onnxruntime runs the export's model.onnx, which does not describe the FP32 "
+                         f"model {' and '.join(others)} name{'s' if len(others) == 1 else ''}; drop --fp32-runtime "
+                         "(the reference runtime runs it then) or drop " + " and ".join(others))
+    if args.fp32_runtime is None:
+        if others:
+            why = (f"{' and '.join(others)} name{'s' if len(others) == 1 else ''} another FP32 model than the "
+                   "export's, which its model.onnx does not describe")
+            return None, f"reference: {ref}, not the default onnxruntime on model.onnx: {why}", \
+                f"FP32 runs on {ref}, not on onnxruntime with the export's model.onnx: {why}"
+        art = rep.get("artifacts", {}).get("onnx")
+        if not isinstance(art, dict) or not art.get("path"):
+            why = "the report records no model.onnx (artifacts.onnx)"
+            return None, f"reference: {ref}, not the default onnxruntime on model.onnx: {why}", \
+                f"FP32 runs on {ref}: {why}"
+    onnx = str(_verified_artifact(rep, "onnx", export_dir, rpath))
+    how = ("as --fp32-runtime onnxruntime asks" if args.fp32_runtime else
+           "the default, as in the export; --fp32-runtime reference runs the model's own runtime instead")
+    return onnx, f"onnxruntime: the export's model.onnx, checked against PyTorch by the export ({how})", ""
 
 
 _PRECISIONS = ("fp32", "fp16", "dynamic", "int16x8", "int8")
@@ -567,6 +672,11 @@ def _restate_for_overrides(rep: dict, overrides: list[str], clean: dict, labels,
             limits[name] = limit
     fresh = metrics.accuracy_gates(cmp, limits.get("max_drop_pp", float("inf")), limits.get("min_agreement", 0.0))
     gates.update({name: fresh[name] | {"note": by} for name in limits})
+    # The FP32 model evaluated here must itself be above chance (pipeline/sanity.py), whatever the export said.
+    from .sanity import fp32_gate
+    missing = model.kind == "factory" and not model.extra.get("weights")
+    gates["fp32_above_chance"] = fp32_gate(cmp.fp32_top1, labels, None, missing) | {"note": by}
+    rep["model"]["weights_missing"] = missing
     if "--tflite" in overrides:
         rep.setdefault("artifacts", {})["tflite"] = {"path": str(tflite.resolve()), "bytes": tflite.stat().st_size,
                                                      "precision": prec}
@@ -666,8 +776,10 @@ def summary(rep: dict, out_dir: Path) -> str:
         + (f"best flag {fl['best_detector']} AUROC {fl['detectors'][fl['best_detector']]['auroc']:.3f}"
            if fl.get("best_detector") else "best flag n/a (needs flipped and unflipped images)"),
         f"calibration ECE {cd['fp32']['ece']:.4f} -> {cd['int8']['ece']:.4f} ({cd['delta']['ece']:+.4f})  "
-        f"T fp32 {ts['fp32']['temperature']:.3f}  int8 {ts['int8']['temperature']:.3f}",
-        f"per class  worst {pc['worst_class']['name']} {pc['worst_class']['drop_pp']:+.2f} pp",
+        f"T fp32 {ts['fp32']['temperature']:.3f}  int8 {ts['int8']['temperature']:.3f}"
+        + _temperature_words(ts['fp32']['temperature'], ts['int8']['temperature']),
+        f"per class  worst {pc['worst_class'].get('label', pc['worst_class']['name'])} "
+        f"{pc['worst_class']['drop_pp']:+.2f} pp",
     ]
     if sh.get("records"):
         w, m = sh["worst_by_int8_drop"], sh["mean"]
@@ -676,10 +788,21 @@ def summary(rep: dict, out_dir: Path) -> str:
                      f"{w['drop_pp']:+.2f} pp")
     rel = rep["reliability"]
     lines.append(f"speed      {rel['images_evaluated']:,} images through both models in {rel['seconds']['engine']:.1f}s "
-                 f"({rel['images_per_s']:.0f} img/s, {rel['workers']} workers; host)")
+                 f"({rel['images_per_s']:.0f} img/s, {rel['workers']} worker{'s' if rel['workers'] != 1 else ''}; host)")
     lines.append(f"verdict    {'PASS' if not failed else 'FAIL (' + ', '.join(failed) + ')'}")
     lines.append(f"files      {out_dir}/report.json, {out_dir}/report.html")
     return "\n".join(lines)
+
+
+def _temperature_words(t_fp32: float, t_int8: float) -> str:
+    """ "(< 1: under-confident, scaling sharpens)" for the summary line, when both temperatures read alike."""
+    from .reliability import TEMPERATURE_CLOSE_TO_ONE
+    def side(t):
+        if abs(t - 1.0) < TEMPERATURE_CLOSE_TO_ONE:
+            return "~1: calibrated as is"
+        return "> 1: over-confident, scaling softens" if t > 1 else "< 1: under-confident, scaling sharpens"
+    a, b = side(t_fp32), side(t_int8)
+    return f" ({a})" if a == b else f" (FP32 {a}; int8 {b})"
 
 
 def main(argv: list[str] | None = None) -> int:

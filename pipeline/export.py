@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -33,10 +34,13 @@ class ExportConfig:
     input_shape: tuple[int, int, int] | None = None
     data: str = "fashion-mnist"
     data_dir: str | None = None
+    class_names: tuple[str, ...] | None = None  # --class-names: one per class; None: the data's own (npz, Fashion-MNIST)
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     calib: str = "balanced"
-    calib_size: int = 500
+    # --calib-size; None (not given): calib_data.DEFAULT_SIZE (500), or all a smaller folder/npz/training split holds.
+    # Given explicitly, a source holding fewer samples is an error.
+    calib_size: int | None = None
     calib_cache: str | None = "~/.cache/edge-int8-pipeline/calib"  # generated calibration sets; None: no cache
     seed: int = 0
     target: str = "tflite-int8"
@@ -85,6 +89,8 @@ class Run:
     timings: dict = field(default_factory=dict)
     progress: bool = True
     converter_process: object = None  # convert_process.ConverterProcess started by export(), or None
+    reuse: "Reuse | None" = None  # artifacts shared by the targets of one multi-target call
+    reused: list = field(default_factory=list)  # the stages whose artifact came from an earlier target
 
 
 # --------------------------------------------------------------------------- stages
@@ -92,18 +98,67 @@ class Run:
 def stage_export_onnx(run: Run):
     from .onnx_export import export_onnx
     import numpy as np
+    dest = run.work / "model.onnx"
+    if run.reuse is not None and (art := run.reuse.get("onnx", dest)) is not None:
+        run.reused.append("export_onnx")
+        return art
     # Checked on real inputs from both splits: 128 calibration (train) and 128 test images.
     sample = np.concatenate([run.calib.array()[:128], run.x_test[:128]])
-    return export_onnx(run.model, sample, run.work / "model.onnx")
+    art = export_onnx(run.model, sample, dest)
+    if run.reuse is not None:
+        run.reuse.put("onnx", art)
+    return art
 
 
 def stage_convert(run: Run):
     from .convert import get_converter
+    dest = run.work / f"model_{run.target.precision}.tflite"
+    key = _conversion_key(run.cfg, run.target)
+    if run.reuse is not None and (art := run.reuse.get(key, dest)) is not None:
+        run.reused.append("convert")
+        return art
     converter = run.converter_process or get_converter(run.cfg.converter)
-    return converter.convert(
+    art = converter.convert(
         run.outputs["export_onnx"], run.calib.array(), run.pre,
-        per_channel=run.target.per_channel_weights, out_path=run.work / f"model_{run.target.precision}.tflite",
-        verbose=run.cfg.verbose, precision=run.target.precision)
+        per_channel=run.target.per_channel_weights, out_path=dest, verbose=run.cfg.verbose,
+        precision=run.target.precision)
+    if run.reuse is not None:
+        run.reuse.put(key, art)
+    return art
+
+
+def _conversion_key(cfg: ExportConfig, target) -> tuple:
+    """What a conversion depends on besides the ONNX model and the representative dataset (the same for every
+    target of one call): targets that agree on it share one .tflite."""
+    return ("convert", cfg.converter, target.precision, target.per_channel_weights)
+
+
+class Reuse:
+    """The artifacts the exports of one multi-target call share: the ONNX model once, and one conversion per
+    (precision, weight granularity). Each is kept in this call's own folder and copied into every export that
+    uses it, so every export folder stays complete and self-contained."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.items: dict = {}
+        self.used: dict = {}  # key -> how many exports took it from here
+
+    def get(self, key, dest: Path):
+        import dataclasses
+        art = self.items.get(key)
+        if art is None:
+            return None
+        shutil.copyfile(art.path, dest)
+        self.used[key] = self.used.get(key, 0) + 1
+        return dataclasses.replace(art, path=dest)
+
+    def put(self, key, art) -> None:
+        import dataclasses
+        if Path(str(art.path) + ".data").exists():  # a model over 2 GB with external data: not copied around
+            return
+        keep = self.folder / f"{len(self.items)}-{art.path.name}"
+        shutil.copyfile(art.path, keep)
+        self.items[key] = dataclasses.replace(art, path=keep)
 
 
 def stage_inspect(run: Run):
@@ -158,6 +213,40 @@ def stage_compare(run: Run):
                    output_scale=insp.outputs[0].scale[0] if insp.outputs[0].scale else 0.0)
 
 
+@dataclass(frozen=True)
+class SanityCheck:
+    """Is the FP32 reference itself sane (pipeline/sanity.py)? A broken FP32 model makes every int8 figure moot."""
+
+    gate: dict  # fp32_above_chance
+    probe: dict  # FP32 top-1 under the preprocessing in use and the usual alternatives
+    weights_missing: bool  # a factory built without --weights: random initialisation
+
+    def warnings(self) -> list[str]:
+        from .sanity import suggestion
+        out = []
+        if self.weights_missing:
+            out.append("the factory was built without --weights: its weights are a random initialisation")
+        if self.gate["passed"] and self.probe.get("better"):
+            out.append("another preprocessing is clearly better: " + suggestion(self.probe["better"]))
+        return out
+
+
+def stage_sanity(run: Run):
+    """FP32 top-1 above chance (a gate) and the preprocessing probe, before the drop/agreement gates count."""
+    from . import models, sanity
+    cfg, n = run.cfg, len(run.x_test)
+    fp32_model = run.model
+    if cfg.fp32_runtime == "onnxruntime" and run.model.kind != "onnx":
+        fp32_model = models.onnx_reference(run.outputs["export_onnx"].path)
+    labels = run.dataset.y_test[:n]
+    probe = sanity.probe(lambda x: models.run_fp32(fp32_model, x, batch_size=cfg.batch_size), run.dataset.x_test[:n],
+                         labels, run.pre, run.model.mean, run.model.std,
+                         train_stats=sanity.train_statistics(run.dataset.x_train, run.pre.scale))
+    weights_missing = run.model.kind == "factory" and not cfg.weights
+    gate = sanity.fp32_gate(run.outputs["compare"].fp32_top1, labels, probe, weights_missing)
+    return SanityCheck(gate=gate, probe=probe, weights_missing=weights_missing)
+
+
 def stage_micro(run: Run):
     """TFLite-Micro targets only: load, arena_bytes, flash_bytes, budgets, TFLM vs LiteRT (pipeline/micro.py)."""
     if not run.target.is_micro:
@@ -187,6 +276,7 @@ STAGES: list[tuple[str, Callable[[Run], object]]] = [
     ("run", stage_run),
     ("micro", stage_micro),  # TFLite-Micro targets only
     ("compare", stage_compare),
+    ("sanity", stage_sanity),  # FP32 above chance; the preprocessing probe
     ("latency", stage_latency),  # LiteRT targets only
 ]
 
@@ -201,8 +291,8 @@ class RunOutputs:
 
 # --------------------------------------------------------------------------- driver
 
-def export(cfg: ExportConfig, log=print) -> tuple[int, Path, "object"]:
-    """Run the whole export. Returns (exit status, output folder, report).
+def export(cfg: ExportConfig, log=print, reuse: Reuse | None = None) -> tuple[int, Path, "object"]:
+    """Run the whole export. Returns (exit status, output folder, report). ``reuse``: see export_targets.
 
     ``--out`` is checked and locked before anything else (pipeline/outdir.py); the export is built in a staging
     folder beside it, whose ``tmp/`` is TMPDIR meanwhile, and moved in whole at the end, or not at all."""
@@ -212,10 +302,13 @@ def export(cfg: ExportConfig, log=print) -> tuple[int, Path, "object"]:
     t_start = time.perf_counter()
     out = _out_path(cfg)
     with OutputFolder.claim(out, cfg.overwrite) as folder, folder.temp_files_inside():
-        converter_process = _start_converter_process(cfg)  # inherits TMPDIR: the staging folder's tmp/
+        import targets
+        converted = reuse is not None and _conversion_key(cfg, targets.get_target(cfg.target)) in reuse.items
+        # The worker inherits TMPDIR (the staging folder's tmp/); none is needed when the conversion is reused.
+        converter_process = None if converted else _start_converter_process(cfg)
         try:
             run = _prepare(cfg, log, folder.work)
-            run.converter_process = converter_process
+            run.converter_process, run.reuse = converter_process, reuse
             report = _run_and_write(run, folder, t_start, log)
             folder.publish()
         finally:
@@ -239,6 +332,12 @@ def _run_and_write(run: Run, folder, t_start: float, log):
         shown = "skipped (not this target)" if run.outputs[name] is None else f"{run.timings[name]:6.2f}s"
         log(f"[{i}/{len(STAGES)}] {name:<12} {shown}", file=sys.stderr)
     report = _build_report(run, setup_s)
+    from .report_figures import confusion_and_flip_examples  # report.html's confusion and flip thumbnails
+    r, n = run.outputs["run"], len(run.x_test)
+    report.sections["fp32_vs_int8"] = confusion_and_flip_examples(
+        run.dataset.x_test[:n], run.dataset.y_test[:n], r.fp32, r.int8.outputs,
+        class_names=run.dataset.class_names, raw_range=run.pre.raw_range)
+    report.artifacts["report_html"] = {"path": "report.html"}
     with folder.writing("predictions.npz"):
         np.savez_compressed(run.work / "predictions.npz", **_prediction_arrays(run))
     report.artifacts["predictions"]["sha256"] = sha256_file(run.work / "predictions.npz")
@@ -254,10 +353,9 @@ def _run_and_write(run: Run, folder, t_start: float, log):
     report.timings_s["total"] = round(time.perf_counter() - t_start, 3)
     with folder.writing("report.json"):
         report.write(run.work / "report.json")
-    if cfg.reliability:
-        from .html_report import write as write_html
-        with folder.writing("report.html"):
-            write_html(report.to_dict(), run.work / "report.html")
+    from .html_report import write as write_html
+    with folder.writing("report.html"):
+        write_html(report.to_dict(), run.work / "report.html")
     return report
 
 
@@ -285,7 +383,7 @@ def _prepare(cfg: ExportConfig, log, work: Path) -> Run:
     from . import models, preprocessing
 
     target = targets.get_target(cfg.target)
-    if cfg.calib_size <= 0:
+    if cfg.calib_size is not None and cfg.calib_size <= 0:
         raise UsageError(f"--calib-size {cfg.calib_size} gives an empty representative dataset; pass at least 1 "
                          "(100-500 recommended)")
     if cfg.batch_size <= 0:
@@ -302,7 +400,10 @@ def _prepare(cfg: ExportConfig, log, work: Path) -> Run:
     if model.extra.get("outputs_returned", 1) > 1:
         log(f"warning: {model.spec} returns {model.extra['outputs_returned']} outputs; the first is taken as the "
             "logits and only it is exported and compared (return one tensor to silence this)", file=sys.stderr)
+    if cfg.class_names is not None:  # --class-names: over the data's own names
+        ds = ds.with_class_names(cfg.class_names, "--class-names")
     data_mod.check_fits(ds, input_shape, num_classes)
+    ds = data_mod.check_class_count(ds, num_classes)
     if cfg.reliability:  # the validation split and the corruption suite must fit the data: say so now
         from .corruptions import check_corruptible
         from .reliability import parse_corruptions, resolve_val_size
@@ -338,15 +439,28 @@ def _prepare(cfg: ExportConfig, log, work: Path) -> Run:
     return run
 
 
-def _default_out_name(model_spec: str, target: str) -> str:
-    stem = model_spec.split(":", 1)[1] if model_spec.startswith("zoo:") else Path(model_spec.split(":")[-1]).stem
-    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in stem) or "model"
-    return f"{stem}-{target}"
+def _default_out_name(model_spec: str, target: str, weights: str | None = None) -> str:
+    """The folder an export writes when --out is not given, in the current folder: what the model is, then the
+    target. zoo:NAME -> NAME (zoo:refcnn -> refcnn-tflite-int8); an ONNX or TorchScript file -> its stem;
+    package.module:factory -> package-module-factory; --weights adds its stem (mymodels:factory --weights run3.pt
+    -> mymodels-factory-run3-tflite-int8), so two factories named alike, or two weight files, do not collide."""
+    if model_spec.startswith("zoo:"):
+        parts = [model_spec[4:]]
+    elif model_spec.lower().endswith((".onnx", ".pt", ".pth", ".ptl", ".torchscript")) or ":" not in model_spec:
+        parts = [Path(model_spec).stem]
+    else:
+        module, _, attr = model_spec.rpartition(":")
+        parts = [*module.split("."), attr]
+    if weights:
+        parts.append(Path(weights).stem)
+    clean = ["".join(c if c.isalnum() or c in "-_." else "_" for c in part).strip(".") for part in parts]
+    return "-".join([c for c in clean if c] or ["model"]) + f"-{target}"
 
 
 def _out_path(cfg: ExportConfig) -> Path:
     import targets
-    return Path(cfg.out) if cfg.out else Path(_default_out_name(cfg.model, targets.get_target(cfg.target).name))
+    return Path(cfg.out) if cfg.out else Path(_default_out_name(cfg.model, targets.get_target(cfg.target).name,
+                                                                  cfg.weights))
 
 
 def _write_bundle(run: Run, report) -> dict:
@@ -356,7 +470,7 @@ def _write_bundle(run: Run, report) -> dict:
     n = len(run.x_test)
     return write_bundle(run.work, tfl.path, tfl.input_layout, report.preprocessing, run.dataset.x_test[:n],
                         run.x_test, run.dataset.y_test[:n], model_spec=run.cfg.model,
-                        target=run.target.name).describe()
+                        target=run.target.name, class_names=run.dataset.class_names).describe()
 
 
 def _add_reliability(run: Run, report) -> None:
@@ -375,12 +489,17 @@ def _add_reliability(run: Run, report) -> None:
                              max_ece_increase=cfg.max_ece_increase, max_worst_drop_pp=cfg.max_worst_drop_pp)
     res = evaluate(pair, run.dataset, len(run.x_test), rcfg, clean={"fp32": r.fp32, "int8": r.int8.outputs},
                    loaded_model=run.model, held_out_from_training=held_out_from_training(run.model),
+                   clean_from_fp32_onnx=cfg.fp32_runtime == "onnxruntime",
                    runtime_note="clean-test logits from the run stage (the arrays in predictions.npz)",
                    progress=run.progress)
     report.sections.update(res.sections)
     report.gates.update(res.gates)
     report.passed = all(g["passed"] for g in report.gates.values())
     report.artifacts["report_html"] = {"path": "report.html"}
+
+
+_REUSED = ("made once for an earlier target of the same multi-target call (same model, representative dataset, "
+           "converter, precision and weight granularity) and copied here; its timings are that run's")
 
 
 def _build_report(run: Run, setup_s: float):
@@ -393,7 +512,9 @@ def _build_report(run: Run, setup_s: float):
     cfg = run.cfg
     prec = run.target.precision
     chk = check_precision(insp, prec)
+    sane = o["sanity"]
     gates = {
+        "fp32_above_chance": sane.gate,  # first: when it fails, the gates after it compare two broken models
         "fully_int8": {"required": True, "value": insp.fully_int8, "passed": bool(insp.fully_int8)} if prec == "int8"
         else {"required": False, "applies": False, "value": insp.fully_int8, "passed": True,
               "note": f"int8 targets only; this target is {prec} (see precision_ok)"},
@@ -409,13 +530,14 @@ def _build_report(run: Run, setup_s: float):
     return Report(
         kind="export",
         target=run.target.to_dict(),
-        model=run.model.describe(),
+        model=run.model.describe() | {"weights_missing": sane.weights_missing},
+        warnings=sane.warnings(),
         data={**run.dataset.describe(), "evaluated": n, "split": "test"},
         preprocessing={**run.pre.to_dict(), "tflite_input_layout": tfl.input_layout,
                        "formula": "x = (raw * scale - mean[c]) / std[c]; int8 = round(x / in_scale) + in_zero_point"},
         calibration=run.calib.describe(),
-        onnx=onnx_art.describe(),
-        conversion=tfl.describe(),
+        onnx=onnx_art.describe() | ({"reused": _REUSED} if "export_onnx" in run.reused else {}),
+        conversion=tfl.describe() | ({"reused": _REUSED} if "convert" in run.reused else {}),
         quantization=q,
         runtime={
             "int8": int8_run,
@@ -443,7 +565,7 @@ def _build_report(run: Run, setup_s: float):
         gates=gates,
         passed=all(g["passed"] for g in gates.values()),
         config={k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.to_dict().items()},
-        sections={"device": _device_section(run)},
+        sections={"device": _device_section(run), "preprocessing_probe": sane.probe},
     )
 
 
@@ -528,6 +650,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .evaluate import class_names_arg as _class_names
     from .evaluate import finite_float, seed_int
     p = _Parser(prog="python -m pipeline.export",
                 description="PyTorch -> ONNX -> fully-int8 TFLite, run on real TFLite kernels and checked "
@@ -542,11 +665,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data", default="fashion-mnist", help="fashion-mnist or path/to/data.npz")
     g.add_argument("--data-dir", help="folder with the Fashion-MNIST IDX files "
                                       "(default /usr/share/datasets/fashion-mnist)")
+    g.add_argument("--class-names", type=_class_names, metavar="A,B,...",
+                   help="one name per class, in index order, shown in the report and by the device bundle's Pi "
+                        "script (default: the .npz's class_names array, the ten Fashion-MNIST names for "
+                        "fashion-mnist, else class indices)")
     g.add_argument("--mean", type=_floats, help="per-channel mean after scaling (default: the model's, else 0)")
     g.add_argument("--std", type=_floats, help="per-channel std after scaling (default: the model's, else 1)")
-    g.add_argument("--eval-limit", type=int, help="evaluate on the first N test images only")
+    g.add_argument("--eval-limit", type=int, help="evaluate on the first N test images only (default: all)")
     g = p.add_argument_group("Target")
-    g.add_argument("--target", default="tflite-int8", help="target profile (see --list-targets)")
+    g.add_argument("--target", default="tflite-int8", help="target profile (see --list-targets), or several separated "
+                                                          "by commas: one export folder each under --out, converting "
+                                                          "once per precision")
     g.add_argument("--list-targets", action="store_true", help="print the target registry and exit")
     g.add_argument("--converter", default="onnx2tf", help="conversion route (default onnx2tf)")
     g.add_argument("--micro-limit", type=int, default=1000,
@@ -555,21 +684,29 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--calib", default="balanced",
                    help="representative dataset source: balanced (default), real, first, fractal, "
                         "noise[:gaussian|uniform], shifted:CORRUPTION[:SEVERITY], folder:PATH, npz:PATH")
-    g.add_argument("--calib-size", type=int, default=500, help="number of calibration samples (default 500)")
+    g.add_argument("--calib-size", type=int, default=None,
+                   help="number of calibration samples (default 500, or all a folder, npz or training split holds "
+                        "when that is fewer; given explicitly, a source holding fewer is an error)")
     g.add_argument("--calib-cache", default=ExportConfig.calib_cache, metavar="DIR",
                    help="folder caching generated calibration sets, or 'off' (default %(default)s)")
-    g.add_argument("--seed", type=seed_int, default=0)
+    g.add_argument("--seed", type=seed_int, default=0,
+                   help="seed of the calibration draw and generated sets, and with --reliability of the validation "
+                        "split and the corruptions (default 0)")
     g = p.add_argument_group("Verification")
     g.add_argument("--max-drop-pp", type=finite_float, default=1.0, help="gate: largest top-1 drop in points (default 1.0)")
     g.add_argument("--min-agreement", type=finite_float, default=0.98, help="gate: smallest top-1 agreement (default 0.98)")
-    g.add_argument("--batch-size", type=int, default=256, help="batch for interpreter and FP32 runs")
+    g.add_argument("--batch-size", type=int, default=256,
+                   help="batch for interpreter and FP32 runs (default 256; a model with a fixed batch of 1 runs "
+                        "one image at a time)")
     g.add_argument("--reliability", action="store_true",
                    help="also write the reliability report (calibration drift, temperature scaling, flips, "
                         "per-class, corruption suite) into report.json and report.html")
     from .evaluate import add_reliability_arguments
     add_reliability_arguments(p, in_export=True, adaptive_val_size=True)
     g = p.add_argument_group("Output")
-    g.add_argument("--out", help="output folder (default MODEL-TARGET in the current folder): created when new, "
+    g.add_argument("--out", help="output folder (default MODEL-TARGET in the current folder, e.g. "
+                                 "refcnn-tflite-int8, or mymodels-factory-run3-tflite-int8 for --model "
+                                 "mymodels:factory --weights run3.pt): created when new, "
                                  "used when empty; any other folder is refused, except an earlier export "
                                  "with --overwrite")
     g.add_argument("--overwrite", action="store_true",
@@ -583,9 +720,12 @@ def config_from_args(args: argparse.Namespace) -> ExportConfig:
     if not 0.0 <= args.min_agreement <= 1.0:
         raise UsageError(f"--min-agreement {args.min_agreement} is not a fraction; pass a value from 0 to 1 "
                          "(e.g. 0.98 for 98%)")
+    if args.calib_size is not None and args.calib_size <= 0:
+        raise UsageError(f"--calib-size {args.calib_size} gives an empty representative dataset; pass at least 1 "
+                         "(100-500 recommended), or leave it out for 500")
     return ExportConfig(
         model=args.model, weights=args.weights, input_shape=args.input_shape, data=args.data,
-        data_dir=args.data_dir, mean=args.mean, std=args.std, calib=args.calib, calib_size=args.calib_size,
+        data_dir=args.data_dir, class_names=args.class_names, mean=args.mean, std=args.std, calib=args.calib, calib_size=args.calib_size,
         calib_cache=None if args.calib_cache in ("off", "") else args.calib_cache,
         seed=args.seed, target=args.target, out=args.out, overwrite=args.overwrite, max_drop_pp=args.max_drop_pp,
         min_agreement=args.min_agreement, converter=args.converter, batch_size=args.batch_size,
@@ -622,11 +762,11 @@ def print_targets() -> None:
         t = targets.get_target(name)
         rows.append((t.name, t.precision, t.input_dtype, t.runtime, t.kernels, str(t.threads), t.device,
                      f"{t.clock_mhz} MHz" if t.clock_mhz else "-", size(t.ram_bytes), size(t.flash_bytes),
-                     f"{t.arena_margin:.0%}/{t.flash_margin:.0%}" if t.is_micro else "-"))
+                     f"arena +{t.arena_margin:.0%}, flash +{t.flash_margin:.0%}" if t.is_micro else "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
-    print("\nRAM/flash: board budgets (checked with the margin, arena/flash, on TFLite-Micro targets only); "
+    print("\nRAM/flash: board budgets (checked with the margins on TFLite-Micro targets only); "
           "sources in each profile's references (report.json target.references)")
 
 
@@ -649,15 +789,44 @@ def summary(report, out: Path) -> str:
           if report.conversion.get("constant_folded") else []),
         f"accuracy   FP32 {a['fp32_top1'] * 100:.2f}%  {p} {a['int8_top1'] * 100:.2f}%  drop {a['drop_pp']:+.2f} pp  "
         f"agreement {a['agreement'] * 100:.2f}%  ({a['n']} test images)",
+        _steps_line(a),
+        _preprocessing_line(report),
         f"throughput {p} {report.runtime['int8']['images_per_s']:.0f} img/s on LiteRT {report.runtime['int8']['kernels']}, "
-        f"{report.runtime['int8']['threads']} threads (host)",
+        f"{_threads(report.runtime['int8']['threads'])} (host)",
         *_device_lines(report),
+        *[f"WARNING    {w}" for w in report.warnings],
         f"verdict    {verdict}  in {report.timings_s['total']:.1f}s",
         *reasons,
         *_reliability_lines(report),
-        f"files      {out}/ (model.onnx, {art['tflite']['path']}, report.json, predictions.npz, bundle/, bundle.tar.gz"
-        + (", report.html)" if "calibration_drift" in report.sections else ")"),
+        f"files      {out}/ (model.onnx, {art['tflite']['path']}, report.json, report.html, predictions.npz, bundle/, "
+        "bundle.tar.gz)",
     ])
+
+
+def _threads(n) -> str:
+    return f"{n} thread" + ("" if n == 1 else "s")
+
+
+def _steps_line(a: dict) -> str:
+    """The output error in quantization steps: what a regression test's max_steps must allow."""
+    if not a.get("output_scale"):
+        return f"errors     max |quantized - FP32| {a['max_abs_error']:.4g} (float outputs: no quantization steps)"
+    worst = a["max_error_steps"]
+    return (f"errors     max |int8 - FP32| {worst:.1f} output steps (mean {a['mean_error_steps']:.2f}) on these "
+            f"inputs: a regression test (pipeline.testing.assert_tflite_matches_torch) wants max_steps a little "
+            f"above it, e.g. {max(2, math.ceil(worst * 1.5))}")
+
+
+def _preprocessing_line(report) -> str:
+    pre, q = report.preprocessing, report.quantization
+    fmt = lambda v: ",".join(f"{x:.4g}" for x in v)  # noqa: E731
+    scale = pre.get("scale")
+    scale_s = "1/255" if scale and abs(scale - 1 / 255) < 1e-9 else f"{scale:.4g}"
+    qi = (q.get("inputs") or [{}])[0].get("quantization", {})
+    qin = (f", input scale {qi['scale'][0]:.4g} zero point {qi['zero_point'][0]}"
+           if qi.get("scale") and qi.get("zero_point") else "")
+    return (f"preproc    x = (raw * {scale_s} - mean) / std, mean {fmt(pre['mean'])} std {fmt(pre['std'])}; "
+            f"{pre.get('source_layout')} data -> TFLite {pre.get('tflite_input_layout')} {q['input_dtype']}{qin}")
 
 
 def _reliability_lines(report) -> list[str]:
@@ -666,7 +835,8 @@ def _reliability_lines(report) -> list[str]:
         return []
     cd, fl, sh = s["calibration_drift"], s["flips"], s["shifts"]
     lines = [f"reliability ECE {cd['fp32']['ece']:.4f} -> {cd['int8']['ece']:.4f}  flips {fl['count']}/{fl['n']}  "
-             f"worst class {s['per_class']['worst_class']['name']} {s['per_class']['worst_class']['drop_pp']:+.2f} pp"]
+             f"worst class {s['per_class']['worst_class'].get('label', s['per_class']['worst_class']['name'])} "
+             f"{s['per_class']['worst_class']['drop_pp']:+.2f} pp"]
     if sh.get("records"):
         w = sh["worst_by_int8_drop"]
         lines.append(f"shifts     {sh['sets']} sets: mean drop {sh['mean']['drop_pp']:+.2f} pp, mean flip rate "
@@ -681,17 +851,75 @@ def _device_lines(report) -> list[str]:
         ks = lat["kernels"]
         first = next(iter(ks.values()))
         lines.append("latency    " + "  ".join(f"{k} {v['median_ms']:.3f} ms" for k, v in ks.items())
-                     + f"  (median, batch 1, {first['threads']} threads; host measurement, not device latency)")
+                     + f"  (median, batch 1, {_threads(first['threads'])}; host measurement, not device latency)")
     m = report.sections.get("device", {}).get("tflite_micro")
     if m:
         c = m["compared_with_litert"]
         lines.append(f"tflm       arena_bytes {m['arena_bytes']:,}  flash_bytes {m['flash_bytes']:,}  "
                      f"RAM {m['ram_check']['required_bytes']:,}/{m['ram_check']['budget_bytes']:,} B  "
                      f"flash {m['flash_check']['required_bytes']:,}/{m['flash_check']['budget_bytes']:,} B "
-                     f"(+{m['ram_check']['margin']:.0%}/{m['flash_check']['margin']:.0%} margin)")
+                     f"(margins: arena +{m['ram_check']['margin']:.0%}, flash +{m['flash_check']['margin']:.0%})")
         lines.append(f"tflm/LiteRT top-1 agreement {c['top1_agreement']:.2%}, max diff {c['max_diff_steps']} step(s) "
                      f"on the first {c['images']} test inputs (TFLite-Micro reference kernels on this host)")
     return lines
+
+
+def export_targets(cfg: ExportConfig, names: list[str], log=print) -> tuple[int, Path, list[dict]]:
+    """``--target a,b,c``: one export per target into ``OUT/<target>/``, sharing what they can (``Reuse``): the
+    ONNX model is exported once and each (precision, weight granularity) converted once. Bad input stops the
+    call (exit 2); a target whose model cannot meet its contract is reported and the others go on."""
+    import dataclasses
+    import tempfile
+
+    import targets
+    from .errors import ConversionError, ExportError
+    names = [n for i, n in enumerate(names) if n and n not in names[:i]]
+    if not names:
+        raise UsageError("--target is empty; pass one or more target names separated by commas (see --list-targets)")
+    for n in names:
+        targets.get_target(n)  # an unknown name fails before anything runs, with a suggestion
+    root = Path(cfg.out) if cfg.out else Path(_default_out_name(cfg.model, "targets", cfg.weights))
+    rows, status = [], 0
+    with tempfile.TemporaryDirectory(prefix="edge-int8-reuse-") as keep:
+        reuse = Reuse(Path(keep))
+        for i, name in enumerate(names, 1):
+            log(f"== target {i}/{len(names)}: {name}", file=sys.stderr)
+            sub = dataclasses.replace(cfg, target=name, out=str(root / name))
+            try:
+                st, out, report = export(sub, log, reuse)
+                rows.append({"target": name, "status": st, "out": out, "report": report})
+            except (ConversionError, ExportError) as e:  # this target's contract; the others may still meet theirs
+                st = e.exit_status
+                rows.append({"target": name, "status": st, "out": root / name, "error": str(e)})
+            status = max(status, st)
+    return status, root, rows
+
+
+def targets_table(rows: list[dict], root: Path) -> str:
+    """The one summary of a multi-target export: a row per target."""
+    head = ("target", "precision", "contract", "FP32", "quantized", "drop pp", "agreement", "TFLite KiB",
+            "converted", "verdict")
+    table, notes = [head], []
+    for r in rows:
+        rep = r.get("report")
+        if rep is None:
+            table.append((r["target"], "-", "-", "-", "-", "-", "-", "-", "-", "FAIL (error)"))
+            notes.append(f"{r['target']}: {r['error']}")
+            continue
+        a, q, p = rep.accuracy, rep.quantization, rep.target["precision"]
+        contract = (f"fully_int8={q['fully_int8']}" if p == "int8"
+                    else f"precision_ok={q['precision']['precision_ok']}")
+        failed = [k for k, g in rep.gates.items() if not g["passed"]]
+        table.append((r["target"], p, contract, f"{a['fp32_top1']:.2%}", f"{a['int8_top1']:.2%}",
+                      f"{a['drop_pp']:+.2f}", f"{a['agreement']:.2%}", f"{rep.artifacts['tflite']['bytes'] / 1024:.1f}",
+                      "reused" if rep.conversion.get("reused") else "here",
+                      "PASS" if rep.passed else "FAIL (" + ", ".join(failed) + ")"))
+        notes += [f"{r['target']}: {k}: {rep.gates[k]['reason']}" for k in failed if rep.gates[k].get("reason")]
+        notes += [f"{r['target']}: WARNING {w}" for w in rep.warnings]
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(head))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
+    return "\n".join(lines + notes + [f"files      {root}/<target>/ (one export folder per target, each with its "
+                                      "report.json)"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -703,7 +931,11 @@ def main(argv: list[str] | None = None) -> int:
             print_targets()
             return 0
         cfg = config_from_args(args)
-        status, out, report = export(cfg)
+        names = [t.strip() for t in cfg.target.split(",")]
+        if len(names) > 1:
+            status, root, rows = export_targets(cfg, names)
+        else:
+            status, out, report = export(cfg)
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_status
@@ -714,7 +946,10 @@ def main(argv: list[str] | None = None) -> int:
         print("error: terminated (SIGTERM); nothing was written to the output folder", file=sys.stderr)
         return 143
     from .outdir import shown
-    text = summary(report, Path(shown(out)))  # an --out with bytes that are not UTF-8: shown escaped (out\xff)
+    if len(names) > 1:
+        text = targets_table(rows, Path(shown(root)))
+    else:
+        text = summary(report, Path(shown(out)))  # an --out with bytes that are not UTF-8: shown escaped (out\xff)
     enc = getattr(sys.stdout, "encoding", None) or "utf-8"
     print(text.encode(enc, "backslashreplace").decode(enc, "replace"))
     return status

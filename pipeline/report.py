@@ -41,6 +41,7 @@ class Report:
     timings_s: dict = field(default_factory=dict)
     gates: dict = field(default_factory=dict)
     passed: bool = False
+    warnings: list = field(default_factory=list)  # what a reader must not miss even when every gate passes
     config: dict = field(default_factory=dict)
     sections: dict = field(default_factory=dict)  # later capabilities add named sections here
     schema_version: str = SCHEMA_VERSION

@@ -20,7 +20,7 @@ def test_export_end_to_end(tiny_export, tiny_npz):
     status, out = tiny_export
     assert status == 0
     assert sorted(p.name for p in out.iterdir()) == ["bundle", "bundle.tar.gz", "model.onnx", "model_int8.tflite",
-                                                    "predictions.npz", "report.json"]
+                                                    "predictions.npz", "report.html", "report.json"]
     r = json.loads((out / "report.json").read_text())
     assert REPORT_KEYS <= set(r)
     assert r["target"]["name"] == "tflite-int8"
@@ -105,7 +105,8 @@ def test_re_export_needs_overwrite_keeps_user_files_and_replaces_the_whole_folde
     (out / "notes.txt").unlink()
     assert main([*args, "--overwrite"]) in (0, 1)
     names = {p.name for p in out.iterdir()}
-    assert "report.html" not in names and "model_fp16.tflite" not in names
+    assert "model_fp16.tflite" not in names  # the earlier export's page went with it; this is the new one
+    assert "from an earlier --reliability run" not in (out / "report.html").read_text()
     assert {"report.json", "model_int8.tflite", "model.onnx", "bundle"} <= names
     assert json.loads((out / "report.json").read_text())["accuracy"]["n"] == 50
 
@@ -335,7 +336,7 @@ def test_unknown_corruption_fails_even_without_reliability(bad):
 
 
 def test_val_size_larger_than_the_training_split_fails_before_any_stage(bad):
-    # bad() counts every non-warning line: a stage line ([1/7] ...) would fail it
+    # bad() counts every non-warning line: a stage line ([1/8] ...) would fail it
     bad("--reliability", "--val-size", "99999", needle="--val-size 99999 exceeds the 400 training images")
 
 
@@ -477,7 +478,7 @@ def test_sigterm_mid_export_cleans_up(tmp_path, tinynet_dir, tiny_npz, procs):
     while time.monotonic() < deadline:  # stop it in the convert stage, while the conversion worker runs
         line = proc.stderr.readline()
         lines.append(line)
-        if line.startswith("[1/7]") or not line:
+        if line.startswith("[1/") or not line:
             break
     workers = procs.children(proc.pid)
     assert workers, "the conversion worker process should be running by now"
@@ -528,3 +529,27 @@ def test_images_too_small_for_the_corruption_suite_fail_before_any_stage(bad, tm
     bad("--data", str(small), "--reliability",
         needle="the corruption suite needs images with 1 or 3 channels of at least 8x8 pixels, not 1x4x4 (C×H×W); "
                "pass --corruptions none")
+
+
+@pytest.mark.slow
+def test_several_targets_in_one_call_share_the_onnx_model_and_each_precisions_conversion(tmp_path, tinynet_dir,
+                                                                                          tiny_npz, in_dir, capsys):
+    """--target a,b,c: a folder per target; the ONNX model is exported once and int8 converted once."""
+    in_dir(tinynet_dir)
+    out = tmp_path / "multi"
+    status = main(["--model", "tinynet:tinynet", "--weights", str(tinynet_dir / "tinynet.pt"), "--data", str(tiny_npz),
+                   "--calib-size", "100", "--target", "tflite-int8,rpi4,tflite-fp16,rpi4", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert status == 0, printed
+    assert sorted(p.name for p in out.iterdir()) == ["rpi4", "tflite-fp16", "tflite-int8"]  # rpi4 once
+    reps = {t: json.loads((out / t / "report.json").read_text()) for t in ("tflite-int8", "rpi4", "tflite-fp16")}
+    assert "reused" not in reps["tflite-int8"]["conversion"] and "reused" in reps["rpi4"]["conversion"]
+    assert "reused" in reps["rpi4"]["onnx"] and "reused" in reps["tflite-fp16"]["onnx"]
+    assert "reused" not in reps["tflite-fp16"]["conversion"]  # another precision: converted here
+    # the shared files are copies: each folder is complete, and the int8 models are the same bytes
+    assert (out / "rpi4" / "model_int8.tflite").read_bytes() == (out / "tflite-int8" / "model_int8.tflite").read_bytes()
+    assert reps["rpi4"]["artifacts"]["tflite"]["sha256"] == reps["tflite-int8"]["artifacts"]["tflite"]["sha256"]
+    rows = [ln.split()[0] for ln in printed.splitlines()[1:4]]
+    assert printed.splitlines()[0].startswith("target") and rows == ["tflite-int8", "rpi4", "tflite-fp16"]
+    assert main(["--target", "tflite-int8,rpi44", "--out", str(tmp_path / "x")]) == 2  # a typo stops before any export
+    assert "rpi4" in capsys.readouterr().err and not (tmp_path / "x").exists()

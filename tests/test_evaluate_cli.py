@@ -224,8 +224,8 @@ def test_write_outputs_removes_what_it_created_on_failure(default_run, tmp_path)
     from pipeline.evaluate import write_outputs
     rep, _ = default_run
     out = tmp_path / "a" / "b"
-    with pytest.raises(Exception):
-        write_outputs({"not": "a report"}, out)  # fails while rendering, before anything is written
+    with pytest.raises(TypeError):
+        write_outputs({**rep, "unserialisable": object()}, out)  # fails while rendering, before anything is written
     assert not (tmp_path / "a").exists()
     existing = tmp_path / "existing"
     (existing / "report.json").mkdir(parents=True)  # renaming onto a folder fails
@@ -654,3 +654,94 @@ def test_a_temperature_fitted_on_few_images_is_flagged(export_copy, tmp_path, ca
     assert "only 20 validation images" in (out / "report.html").read_text()
     status, err = _main([export_copy, "--val-size", "100", "--out", tmp_path / "o2", *FAST], capsys)
     assert "warning" not in _report(tmp_path / "o2")["temperature_scaling"]["validation"] and "warning:" not in err
+
+
+# --------------------------------------------------------------------------- issue #13: FP32 runtime default, progress
+
+def test_evaluate_defaults_to_onnxruntime_on_the_exports_model_onnx(default_run):
+    """No --fp32-runtime: onnxruntime on the export's checked model.onnx, as the export does, said in report.json;
+    the export ran that runtime too, so its clean-test logits (predictions.npz) serve."""
+    rep, _ = default_run
+    rel = rep["reliability"]
+    assert rel["fp32_runtime"] == "onnxruntime"
+    assert rel["fp32_runtime_choice"].startswith("onnxruntime: the export's model.onnx") and "default" in \
+        rel["fp32_runtime_choice"]
+    assert "model.onnx" in rel["how"]
+    assert "predictions.npz" in rel["clean_outputs"]
+
+
+def test_another_fp32_model_falls_back_to_the_reference_runtime_with_a_note(export_copy, tmp_path, capsys):
+    other = tmp_path / "other.pt"  # the same weights under another name: an override all the same
+    shutil.copyfile(OWN["--weights"], other)
+    status, err = _main([export_copy, "--out", tmp_path / "o", "--weights", other, *FAST], capsys)
+    assert status in (0, 1), err
+    notes = [ln for ln in err.splitlines() if ln.startswith("note: ")]
+    assert len(notes) == 1 and "reference runtime (pytorch)" in notes[0] and "--weights" in notes[0], err
+    rel = _report(tmp_path / "o")["reliability"]
+    assert rel["fp32_runtime"] == "pytorch" and rel["fp32_runtime_choice"].startswith("reference: ")
+    # Asking for onnxruntime with another FP32 model: one line, exit 2, nothing written.
+    status, err = _main([export_copy, "--out", tmp_path / "o2", "--weights", other, "--fp32-runtime", "onnxruntime",
+                         *FAST], capsys)
+    assert status == 2
+    _one_error_line(err, "does not describe the FP32 model --weights names")
+    assert not (tmp_path / "o2").exists()
+
+
+def test_fp32_runtime_reference_is_still_there(export_copy, tmp_path, capsys):
+    status, err = _main([export_copy, "--out", tmp_path / "o", "--fp32-runtime", "reference", *FAST], capsys)
+    assert status in (0, 1), err
+    rel = _report(tmp_path / "o")["reliability"]
+    assert rel["fp32_runtime"] == "pytorch" and "as --fp32-runtime reference asks" in rel["fp32_runtime_choice"]
+    assert "note:" not in err
+
+
+def test_fp32_runtime_default_is_documented_in_the_help(capsys):
+    from pipeline.evaluate import main
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Default: onnxruntime, as in the export, unless --model or --weights names another FP32 model" in text
+
+
+def test_evaluate_reports_its_steps_on_stderr(export_copy, tmp_path, capsys):
+    """Like the export's stage lines: one line per step on stderr; no bar when stderr is not a terminal."""
+    status, err = _main([export_copy, "--out", tmp_path / "o", *FAST], capsys)
+    assert status in (0, 1)
+    steps = [ln for ln in err.splitlines() if ln.startswith("[")]
+    assert [s.split()[0] + " " + s.split()[1] for s in steps] == ["[1/3] checks", "[2/3] engine", "[3/3] report"]
+    assert "FP32 model (onnxruntime)" in steps[0] and "images through both models" in steps[1]
+    assert "reliability: FP32" not in err and "\r" not in err
+
+
+def test_evaluate_shows_a_progress_bar_with_an_eta_on_a_terminal(export_copy, tmp_path):
+    import fcntl
+    import struct
+    import termios
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # a terminal 160 columns wide
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.evaluate",
+                             *with_own([export_copy, "--out", tmp_path / "o", "--corruptions", "gaussian_noise",
+                                        "--workers", "1"])],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=slave, env=_env())
+    os.close(slave)
+    chunks = []
+    try:
+        while True:
+            try:
+                b = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not b:
+                break
+            chunks.append(b)
+        proc.wait(timeout=120)
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+    text = b"".join(chunks).decode(errors="replace")
+    assert proc.returncode in (0, 1), text
+    total = 80 + 5 * 200  # the validation split and five shifted test sets (the clean logits are the export's)
+    assert f"reliability: FP32 (onnxruntime) + int8, 1 worker" in text and f"/{total} [" in text, text
+    assert "<" in text.split(f"/{total} [", 1)[1][:20]  # elapsed<remaining: the ETA field
+    assert "[1/3] checks" in text and "[3/3] report" in text

@@ -265,3 +265,35 @@ def test_report_html_renders_in_chromium(evaluated, tmp_path):
     banner = (img[..., 0] > 150) & (img[..., 1] < 90) if verdict == "FAIL" else (img[..., 1] > 100) & (img[..., 0] < 80)
     assert banner.sum() > 20000
     assert (img.min(axis=2) < 200).mean() > 0.05
+
+
+# --------------------------------------------------------------------------- wording (issue #13)
+
+def test_temperature_reading_explains_both_directions():
+    from pipeline.reliability import TEMPERATURE_MEANING, temperature_reading
+    over, under, one = temperature_reading(1.8), temperature_reading(0.65), temperature_reading(1.01)
+    assert "> 1" in over and "over-confident" in over and "softens" in over
+    assert "< 1" in under and "under-confident" in under and "sharpens" in under
+    assert "close to 1" in one
+    assert "T > 1" in TEMPERATURE_MEANING and "T < 1" in TEMPERATURE_MEANING and "sharpens" in TEMPERATURE_MEANING
+
+
+def test_change_phrase_has_no_double_negative():
+    from pipeline.reliability import change_phrase
+    assert change_phrase(0.38) == "the int8 model loses 0.38 pp"
+    assert change_phrase(-0.38) == "the int8 model gains 0.38 pp"
+    assert change_phrase(-0.001).endswith("matches FP32 (0.00 pp)")
+    assert "-" not in change_phrase(-5.0)
+
+
+def test_evaluate_report_carries_the_readings(evaluated):
+    _, out = evaluated
+    rep = json.loads((out / "report.json").read_text())
+    ts, sh = rep["temperature_scaling"], rep["shifts"]
+    for side in ("fp32", "int8"):
+        t = ts[side]["temperature"]
+        assert ts[side]["reading"].startswith(f"T = {t:.3g}")
+        assert ("under-confident" in ts[side]["reading"]) == (t < 0.95)
+    assert "T < 1" in ts["meaning"]
+    assert ("gains" in sh["mean_change"]) == (sh["mean"]["drop_pp"] < -0.005)
+    assert "-" not in sh["mean_change"].split("pp")[0]

@@ -60,3 +60,54 @@ def test_an_untrained_model_fails_the_gate_naming_the_missing_weights(fmnist):
     top1 = float(np.mean(np.argmax(models.run_fp32(untrained, x), 1) == fmnist.y_test[:1000]))
     gate = sanity.fp32_gate(top1, fmnist.y_test[:1000], None, weights_missing=True)
     assert not gate["passed"] and "without --weights" in gate["reason"]
+
+
+def _export(tmp_path, tinynet_dir, tiny_npz, *extra):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, "-m", "pipeline.export", "--model", "tinynet:tinynet", "--data", str(tiny_npz),
+                        "--calib-size", "100", "--out", str(out), *extra], cwd=tinynet_dir, capture_output=True,
+                       text=True, timeout=600, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    rep = json.loads((out / "report.json").read_text()) if (out / "report.json").is_file() else None
+    return p, rep
+
+
+def test_an_export_without_weights_fails_the_sanity_gate_and_says_why(tmp_path, tinynet_dir, tiny_npz):
+    p, rep = _export(tmp_path, tinynet_dir, tiny_npz)
+    assert p.returncode == 1, p.stderr
+    assert "FAIL (fp32_above_chance)" in p.stdout and "built without --weights" in p.stdout
+    assert "WARNING    the factory was built without --weights" in p.stdout
+    gate = rep["gates"]["fp32_above_chance"]
+    assert not gate["passed"] and gate["value"] <= gate["limit"] and list(rep["gates"])[0] == "fp32_above_chance"
+    assert rep["model"]["weights_missing"] is True and rep["passed"] is False
+
+
+def test_a_wrong_normalisation_fails_and_the_probe_names_the_right_one(tmp_path):
+    """zoo:refcnn was trained with mean 0.286 / std 0.353; fed raw [0,1] inputs it is near chance on Fashion-MNIST."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, "-m", "pipeline.export", "--mean", "0", "--std", "1", "--eval-limit", "500",
+                        "--calib-size", "100", "--out", str(out)], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=600, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert p.returncode == 1, p.stderr
+    assert "FAIL (fp32_above_chance)" in p.stdout
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["preprocessing_probe"]["better"]["name"] == "the model's own record"
+    assert "try --mean 0.286 --std 0.353" in rep["gates"]["fp32_above_chance"]["reason"]
+    assert rep["model"]["weights_missing"] is False
+
+
+def test_a_correct_export_passes_the_sanity_gate(tiny_export):
+    import json
+    status, out = tiny_export
+    rep = json.loads((out / "report.json").read_text())
+    assert status == 0 and rep["gates"]["fp32_above_chance"]["passed"] and rep["preprocessing_probe"]["better"] is None
+    assert rep["warnings"] == []
