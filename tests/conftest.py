@@ -198,3 +198,16 @@ def procs():
     """``procs.children(pid)``: live child processes; ``procs.alive(pids)``: which of ``pids`` still run."""
     import types
     return types.SimpleNamespace(children=_children, alive=_alive)
+
+
+def chromium_run(html: Path, tmp: Path, *extra: str):
+    """Headless Chromium on a local page, with no network of its own (the flags this workplace's machines need)."""
+    import shutil
+    import subprocess
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.fail("headless Chromium is needed for the HTML test: apt-get install -y chromium")
+    return subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                           f"--user-data-dir={tmp / 'profile'}", *extra, html.as_uri()],
+                          capture_output=True, text=True, timeout=120)

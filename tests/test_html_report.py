@@ -7,8 +7,6 @@ import io
 import json
 import math
 import re
-import shutil
-import subprocess
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -150,18 +148,7 @@ def test_weights_missing_box_hostile_thumbnail_and_malformed_section(tiny_export
 
 # --------------------------------------------------------------------------- pages in Chromium
 
-def _chromium() -> str:
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    if exe is None:
-        pytest.fail("headless Chromium is needed for the HTML test: apt-get install -y chromium")
-    return exe
-
-
-def _chromium_run(html: Path, tmp: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                           "--no-first-run", "--disable-background-networking", "--disable-component-update",
-                           "--disable-sync", f"--user-data-dir={tmp / 'profile'}", *extra, html.as_uri()],
-                          capture_output=True, text=True, timeout=120)
+from conftest import chromium_run as _chromium_run  # noqa: E402
 
 
 def _check_page(html: Path, tmp: Path, ids: list[str], needles: list[str]) -> str:

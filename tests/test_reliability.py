@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -220,18 +219,7 @@ def test_export_reliability_bad_corruption_fails_before_converting(tmp_path):
 
 # --------------------------------------------------------------------------- report.html in Chromium
 
-def _chromium() -> str:
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    if exe is None:
-        pytest.fail("headless Chromium is needed for the HTML test: apt-get install -y chromium")
-    return exe
-
-
-def _chromium_run(html: Path, tmp: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                           "--no-first-run", "--disable-background-networking", "--disable-component-update",
-                           "--disable-sync", f"--user-data-dir={tmp / 'profile'}", *extra, html.as_uri()],
-                          capture_output=True, text=True, timeout=120)
+from conftest import chromium_run as _chromium_run  # noqa: E402
 
 
 @pytest.mark.slow
