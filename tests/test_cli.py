@@ -113,7 +113,21 @@ def test_re_export_needs_overwrite_keeps_user_files_and_replaces_the_whole_folde
 
 def test_list_targets(capsys):
     assert main(["--list-targets"]) == 0
-    assert "tflite-int8" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "tflite-int8" in out and "arena +25%, flash +25%" in out and "25%/25%" not in out
+
+
+def test_summary_wording_has_no_plural_slip_or_double_sign(tiny_export):
+    """'1 thread', not '1 threads'; margins named, not '+25%/25%'."""
+    from pipeline.export import _threads
+    assert (_threads(1), _threads(4)) == ("1 thread", "4 threads")
+    from pipeline.report import Report
+    status, out = tiny_export
+    rep = Report(**{k: v for k, v in json.loads((out / "report.json").read_text()).items()
+                    if k in Report.__dataclass_fields__})
+    rep.runtime["int8"]["threads"] = 1
+    text = summary(rep, out)
+    assert "1 thread (host)" in text and "1 threads" not in text
 
 
 # --------------------------------------------------------------------------- bad input
