@@ -119,7 +119,7 @@ def test_list_targets(capsys):
 
 def test_summary_wording_has_no_plural_slip_or_double_sign(tiny_export):
     """'1 thread', not '1 threads'; margins named, not '+25%/25%'."""
-    from pipeline.export import _threads
+    from pipeline.export import _threads, summary
     assert (_threads(1), _threads(4)) == ("1 thread", "4 threads")
     from pipeline.report import Report
     status, out = tiny_export
