@@ -11,7 +11,7 @@ int8 conversion of the same export.
         [--sources balanced,real,first,fractal,noise,shifted:gaussian_noise:3,shifted:contrast:3]
         [--seeds 0] [--eval-limit N] [--weights STATE_DICT] [--json calibration_sources.json]
 
-The done-when check of issue 3 is printed at the end: fractal at 500 images within 1.0 pp of
+The synthetic-calibration check is printed at the end: fractal at 500 images within 1.0 pp of
 balanced real data at 500 images (int8 top-1, same seed).
 """
 from __future__ import annotations

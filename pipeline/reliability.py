@@ -37,7 +37,6 @@ from .temperature import fit_temperature
 DEFAULT_VAL_SIZE = 5000
 DEFAULT_MAX_ECE_INCREASE = 0.02
 DEFAULT_MAX_WORST_DROP_PP = 5.0
-SECTIONS = ("calibration_drift", "temperature_scaling", "flips", "per_class", "shifts")
 
 
 @dataclass(frozen=True)

@@ -294,7 +294,7 @@ CORTEX_M7 = register_target(Target(
         _INT8_SPEC,
         "NUCLEO-H7A3ZI-Q: Cortex-M7 280 MHz, 1.19 MB RAM, 2 MB flash: MLPerf Tiny v0.7 STMicroelectronics "
         "system description (notes §2.4 and Table B); ram_bytes = 1.19 MB read as 1,190,000 bytes (the smaller "
-        "reading); the 'about 1.4 MB' figure quoted in issue 5 was not traced to a source read here and is not used",
+        "reading); a figure of 'about 1.4 MB' seen quoted elsewhere was not traced to a source read here and is not used",
         _TFLM_HOST,
         _CMSIS_MARGIN,
         _FLASH_MARGIN,

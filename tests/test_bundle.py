@@ -104,7 +104,7 @@ def _copy(bundle: Path, tmp_path: Path) -> Path:
 
 def _rehash(folder: Path, name: str) -> None:
     """Record the edited file's sha256 in bundle.json (the script refuses files that differ from their digest,
-    issue #11): the test then reaches the comparison it is about."""
+    see README "Bad input"): the test then reaches the comparison it is about."""
     man = json.loads((folder / "bundle.json").read_text())
     man["sha256"][name] = __import__("hashlib").sha256((folder / name).read_bytes()).hexdigest()
     (folder / "bundle.json").write_text(json.dumps(man))

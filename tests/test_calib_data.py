@@ -353,6 +353,7 @@ def _run(args, tinynet_dir, tiny_npz, in_dir):
                  *args])
 
 
+@pytest.mark.slow
 def test_cli_fractal_is_described_and_cached(tmp_path, tinynet_dir, tiny_npz, in_dir, capsys):
     cache = tmp_path / "cache"
     reports = []

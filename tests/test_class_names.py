@@ -1,4 +1,4 @@
-"""Class names (issue #13): ``--class-names`` on export and evaluate, a ``class_names`` array in the user's .npz, the
+"""Class names: ``--class-names`` on export and evaluate, a ``class_names`` array in the user's .npz, the
 ten Fashion-MNIST names by default; carried into report.json (``data.class_names``), the per-class table, the device
 bundle (bundle.json) and printed by the Pi script next to the class index. A count that does not match the model's
 classes is one ``error:`` line, exit 2, nothing written. Real exports, real LiteRT kernels."""

@@ -45,7 +45,7 @@ def _write_report(folder: Path, rep) -> None:
     (folder / "report.json").write_text(json.dumps(rep))
 
 
-# A received folder's factory, weights and data are never followed (issue #11): every evaluate of the tiny export
+# A received folder's factory, weights and data are never followed: every evaluate of the tiny export
 # names the model, weights and data it was made from, as its user would. Set by the autouse fixture below.
 OWN: dict[str, str] = {}
 
@@ -84,7 +84,7 @@ def _cli(args, cwd, timeout=120):
                           text=True, timeout=timeout, env=_env())
 
 
-# --------------------------------------------------------------------------- defect 1: no endless worker respawn
+# --------------------------------------------------------------------------- no endless worker respawn
 
 def test_garbage_tflite_with_two_workers_fails_fast(export_copy, tmp_path):
     """workers=2: the models are built once in this process before the pool starts, so a .tflite LiteRT cannot
@@ -174,7 +174,7 @@ def test_engine_with_two_workers_checks_models_in_the_parent(exported, tmp_path)
         signal.signal(signal.SIGALRM, previous)
 
 
-# --------------------------------------------------------------------------- defect 2: no empty --out left behind
+# --------------------------------------------------------------------------- no empty --out left behind
 
 @pytest.mark.parametrize("bad", ["garbage", "missing", "val_size"])
 def test_failed_run_leaves_no_out_folder(export_copy, tmp_path, capsys, bad):
@@ -237,7 +237,7 @@ def test_write_outputs_removes_what_it_created_on_failure(default_run, tmp_path)
     assert _report(out)["temperature_scaling"]["validation"]["size"] == rep["temperature_scaling"]["validation"]["size"]
 
 
-# --------------------------------------------------------------------------- defect 3: report.json not a report
+# --------------------------------------------------------------------------- report.json not a report
 
 @pytest.mark.parametrize("content, needle", [
     ([], "holds a JSON list, not an export report"),
@@ -282,7 +282,7 @@ def test_report_with_malformed_fields(export_copy, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-# --------------------------------------------------------------------------- defect 4: relative paths, other cwd
+# --------------------------------------------------------------------------- relative paths, other cwd
 
 @pytest.fixture()
 def relative_export(exported, tinynet_dir, tiny_npz, tmp_path, monkeypatch):
@@ -365,7 +365,7 @@ def test_recorded_relative_paths_are_not_guessed_from_here(relative_export, tmp_
     assert not (tmp_path / "o").exists()
 
 
-# --------------------------------------------------------------------------- defect 5: --val-size
+# --------------------------------------------------------------------------- --val-size
 
 def test_resolve_val_size():
     from pipeline.reliability import resolve_val_size
@@ -415,7 +415,7 @@ def test_explicit_val_size_too_large_fails_before_any_model_is_loaded(export_cop
     assert not (tmp_path / "o").exists()
 
 
-# --------------------------------------------------------------------------- defect 6: --corruptions ""
+# --------------------------------------------------------------------------- --corruptions ""
 
 @pytest.mark.parametrize("value", ["", " ", ",", " , "])
 def test_empty_corruptions_is_an_error(export_copy, tmp_path, capsys, value):
@@ -656,7 +656,7 @@ def test_a_temperature_fitted_on_few_images_is_flagged(export_copy, tmp_path, ca
     assert "warning" not in _report(tmp_path / "o2")["temperature_scaling"]["validation"] and "warning:" not in err
 
 
-# --------------------------------------------------------------------------- issue #13: FP32 runtime default, progress
+# --------------------------------------------------------------------------- FP32 runtime default, progress
 
 def test_evaluate_defaults_to_onnxruntime_on_the_exports_model_onnx(default_run):
     """No --fp32-runtime: onnxruntime on the export's checked model.onnx, as the export does, said in report.json;

@@ -1,4 +1,4 @@
-"""What a new user hits first (issue #13): their own ONNX from torch's default exporter, a small folder of
+"""What a new user hits first: their own ONNX from torch's default exporter, a small folder of
 calibration images, and the default output folder's name."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A received export folder or device bundle is data: never code, never a path outside itself (issue #11).
+"""A received export folder or device bundle is data: never code, never a path outside itself.
 
 Every hostile case: exit status 2, exactly one ``error:`` line on stderr, no traceback, nothing written into the
 folder, and no payload ran (``evil.py`` writes a marker file when imported; the marker never appears).

@@ -255,7 +255,7 @@ def test_report_html_renders_in_chromium(evaluated, tmp_path):
     assert (img.min(axis=2) < 200).mean() > 0.05
 
 
-# --------------------------------------------------------------------------- wording (issue #13)
+# --------------------------------------------------------------------------- wording
 
 def test_temperature_reading_explains_both_directions():
     from pipeline.reliability import TEMPERATURE_MEANING, temperature_reading
