@@ -23,8 +23,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from .cli import Parser, run_main, seed_int
 from .errors import PipelineError, UsageError
-from .export import DEFAULT_MODEL, ExportConfig, _Parser, export
+from .export import DEFAULT_MODEL, ExportConfig, export
 
 ECE_DEFINITION = "top-label ECE, 15 equal-width confidence bins on the softmax of the logits"
 
@@ -148,11 +149,10 @@ def _write(path: Path, text: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .evaluate import seed_int
-    p = _Parser(prog="python -m pipeline.study",
-                description="Studies over the export pipeline. 'precision': the same model at every rung of the "
-                            "precision ladder (fp32, fp16, dynamic, int16x8, int8) in one table.")
-    sub = p.add_subparsers(dest="study", required=True, metavar="STUDY", parser_class=_Parser,
+    p = Parser(prog="python -m pipeline.study",
+               description="Studies over the export pipeline. 'precision': the same model at every rung of the "
+                           "precision ladder (fp32, fp16, dynamic, int16x8, int8) in one table.")
+    sub = p.add_subparsers(dest="study", required=True, metavar="STUDY", parser_class=Parser,
                            help="the study to run (python -m pipeline.study STUDY --help for its options)")
     q = sub.add_parser("precision", help="export at each precision and print one table")
     q.add_argument("--model", default=DEFAULT_MODEL, help=f"as for pipeline.export (default {DEFAULT_MODEL})")
@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
+    def work():
         args = build_parser().parse_args(argv)
         import targets
         names = [s.strip() for s in args.targets.split(",")] if args.targets else None
@@ -203,18 +203,18 @@ def main(argv: list[str] | None = None) -> int:
                             verbose=args.verbose, overwrite=args.overwrite)
         out.mkdir(parents=True, exist_ok=True)
         study = precision_ladder(base, out, names)
-    except PipelineError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_status
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    table = render(study)
-    _write(out / "study.json", json.dumps(study, indent=2) + "\n")
-    _write(out / "study.md", table + "\n")
-    print(table)
-    print(f"\nfiles      {out}/ (study.json, study.md, one export folder per target)")
-    return 0 if study["rows"] and not study["failures"] else 1
+        return out, study
+
+    def show(result) -> int:
+        out, study = result
+        table = render(study)
+        _write(out / "study.json", json.dumps(study, indent=2) + "\n")
+        _write(out / "study.md", table + "\n")
+        print(table)
+        print(f"\nfiles      {out}/ (study.json, study.md, one export folder per target)")
+        return 0 if study["rows"] and not study["failures"] else 1
+
+    return run_main(work, then=show)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from . import data as data_mod
 from . import models, preprocessing, zoo
-from .errors import ModelError, PipelineError, UsageError
+from .errors import ModelError, UsageError
 
 
 AUGMENTATIONS = ("shift+hflip", "shift", "none")
@@ -270,32 +270,19 @@ def _to_deploy(entry, trained: nn.Module, x_test: np.ndarray, y_test: np.ndarray
             "max_abs_logit_diff_vs_train_form": max_diff, "tolerance": tol}
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2, no usage dump
-        raise UsageError(f"{message}; see python -m pipeline.train --help")
-
-
-class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a default where there is one (an option whose help says its default in words has none)."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default in (None, False) else super()._get_help_string(action)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from .export import _floats, _shape
-    from .evaluate import seed_int
-    p = _Parser(prog="python -m pipeline.train", formatter_class=_Defaults,
-                description="Seeded training (or fine-tuning) of a zoo model or of your own "
-                            "package.module:factory; writes NAME.pt (a state_dict) and NAME.json (the record).")
+    from .cli import DefaultsFormatter, Parser, floats, seed_int, shape
+    p = Parser(prog="python -m pipeline.train", formatter_class=DefaultsFormatter,
+               description="Seeded training (or fine-tuning) of a zoo model or of your own "
+                           "package.module:factory; writes NAME.pt (a state_dict) and NAME.json (the record).")
     p.add_argument("model", help="zoo:NAME, or package.module:factory (a function or class returning an nn.Module, "
                                  "importable from the current folder)")
     p.add_argument("--weights", help="start from this state_dict (fine-tuning; loaded with weights_only=True)")
     p.add_argument("--data", default="fashion-mnist", help="fashion-mnist or path/to/data.npz")
     p.add_argument("--data-dir", help="folder with the Fashion-MNIST IDX files (default: the Debian package's)")
-    p.add_argument("--input-shape", type=_shape, help="C,H,W of a factory model (default: the data's image shape)")
-    p.add_argument("--mean", type=_floats, help="factory models: per-channel mean after scaling to [0,1] (default 0)")
-    p.add_argument("--std", type=_floats, help="factory models: per-channel std after scaling to [0,1] (default 1)")
+    p.add_argument("--input-shape", type=shape, help="C,H,W of a factory model (default: the data's image shape)")
+    p.add_argument("--mean", type=floats, help="factory models: per-channel mean after scaling to [0,1] (default 0)")
+    p.add_argument("--std", type=floats, help="factory models: per-channel std after scaling to [0,1] (default 1)")
     p.add_argument("--epochs", type=int, default=12, help="passes over the training split")
     p.add_argument("--seed", type=seed_int, default=0, help="seed of the initial weights, the order and augmentation")
     p.add_argument("--batch-size", type=int, default=128, help="training batch")
@@ -312,7 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
+    from .cli import run_main
+
+    def work():
         args = build_parser().parse_args(argv)
         if args.epochs < 1 or args.batch_size < 1 or args.threads < 1:
             raise UsageError("--epochs, --batch-size and --threads must be at least 1")
@@ -331,12 +320,16 @@ def main(argv: list[str] | None = None) -> int:
         rec = train(entry, args.data, args.data_dir, args.epochs, args.seed, args.batch_size, args.lr, out,
                     args.threads, channels_last=args.channels_last, spec=args.model, weights=args.weights,
                     augmentation=args.augment)
-    except PipelineError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_status
-    print(f"{rec['model']}: FP32 test top-1 {rec['fp32_test_top1']:.4f} after {rec['epochs']} epochs "
-          f"({rec['train_seconds']}s); weights in {out / (entry.name + '.pt')}")
-    return 0
+        return rec, out, entry
+
+    def show(result) -> int:
+        rec, out, entry = result
+        print(f"{rec['model']}: FP32 test top-1 {rec['fp32_test_top1']:.4f} after {rec['epochs']} epochs "
+              f"({rec['train_seconds']}s); weights in {out / (entry.name + '.pt')}")
+        return 0
+
+    return run_main(work, then=show)
+
 
 if __name__ == "__main__":
     raise SystemExit(main())

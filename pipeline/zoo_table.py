@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .errors import OutputError, PipelineError, UsageError
+from .errors import OutputError, UsageError
 
 COLUMNS = ("model", "parameters", "FP32 top-1", "int8 top-1", "drop (pp)", "agreement", "int8 size", "fully int8",
            "gates")
@@ -102,21 +102,23 @@ def build(models: list[str], target_name: str, out: Path | None, log=print) -> t
     return rows, provenance(rows, target)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2, no usage dump
-        raise UsageError(f"{message}; see python -m pipeline.zoo_table --help")
-
-
-def main(argv: list[str] | None = None) -> int:
-    from . import zoo
-    p = _Parser(prog="python -m pipeline.zoo_table",
-                                description="Export every zoo model and print the zoo table (Markdown).")
+def build_parser() -> argparse.ArgumentParser:
+    from .cli import Parser
+    p = Parser(prog="python -m pipeline.zoo_table",
+               description="Export every zoo model and print the zoo table (Markdown).")
     p.add_argument("--models", help="comma-separated zoo names (default: all)")
     p.add_argument("--target", default="tflite-int8", help="target profile (default tflite-int8)")
     p.add_argument("--json", help="also write the rows and their provenance to this JSON file")
     p.add_argument("--out", help="keep each model's export folder under this folder (default: discard)")
-    try:
-        args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from . import zoo
+    from .cli import run_main
+
+    def work():
+        args = build_parser().parse_args(argv)
         names = zoo.list_models()
         if args.models:
             wanted = [m.strip().removeprefix("zoo:") for m in args.models.split(",") if m.strip()]
@@ -141,13 +143,16 @@ def main(argv: list[str] | None = None) -> int:
                 os.replace(tmp, dst)
             except OSError as e:
                 raise OutputError(f"cannot write --json {dst} ({e.strerror or e}); pass a writable path") from None
-    except PipelineError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_status
-    print(markdown(rows))
-    print()
-    print(note)
-    return 0 if all(r["passed"] for r in rows) else 1
+        return rows, note
+
+    def show(result) -> int:
+        rows, note = result
+        print(markdown(rows))
+        print()
+        print(note)
+        return 0 if all(r["passed"] for r in rows) else 1
+
+    return run_main(work, then=show)
 
 
 if __name__ == "__main__":
