@@ -6,14 +6,14 @@ what it is good at, turning the ONNX graph into an NHWC Keras graph in memory (n
 subprocesses, no SavedModel write, no pile of variants), then runs TFLiteConverter's
 full-int8 pass once, with int8 built-ins only, so a model that cannot be fully int8 fails
 instead of silently keeping float ops. Other targets pick another rung of the precision
-ladder (``PRECISION_SETTINGS``: fp32, fp16, dynamic-range, int16x8); the inspect stage
-checks that the result meets that precision's contract.
+ladder (fp32, fp16, dynamic-range, int16x8): each precision's converter settings are in its
+entry of the registry (:mod:`pipeline.precisions`); the inspect stage checks that the result
+meets that precision's contract.
 """
 from __future__ import annotations
 
 import os
 import re
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -24,6 +24,7 @@ import numpy as np
 
 from .errors import ConversionError, UsageError
 from .onnx_export import OnnxArtifact
+from .precisions import Precision, get_precision
 from .preprocessing import Preprocessing
 from . import quiet
 
@@ -58,17 +59,6 @@ class Converter(Protocol):
     def convert(self, onnx: OnnxArtifact, representative: np.ndarray, pre: Preprocessing, *,
                 per_channel: bool, out_path: Path, verbose: bool = False,
                 precision: str = "int8") -> TfliteArtifact: ...
-
-
-# How TFLiteConverter is set up for each precision of the ladder (targets.PRECISIONS).
-PRECISION_SETTINGS = {
-    "fp32": "no optimizations: float32 weights and activations",
-    "fp16": "Optimize.DEFAULT + supported_types=[float16]: float16 weights, float32 activations and I/O",
-    "dynamic": "Optimize.DEFAULT, no representative dataset: int8 weights, float32 activations and I/O",
-    "int16x8": "Optimize.DEFAULT + representative dataset + EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_"
-               "WEIGHTS_INT8, int16 I/O: int16 activations, int8 weights, int64 biases",
-    "int8": "Optimize.DEFAULT + representative dataset + TFLITE_BUILTINS_INT8, int8 I/O: fully int8",
-}
 
 
 def _short(e: BaseException) -> str:
@@ -107,9 +97,8 @@ class Onnx2TfConverter:
     def convert(self, onnx: OnnxArtifact, representative: np.ndarray, pre: Preprocessing, *,
                 per_channel: bool = True, out_path: Path, verbose: bool = False,
                 precision: str = "int8") -> TfliteArtifact:
-        if precision not in PRECISION_SETTINGS:
-            raise ConversionError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISION_SETTINGS)}")
-        calibrated = precision in ("int8", "int16x8")
+        prec = get_precision(precision, error=ConversionError)
+        calibrated = prec.representative_dataset
         timings = {}
         failure: Exception | None = None
         with tempfile.TemporaryDirectory(prefix="onnx2tf-") as work, quiet.captured(verbose) as cap:
@@ -149,17 +138,17 @@ class Onnx2TfConverter:
                     # Calibration batches: min/max statistics do not depend on batching (checked: byte-identical
                     # models), and batches of 32 calibrate several times faster than one sample at a time.
                     calib_batch = 32 if spec.shape[0] is None else 1
-                    _configure(conv, tf, precision, samples, per_channel, calib_batch)
+                    _configure(conv, tf, prec, samples, per_channel, calib_batch)
                     try:
                         blob = conv.convert()
                     except Exception as e:
-                        if precision == "int8":
+                        if prec.fully_int8_required:
                             raise ConversionError(
                                 f"TFLiteConverter cannot make this model fully int8: {_short(e)}; replace the op with an "
                                 "int8-supported one (see the TFLite int8 op list) or choose a float target"
                             ) from None
                         raise ConversionError(
-                            f"TFLiteConverter cannot convert this model to {precision} ({PRECISION_SETTINGS[precision]}): "
+                            f"TFLiteConverter cannot convert this model to {precision} ({prec.converter.summary}): "
                             f"{_short(e)}; replace the op or choose another precision (python -m pipeline.export "
                             "--list-targets)") from None
                     key = f"tflite_{precision}_s"
@@ -230,22 +219,20 @@ def _representative_dataset(samples: np.ndarray, batch: int):
     return lambda: ([samples[i:i + batch]] for i in range(0, len(samples), batch))
 
 
-def _configure(conv, tf, precision: str, samples: np.ndarray, per_channel: bool, calib_batch: int = 1) -> None:
-    """Set up TFLiteConverter for one precision (see PRECISION_SETTINGS)."""
-    if precision == "fp32":
-        return
-    conv.optimizations = [tf.lite.Optimize.DEFAULT]
-    if precision == "fp16":
-        conv.target_spec.supported_types = [tf.float16]
-    elif precision == "dynamic":
-        pass  # no representative dataset: weights int8, activations quantized on the fly
-    elif precision in ("int16x8", "int8"):  # calibrated: ops set and graph I/O type per precision
-        ops, io = {"int16x8": (tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8, tf.int16),
-                   "int8": (tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.int8)}[precision]
+def _configure(conv, tf, precision: Precision, samples: np.ndarray, per_channel: bool, calib_batch: int = 1) -> None:
+    """Set up TFLiteConverter for one precision (its ``converter`` settings)."""
+    s = precision.converter
+    if s.optimize:
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    if s.supported_types:
+        conv.target_spec.supported_types = [getattr(tf, t) for t in s.supported_types]
+    if s.ops_set:
+        conv.target_spec.supported_ops = [getattr(tf.lite.OpsSet, s.ops_set)]
+    if s.io_dtype:
+        conv.inference_input_type = getattr(tf, s.io_dtype)
+        conv.inference_output_type = getattr(tf, s.io_dtype)
+    if precision.representative_dataset:  # calibrated (without one, activations are quantized on the fly)
         conv.representative_dataset = _representative_dataset(samples, calib_batch)
-        conv.target_spec.supported_ops = [ops]
-        conv.inference_input_type = io
-        conv.inference_output_type = io
         conv._experimental_disable_per_channel = not per_channel
 
 

@@ -17,53 +17,11 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import DataError, OutputError, PipelineError, UsageError
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2, no usage dump
-        raise UsageError(f"{message}; see python -m pipeline.evaluate --help")
-
-
-def finite_float(text: str) -> float:
-    """argparse type: a finite number (a NaN limit would make every gate comparison false)."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number; pass a plain value such as 1.5")
-    return v
-
-
-def seed_int(text: str) -> int:
-    """argparse type: a seed, 0 to 2**32 - 1 (what numpy's generators take)."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer seed") from None
-    if not 0 <= v < 2 ** 32:
-        raise argparse.ArgumentTypeError(f"seed {v} is out of range; pass an integer from 0 to {2 ** 32 - 1}")
-    return v
-
-
-def class_names_arg(text: str) -> tuple[str, ...]:
-    """argparse type: ``--class-names a,b,...`` (non-empty, distinct, printable names)."""
-    from .data import parse_class_names
-    try:
-        return parse_class_names(text)
-    except DataError as e:
-        raise argparse.ArgumentTypeError(str(e).replace("--class-names", repr(text), 1)) from None
-
-
-def _severities(text: str) -> tuple[int, ...]:
-    try:
-        vals = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of severities 1..5") from None
-    if not vals or any(v < 1 or v > 5 for v in vals) or len(set(vals)) != len(vals):
-        raise argparse.ArgumentTypeError(f"{text!r}: severities must be distinct integers from 1 to 5")
-    return tuple(sorted(vals))
+# the argument types live in the CLI kit (pipeline/cli.py); these names stay importable from here
+from .cli import class_names as class_names_arg  # noqa: F401
+from .cli import finite_float, seed_int  # noqa: F401
+from .cli import severities as _severities
+from .errors import DataError, OutputError, UsageError
 
 
 def add_reliability_arguments(p: argparse.ArgumentParser, in_export: bool, adaptive_val_size: bool | None = None) -> None:
@@ -88,7 +46,8 @@ def add_reliability_arguments(p: argparse.ArgumentParser, in_export: bool, adapt
     g.add_argument("--workers", type=int, default=0, help="worker processes (default: one per core)")
     if in_export:
         g.add_argument("--fp32-runtime", choices=("reference", "onnxruntime"), default="onnxruntime",
-                       help="FP32 side: the model's own runtime (PyTorch for torch models) or onnxruntime on the "
+                       help="FP32 side of the run stage (with or without --reliability) and of the reliability "
+                            "report: the model's own runtime (PyTorch for torch models) or onnxruntime on the "
                             "exported model.onnx (checked against PyTorch on 256 inputs; faster on CPU). "
                             "Default: onnxruntime")
     else:
@@ -106,9 +65,10 @@ def add_reliability_arguments(p: argparse.ArgumentParser, in_export: bool, adapt
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m pipeline.evaluate",
-                description="Reliability report (calibration drift, temperature scaling, flips, per-class, "
-                            "corruption suite) for an exported model; writes report.json and report.html.")
+    from .cli import Parser
+    p = Parser(prog="python -m pipeline.evaluate",
+               description="Reliability report (calibration drift, temperature scaling, flips, per-class, "
+                           "corruption suite) for an exported model; writes report.json and report.html.")
     p.add_argument("export_dir", help="an export folder (holds report.json and the .tflite model)")
     g = p.add_argument_group("Overrides (default: what the export's report.json says)")
     g.add_argument("--model", help="FP32 model spec (zoo:NAME, file.onnx, file.pt, package.module:factory)")
@@ -557,7 +517,7 @@ def _fp32_runtime(args, rep: dict, export_dir: Path, rpath: Path, model, overrid
     return onnx, f"onnxruntime: the export's model.onnx, checked against PyTorch by the export ({how})", ""
 
 
-_PRECISIONS = ("fp32", "fp16", "dynamic", "int16x8", "int8")
+from .precisions import PRECISIONS as _PRECISIONS  # noqa: E402  (the ladder: a live, read-only name -> Precision)
 # Recorded FP32 logits vs the FP32 model loaded here, on the first FP32_CHECK_IMAGES test inputs. The export
 # accepted ONNX (onnxruntime) against PyTorch within onnx_export.tolerance_for (1e-4 + 1e-4 of the output range)
 # and its recorded logits may be onnxruntime's, so PyTorch here is within one such tolerance of them; batch size
@@ -618,7 +578,8 @@ def _check_tflite(tflite: Path, precision: str, num_classes: int, rep: dict, giv
     import numpy as np
 
     from .errors import ConversionError
-    from .inspect_tflite import check_precision, inspect
+    from .inspect_tflite import inspect
+    from .precisions import get_precision
     where = f"--tflite {tflite}" if given else f"the export's {tflite.name}"
     try:
         insp = inspect(tflite)
@@ -638,7 +599,7 @@ def _check_tflite(tflite: Path, precision: str, num_classes: int, rep: dict, giv
     if k != num_classes:
         raise UsageError(f"{where} gives {k} outputs per image but the FP32 model {num_classes}; pass the .tflite "
                          "converted from this FP32 model (or --model for the model it was converted from)")
-    chk = check_precision(insp, precision)
+    chk = get_precision(precision).checker(insp)
     if not chk.precision_ok:
         target = rep["target"].get("name") or precision
         raise UsageError(f"{where} is not a {precision} model as target {target} requires ({chk.reason}); pass "
@@ -653,7 +614,9 @@ def _restate_for_overrides(rep: dict, overrides: list[str], clean: dict, labels,
     import numpy as np
 
     from . import metrics
+    from .precisions import get_precision
     prec = chk.precision
+    precision = get_precision(prec)
     out_q = insp.outputs[0].scale[0] if insp.outputs[0].scale else 0.0
     cmp = metrics.compare(np.asarray(clean["fp32"]), np.asarray(clean["int8"]), labels, out_q)
     by = "recomputed by python -m pipeline.evaluate with " + ", ".join(overrides)
@@ -682,7 +645,8 @@ def _restate_for_overrides(rep: dict, overrides: list[str], clean: dict, labels,
                                                      "precision": prec}
         rep["quantization"] = insp.to_dict(with_tensors=True) | {"precision": chk.to_dict()}
         if "fully_int8" in gates:
-            gates["fully_int8"].update(value=insp.fully_int8, passed=bool(insp.fully_int8) or prec != "int8")
+            gates["fully_int8"].update(value=insp.fully_int8,
+                                       passed=bool(insp.fully_int8) or not precision.fully_int8_required)
         if "precision_ok" in gates:
             gates["precision_ok"].update(value=chk.precision_ok, passed=chk.precision_ok, reason=chk.reason)
     rep["evaluate_overrides"] = {
@@ -806,22 +770,15 @@ def _temperature_words(t_fp32: float, t_int8: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .errors import Terminated, raise_on_sigterm
-    raise_on_sigterm()
-    try:
-        args = build_parser().parse_args(argv)
-        rep, out = evaluate_export(args)
-    except PipelineError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_status
-    except KeyboardInterrupt:
-        print("error: interrupted; report.json and report.html were not changed", file=sys.stderr)
-        return 130
-    except Terminated:
-        print("error: terminated (SIGTERM); report.json and report.html were not changed", file=sys.stderr)
-        return 143
-    print(summary(rep, out))
-    return 0 if rep["passed"] else 1
+    from .cli import run_main
+
+    def show(result) -> int:
+        rep, out = result
+        print(summary(rep, out))
+        return 0 if rep["passed"] else 1
+
+    return run_main(lambda: evaluate_export(build_parser().parse_args(argv)),
+                    interrupted_note="; report.json and report.html were not changed", then=show)
 
 
 if __name__ == "__main__":

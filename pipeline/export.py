@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .errors import PipelineError, UsageError
+from .errors import UsageError
 from .quiet import progress as _progress
 
 DEFAULT_MODEL = "zoo:refcnn"
@@ -164,16 +164,17 @@ class Reuse:
 def stage_inspect(run: Run):
     from .errors import NotFullyInt8Error
     from .inspect_tflite import inspect
+    from .precisions import get_precision
+    precision = get_precision(run.target.precision)
     insp = inspect(run.outputs["convert"].path)
-    if not insp.fully_int8 and not run.target.allow_float_fallback and run.target.precision == "int8":
+    if not insp.fully_int8 and not run.target.allow_float_fallback and precision.fully_int8_required:
         shown = "; ".join(insp.offending[:6]) + (f"; and {len(insp.offending) - 6} more" if len(insp.offending) > 6 else "")
         raise NotFullyInt8Error(f"the converted model is not fully int8: {shown}; TFLiteConverter left these ops in "
                                 "float (a converter limitation, e.g. for ELU): replace them in the model (e.g. ELU -> "
                                 "LeakyReLU or ReLU) or choose a target that allows float fallback")
-    if run.target.precision != "int8":
+    if not precision.fully_int8_required:
         from .errors import ConversionError
-        from .inspect_tflite import check_precision
-        chk = check_precision(insp, run.target.precision)
+        chk = precision.checker(insp)
         if not chk.precision_ok and not run.target.allow_float_fallback:
             raise ConversionError(f"the converted model breaks the {run.target.name} precision contract: "
                                   f"{chk.reason}; replace these ops or choose another precision")
@@ -504,18 +505,20 @@ _REUSED = ("made once for an earlier target of the same multi-target call (same 
 
 def _build_report(run: Run, setup_s: float):
     from .report import Report
-    from .inspect_tflite import check_precision
     from .jsonio import sha256_file
     from .metrics import accuracy_gates
+    from .precisions import get_precision
     o = run.outputs
     onnx_art, tfl, insp, r, cmp = o["export_onnx"], o["convert"], o["inspect"], o["run"], o["compare"]
     cfg = run.cfg
-    prec = run.target.precision
-    chk = check_precision(insp, prec)
+    precision = get_precision(run.target.precision)
+    prec = precision.name
+    chk = precision.checker(insp)
     sane = o["sanity"]
     gates = {
         "fp32_above_chance": sane.gate,  # first: when it fails, the gates after it compare two broken models
-        "fully_int8": {"required": True, "value": insp.fully_int8, "passed": bool(insp.fully_int8)} if prec == "int8"
+        "fully_int8": {"required": True, "value": insp.fully_int8, "passed": bool(insp.fully_int8)}
+        if precision.fully_int8_required
         else {"required": False, "applies": False, "value": insp.fully_int8, "passed": True,
               "note": f"int8 targets only; this target is {prec} (see precision_ok)"},
         "precision_ok": {"required": True, "precision": prec, "value": chk.precision_ok, "passed": chk.precision_ok,
@@ -559,8 +562,7 @@ def _build_report(run: Run, setup_s: float):
                                   "evaluated_on": f"{run.dataset.name} test split, {n} images; {prec} TFLite on LiteRT "
                                                   f"{run.target.run_kernels} kernels with {run.target.threads} threads, "
                                                   f"FP32 on {r.fp32_runtime}"
-                                                  + ("" if prec == "int8" else f"; the int8_* fields hold the {prec} "
-                                                     "model's figures")},
+                                                  + precision.int8_fields_note},
         timings_s={"setup": round(setup_s, 3), **run.timings, **{f"convert.{k}": v for k, v in tfl.timings_s.items()}},
         gates=gates,
         passed=all(g["passed"] for g in gates.values()),
@@ -571,8 +573,9 @@ def _build_report(run: Run, setup_s: float):
 
 def _prediction_arrays(run: Run, names_only: bool = False) -> dict:
     """predictions.npz: int8 keeps int8_logits/int8_raw; other precisions name theirs (fp16_logits, ...)."""
+    from .precisions import get_precision
     r, micro = run.outputs["run"], run.outputs.get("micro")
-    p = run.target.precision
+    p = get_precision(run.target.precision).name
     arrays = {"labels": lambda: run.dataset.y_test[: len(run.x_test)], "fp32_logits": lambda: r.fp32,
               f"{p}_logits": lambda: r.int8.outputs, f"{p}_raw": lambda: r.int8.raw_outputs}
     if micro is not None:
@@ -624,53 +627,27 @@ def _device_section(run: Run) -> dict:
 
 # --------------------------------------------------------------------------- CLI
 
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        vals = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
-    if not all(math.isfinite(v) for v in vals):
-        raise argparse.ArgumentTypeError(f"{text!r} holds a value that is not a finite number")
-    return vals
-
-
-def _shape(text: str) -> tuple[int, int, int]:
-    try:
-        vals = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not C,H,W (three positive integers)") from None
-    if len(vals) != 3 or any(v <= 0 for v in vals):
-        raise argparse.ArgumentTypeError(f"{text!r} is not C,H,W (three positive integers)")
-    return vals  # type: ignore[return-value]
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2, no usage dump
-        raise UsageError(f"{message}; see python -m pipeline.export --help")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from .evaluate import class_names_arg as _class_names
-    from .evaluate import finite_float, seed_int
-    p = _Parser(prog="python -m pipeline.export",
-                description="PyTorch -> ONNX -> fully-int8 TFLite, run on real TFLite kernels and checked "
-                            "against the FP32 model.")
+    from .cli import Parser, class_names, finite_float, floats, seed_int, shape
+    p = Parser(prog="python -m pipeline.export",
+               description="PyTorch -> ONNX -> fully-int8 TFLite, run on real TFLite kernels and checked "
+                           "against the FP32 model.")
     g = p.add_argument_group("Inputs")
     g.add_argument("--model", default=DEFAULT_MODEL,
                    help="zoo:NAME, path/to/model.onnx, path/to/model.pt (TorchScript) or package.module:factory "
                         f"(default {DEFAULT_MODEL})")
     g.add_argument("--weights", help="state_dict file for a factory model (loaded with weights_only=True)")
-    g.add_argument("--input-shape", type=_shape, help="C,H,W when the model does not say")
+    g.add_argument("--input-shape", type=shape, help="C,H,W when the model does not say")
     g = p.add_argument_group("Data")
     g.add_argument("--data", default="fashion-mnist", help="fashion-mnist or path/to/data.npz")
     g.add_argument("--data-dir", help="folder with the Fashion-MNIST IDX files "
                                       "(default /usr/share/datasets/fashion-mnist)")
-    g.add_argument("--class-names", type=_class_names, metavar="A,B,...",
+    g.add_argument("--class-names", type=class_names, metavar="A,B,...",
                    help="one name per class, in index order, shown in the report and by the device bundle's Pi "
                         "script (default: the .npz's class_names array, the ten Fashion-MNIST names for "
                         "fashion-mnist, else class indices)")
-    g.add_argument("--mean", type=_floats, help="per-channel mean after scaling (default: the model's, else 0)")
-    g.add_argument("--std", type=_floats, help="per-channel std after scaling (default: the model's, else 1)")
+    g.add_argument("--mean", type=floats, help="per-channel mean after scaling (default: the model's, else 0)")
+    g.add_argument("--std", type=floats, help="per-channel std after scaling (default: the model's, else 1)")
     g.add_argument("--eval-limit", type=int, help="evaluate on the first N test images only (default: all)")
     g = p.add_argument_group("Target")
     g.add_argument("--target", default="tflite-int8", help="target profile (see --list-targets), or several separated "
@@ -737,13 +714,15 @@ def config_from_args(args: argparse.Namespace) -> ExportConfig:
 def _reliability_args(args: argparse.Namespace) -> dict:
     from .reliability import parse_corruptions
     parse_corruptions(args.corruptions)  # a typo fails at once, before the conversion, --reliability or not
+    # --fp32-runtime also picks the FP32 side of the run stage: it counts with or without --reliability
+    out = {"fp32_runtime": args.fp32_runtime}
     if not args.reliability:
-        return {}
+        return out
     if (args.val_size is not None and args.val_size <= 0) or args.workers < 0:
         raise UsageError("--val-size must be at least 1 and --workers at least 0")
-    return {"reliability": True, "corruptions": args.corruptions, "severities": tuple(args.severities),
+    return {**out, "reliability": True, "corruptions": args.corruptions, "severities": tuple(args.severities),
             "val_size": args.val_size, "workers": args.workers, "max_ece_increase": args.max_ece_increase,
-            "max_worst_drop_pp": args.max_worst_drop_pp, "fp32_runtime": args.fp32_runtime}
+            "max_worst_drop_pp": args.max_worst_drop_pp}
 
 
 def print_targets() -> None:
@@ -776,10 +755,10 @@ def summary(report, out: Path) -> str:
     failed = [k for k, g in report.gates.items() if not g["passed"]]
     verdict = "PASS" if report.passed else "FAIL (" + ", ".join(failed) + ")"
     reasons = [f"           {k}: {report.gates[k]['reason']}" for k in failed if report.gates[k].get("reason")]
-    pc = q["precision"]
+    from .precisions import get_precision
     return "\n".join([
         f"model      {report.model['spec']}  ->  target {report.target['name']}",
-        (f"int8       fully_int8={q['fully_int8']}" if p == "int8" else f"{p:<10} precision_ok={pc['precision_ok']}")
+        f"{p:<10} {get_precision(p).contract_text(q)}"
         + f"  input {q['input_dtype']}  output {q['output_dtype']}  ops {sum(q['ops'].values())} ({', '.join(q['ops'])})",
         f"sizes      ONNX {art['onnx']['bytes'] / 1024:.1f} KiB  ->  {p} TFLite {art['tflite']['bytes'] / 1024:.1f} KiB "
         + (f"({art['size_ratio_onnx_to_int8']}x smaller)" if art['size_ratio_onnx_to_int8'] >= 1 else
@@ -897,6 +876,7 @@ def export_targets(cfg: ExportConfig, names: list[str], log=print) -> tuple[int,
 
 def targets_table(rows: list[dict], root: Path) -> str:
     """The one summary of a multi-target export: a row per target."""
+    from .precisions import get_precision
     head = ("target", "precision", "contract", "FP32", "quantized", "drop pp", "agreement", "TFLite KiB",
             "converted", "verdict")
     table, notes = [head], []
@@ -907,8 +887,7 @@ def targets_table(rows: list[dict], root: Path) -> str:
             notes.append(f"{r['target']}: {r['error']}")
             continue
         a, q, p = rep.accuracy, rep.quantization, rep.target["precision"]
-        contract = (f"fully_int8={q['fully_int8']}" if p == "int8"
-                    else f"precision_ok={q['precision']['precision_ok']}")
+        contract = get_precision(p).contract_text(q)
         failed = [k for k, g in rep.gates.items() if not g["passed"]]
         table.append((r["target"], p, contract, f"{a['fp32_top1']:.2%}", f"{a['int8_top1']:.2%}",
                       f"{a['drop_pp']:+.2f}", f"{a['agreement']:.2%}", f"{rep.artifacts['tflite']['bytes'] / 1024:.1f}",
@@ -923,36 +902,33 @@ def targets_table(rows: list[dict], root: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .errors import Terminated, raise_on_sigterm
-    raise_on_sigterm()
-    try:
+    from .cli import run_main
+
+    def work():
         args = build_parser().parse_args(argv)
         if args.list_targets:
             print_targets()
-            return 0
+            return None
         cfg = config_from_args(args)
         names = [t.strip() for t in cfg.target.split(",")]
         if len(names) > 1:
-            status, root, rows = export_targets(cfg, names)
+            return names, export_targets(cfg, names)
+        return names, export(cfg)
+
+    def show(result) -> int:
+        if result is None:  # --list-targets
+            return 0
+        from .outdir import shown
+        names, (status, where, done) = result
+        if len(names) > 1:
+            text = targets_table(done, Path(shown(where)))
         else:
-            status, out, report = export(cfg)
-    except PipelineError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_status
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing was written to the output folder", file=sys.stderr)
-        return 130
-    except Terminated:
-        print("error: terminated (SIGTERM); nothing was written to the output folder", file=sys.stderr)
-        return 143
-    from .outdir import shown
-    if len(names) > 1:
-        text = targets_table(rows, Path(shown(root)))
-    else:
-        text = summary(report, Path(shown(out)))  # an --out with bytes that are not UTF-8: shown escaped (out\xff)
-    enc = getattr(sys.stdout, "encoding", None) or "utf-8"
-    print(text.encode(enc, "backslashreplace").decode(enc, "replace"))
-    return status
+            text = summary(done, Path(shown(where)))  # an --out with bytes that are not UTF-8: shown escaped (out\xff)
+        enc = getattr(sys.stdout, "encoding", None) or "utf-8"
+        print(text.encode(enc, "backslashreplace").decode(enc, "replace"))
+        return status
+
+    return run_main(work, interrupted_note="; nothing was written to the output folder", then=show)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import numpy as np
 from ai_edge_litert import schema_py_generated as schema
 
 from .errors import ConversionError
+from .precisions import PrecisionCheck, RegistryView, get_precision  # noqa: F401  (PrecisionCheck: re-exported)
 
 _TYPE_NAMES = {v: k.lower() for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
 _OP_NAMES = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
@@ -190,129 +191,15 @@ def inspect(path: Path) -> TfliteInspection:
 
 
 # --------------------------------------------------------------------------- precision contracts
+# Each precision's contract lives with its registry entry (pipeline/precisions.py).
 
-# Ops whose input slot 1 holds the weights.
-_WEIGHT_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV", "BATCH_MATMUL")
-
-PRECISION_RULES = {
-    "int8": "fully_int8: every op reads and writes int8 activations with int8 weights; int32 only as biases or "
-            "shape/index operands; graph input and output int8; no float, custom or Flex op",
-    "int16x8": "every activation int16 with zero point 0, weights int8, biases int64/int32; graph input and output "
-               "int16; no float tensor, no QUANTIZE/DEQUANTIZE, custom or Flex op",
-    "dynamic": "weights int8 (at least one weight tensor; the converter keeps tensors under 1024 elements in "
-               "float32), every other tensor float32 (int32 only for shapes/indices); graph input and output "
-               "float32; no int8 activation, no float16, custom or Flex op",
-    "fp16": "every weight of a weighted op is a float16 constant turned into float32 by a DEQUANTIZE op; "
-            "activations and graph input and output float32; no integer-quantized tensor, custom or Flex op",
-    "fp32": "every tensor float32 (int32/int64 only for shapes/indices, unquantized); graph input and output "
-            "float32; no quantized or float16 tensor, no QUANTIZE/DEQUANTIZE, custom or Flex op",
-}
-
-
-@dataclass(frozen=True)
-class PrecisionCheck:
-    """Whether a converted model meets one rung of the precision ladder (``precision_ok``)."""
-
-    precision: str
-    precision_ok: bool
-    rule: str
-    offending: tuple[str, ...] = field(default_factory=tuple)
-    weights: dict = field(default_factory=dict)  # weight tensors of weighted ops by stored dtype
-
-    @property
-    def reason(self) -> str:
-        if self.precision_ok:
-            return f"meets the {self.precision} contract"
-        shown = "; ".join(self.offending[:6]) + (f"; and {len(self.offending) - 6} more" if len(self.offending) > 6 else "")
-        return f"not {self.precision}: {shown}"
-
-    def to_dict(self) -> dict:
-        return {"precision": self.precision, "precision_ok": self.precision_ok, "rule": self.rule,
-                "offending": list(self.offending), "weights": dict(self.weights), "reason": self.reason}
+# ``precision name -> rule`` (a live view of the registry, for readers of the old table).
+PRECISION_RULES = RegistryView("rule")
 
 
 def check_precision(insp: TfliteInspection, precision: str) -> PrecisionCheck:
-    """Check the precision contract of one target (``PRECISION_RULES``).
+    """Check the precision contract of one target: ``get_precision(precision).checker(insp)``.
 
     For ``int8`` this is exactly ``insp.fully_int8``; the other rungs have their own rules.
     """
-    if precision not in PRECISION_RULES:
-        raise ConversionError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISION_RULES)}")
-    tensors = insp.tensors
-    producer = {ti: op for op in insp.op_list for ti in op.outputs}
-    weight_dtypes: Counter = Counter()
-    weight_src: dict[int, TensorInfo] = {}  # weight tensor index -> the stored constant behind it
-    for op in insp.op_list:
-        if op.name in _WEIGHT_OPS and len(op.inputs) > 1 and op.inputs[1] >= 0:
-            w = tensors[op.inputs[1]]
-            src = w
-            p = producer.get(w.index)
-            if p is not None and p.name == "DEQUANTIZE" and p.inputs and tensors[p.inputs[0]].is_constant:
-                src = tensors[p.inputs[0]]
-            weight_src[w.index] = src
-            weight_dtypes[src.dtype] += 1
-    weights = dict(sorted(weight_dtypes.items()))
-    if precision == "int8":
-        return PrecisionCheck(precision, insp.fully_int8, PRECISION_RULES[precision], insp.offending, weights)
-
-    bad: list[str] = []
-    io_dtype = "int16" if precision == "int16x8" else "float32"
-    for role, group in (("input", insp.inputs), ("output", insp.outputs)):
-        for t in group:
-            if t.dtype != io_dtype:
-                bad.append(f"graph {role} {t.name}: {t.dtype}, expected {io_dtype}")
-    weight_idx = set(weight_src) | {s.index for s in weight_src.values()}
-    bias_idx = {op.inputs[_BIAS_SLOT[op.name]] for op in insp.op_list
-                if op.name in _BIAS_SLOT and len(op.inputs) > _BIAS_SLOT[op.name] and op.inputs[_BIAS_SLOT[op.name]] >= 0}
-    for op in insp.op_list:
-        if op.custom:
-            bad.append(f"{op.name}#{op.index}: {'Flex (TensorFlow)' if op.name.startswith('Flex') else 'custom'} op")
-            continue
-        problems = []
-        if op.name in ("QUANTIZE", "DEQUANTIZE") and precision in ("fp32", "dynamic", "int16x8"):
-            problems.append(f"{op.name} op")
-        for ti in (*op.inputs, *op.outputs):
-            if ti < 0:
-                continue
-            t = tensors[ti]
-            quantized = bool(t.scale)
-            if precision == "int16x8":
-                if t.dtype in _FLOAT_TYPES:
-                    problems.append(f"{t.dtype} tensor {t.name}")
-                elif t.dtype == "int8" and ti not in weight_idx:
-                    problems.append(f"int8 activation {t.name}")
-                elif t.dtype == "int16" and any(z != 0 for z in t.zero_point):
-                    problems.append(f"int16 tensor {t.name} has a nonzero zero point")
-                elif t.dtype == "uint8":
-                    problems.append(f"uint8 tensor {t.name}")
-            elif precision == "dynamic":
-                if t.dtype == "int8" and not (t.is_constant and ti in weight_idx):
-                    problems.append(f"int8 activation {t.name}")
-                elif t.dtype in ("float16", "int16", "uint8"):
-                    problems.append(f"{t.dtype} tensor {t.name}")
-            elif precision == "fp16":
-                if t.dtype == "float16" and not (t.is_constant and op.name == "DEQUANTIZE"):
-                    problems.append(f"float16 tensor {t.name} is computed on, not a stored weight")
-                elif t.dtype in ("int8", "int16", "uint8") or (quantized and t.dtype != "float16"):
-                    problems.append(f"{t.dtype} quantized tensor {t.name}")
-            elif precision == "fp32":
-                if t.dtype in ("float16", "int8", "int16", "uint8", "bfloat16") or quantized:
-                    problems.append(f"{t.dtype}{' quantized' if quantized else ''} tensor {t.name}")
-            if precision in ("fp32", "fp16", "dynamic") and t.dtype in ("int32", "int64") and not t.is_constant \
-                    and op.name not in ("SHAPE", "ARG_MAX", "ARG_MIN", "GATHER", "GATHER_ND"):
-                problems.append(f"{t.dtype} activation {t.name}")
-        if precision == "int16x8":
-            for ti in op.inputs:
-                if ti in bias_idx and ti >= 0 and tensors[ti].dtype not in ("int64", "int32"):
-                    problems.append(f"bias {tensors[ti].name} is {tensors[ti].dtype}")
-        if problems:
-            bad.append(f"{op.name}#{op.index}: {', '.join(sorted(set(problems)))}")
-    # What each rung needs to be present at all (a converter that silently did nothing fails here).
-    if precision == "dynamic" and not weight_dtypes.get("int8"):
-        bad.append("no weight tensor is int8 (the converter keeps weights under 1024 elements in float32): "
-                   "the model is float32 throughout")
-    if precision == "fp16" and set(weight_dtypes) - {"float16"}:
-        bad.append(f"weights stored as {', '.join(sorted(set(weight_dtypes) - {'float16'}))}, expected float16")
-    if precision == "int16x8" and set(weight_dtypes) - {"int8"}:
-        bad.append(f"weights stored as {', '.join(sorted(set(weight_dtypes) - {'int8'}))}, expected int8")
-    return PrecisionCheck(precision, not bad, PRECISION_RULES[precision], tuple(bad), weights)
+    return get_precision(precision, error=ConversionError).checker(insp)

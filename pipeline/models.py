@@ -14,7 +14,6 @@ import importlib
 import os
 import pickle
 import sys
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any

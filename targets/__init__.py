@@ -9,6 +9,7 @@ import difflib
 from dataclasses import asdict, dataclass, field
 
 from pipeline.errors import TargetError
+from pipeline.precisions import PRECISIONS, get_precision  # noqa: F401  (PRECISIONS: the ladder, re-exported)
 
 
 @dataclass(frozen=True)
@@ -18,7 +19,7 @@ class Target:
     name: str
     description: str
     format: str  # "tflite"
-    precision: str  # "fp32", "fp16", "dynamic" (int8 weights, float activations), "int16x8" or "int8"
+    precision: str  # a name in pipeline.precisions.PRECISIONS: "fp32", "fp16", "dynamic", "int16x8" or "int8"
     runtime: str  # "litert" or "tflite-micro"
     kernels: str  # "xnnpack", "builtin", "ref" or "tflm-reference"
     threads: int
@@ -63,9 +64,9 @@ class Target:
         return d
 
 
-# The precision ladder, widest first. "dynamic" = int8 weights with float32 activations
-# (dynamic-range quantization); "int16x8" = int16 activations with int8 weights.
-PRECISIONS = ("fp32", "fp16", "dynamic", "int16x8", "int8")
+# The precision ladder, widest first, is the registry of pipeline/precisions.py (PRECISIONS: name ->
+# Precision). "dynamic" = int8 weights with float32 activations (dynamic-range quantization);
+# "int16x8" = int16 activations with int8 weights.
 RUNTIMES = ("litert", "tflite-micro")
 
 _REGISTRY: dict[str, Target] = {}
@@ -75,10 +76,10 @@ def register_target(target: Target) -> Target:
     if target.name in _REGISTRY:
         raise ValueError(f"target {target.name!r} is registered twice")
     if target.precision not in PRECISIONS:
-        raise ValueError(f"target {target.name!r}: precision {target.precision!r} is not one of {PRECISIONS}")
+        raise ValueError(f"target {target.name!r}: precision {target.precision!r} is not one of {tuple(PRECISIONS)}")
     if target.runtime not in RUNTIMES:
         raise ValueError(f"target {target.name!r}: runtime {target.runtime!r} is not one of {RUNTIMES}")
-    if target.runtime == "tflite-micro" and target.precision != "int8":
+    if target.runtime == "tflite-micro" and not get_precision(target.precision).fully_int8_required:
         raise ValueError(f"target {target.name!r}: TFLite-Micro targets are int8 (no hybrid or float16 kernels)")
     _REGISTRY[target.name] = target
     return target
