@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import OutputError
+from .jsonio import sha256_file
 
 BUNDLE_DIR = "bundle"
 BUNDLE_TAR = "bundle.tar.gz"
@@ -96,11 +97,6 @@ def _litert_version() -> str | None:
         return metadata.version("ai-edge-litert")
     except metadata.PackageNotFoundError:
         return None
-
-
-def _sha256(path: Path) -> str:
-    from .jsonio import sha256_file
-    return sha256_file(path)
 
 
 def _tensor(d: dict) -> dict:
@@ -170,7 +166,7 @@ def write_bundle(work: Path, tflite_path: Path, input_layout: str, preprocessing
             "model_spec": model_spec,
             "target": target,
             "model": {"path": model_name, "bytes": (folder / model_name).stat().st_size,
-                      "sha256": _sha256(folder / model_name)},
+                      "sha256": sha256_file(folder / model_name)},
             "input": {**in_t, "layout": input_layout},
             "output": out_t,
             "preprocessing": "preprocessing.json",
@@ -188,7 +184,7 @@ def write_bundle(work: Path, tflite_path: Path, input_layout: str, preprocessing
             **({"class_names": names} if names is not None else {}),
             "benchmark": {"script": SCRIPT.name, "requirements": "requirements.txt", "readme": "README.txt"},
             # every file pi_benchmark.py reads besides this manifest: it refuses one whose digest differs
-            "sha256": {name: _sha256(folder / name) for name in
+            "sha256": {name: sha256_file(folder / name) for name in
                        (model_name, "preprocessing.json", "samples.npz", "expected_outputs.npz")},
         }
         _write_json(folder / "bundle.json", manifest)

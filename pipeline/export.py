@@ -195,7 +195,8 @@ def stage_run(run: Run):
             fp32_model = models.onnx_reference(run.outputs["export_onnx"].path)
         fp32 = models.run_fp32(fp32_model, run.x_test, batch_size=run.cfg.batch_size, progress=bar)
         fp32_s = time.perf_counter() - t0
-    return RunOutputs(int8=int8, fp32=fp32, fp32_seconds=fp32_s, fp32_runtime=_fp32_runtime_label(run, fp32_model))
+    return RunOutputs(int8=int8, fp32=fp32, fp32_seconds=fp32_s, fp32_runtime=_fp32_runtime_label(run, fp32_model),
+                      fp32_model=fp32_model)
 
 
 def _fp32_runtime_label(run: Run, fp32_model) -> str:
@@ -235,14 +236,12 @@ class SanityCheck:
 def stage_sanity(run: Run):
     """FP32 top-1 above chance (a gate) and the preprocessing probe, before the drop/agreement gates count."""
     from . import models, sanity
-    cfg, n = run.cfg, len(run.x_test)
-    fp32_model = run.model
-    if cfg.fp32_runtime == "onnxruntime" and run.model.kind != "onnx":
-        fp32_model = models.onnx_reference(run.outputs["export_onnx"].path)
+    cfg, n, r = run.cfg, len(run.x_test), run.outputs["run"]
     labels = run.dataset.y_test[:n]
-    probe = sanity.probe(lambda x: models.run_fp32(fp32_model, x, batch_size=cfg.batch_size), run.dataset.x_test[:n],
+    # the FP32 model of the run stage; its logits there are the probe's "in use" row
+    probe = sanity.probe(lambda x: models.run_fp32(r.fp32_model, x, batch_size=cfg.batch_size), run.dataset.x_test[:n],
                          labels, run.pre, run.model.mean, run.model.std,
-                         train_stats=sanity.train_statistics(run.dataset.x_train, run.pre.scale))
+                         train_stats=sanity.train_statistics(run.dataset.x_train, run.pre.scale), in_use_logits=r.fp32)
     weights_missing = run.model.kind == "factory" and not cfg.weights
     gate = sanity.fp32_gate(run.outputs["compare"].fp32_top1, labels, probe, weights_missing)
     return SanityCheck(gate=gate, probe=probe, weights_missing=weights_missing)
@@ -288,6 +287,7 @@ class RunOutputs:
     fp32: object  # np.ndarray of FP32 logits
     fp32_seconds: float
     fp32_runtime: str = "pytorch"
+    fp32_model: object = field(default=None, repr=False, compare=False)  # what ran the FP32 side (the sanity stage too)
 
 
 # --------------------------------------------------------------------------- driver

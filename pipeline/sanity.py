@@ -73,18 +73,22 @@ def train_statistics(x_train_nchw: np.ndarray, scale: float, limit: int = 2000) 
 
 
 def probe(run_fp32, raw_test_nchw: np.ndarray, labels: np.ndarray, pre, model_mean=None, model_std=None,
-          train_stats=None, n: int = PROBE_IMAGES) -> dict:
+          train_stats=None, n: int = PROBE_IMAGES, in_use_logits: np.ndarray | None = None) -> dict:
     """FP32 top-1 of the first ``n`` test images under each candidate preprocessing.
 
-    ``run_fp32(x)`` returns FP32 logits for float32 NCHW inputs. Returns the record that goes into report.json.
+    ``run_fp32(x)`` returns FP32 logits for float32 NCHW inputs; ``in_use_logits``: logits already computed under
+    the preprocessing in use (at least ``n`` rows), not computed again. Returns the record for report.json.
     """
     from .preprocessing import apply
     raw, y = raw_test_nchw[:n], np.asarray(labels[:n])
     rows, correct = [], {}
     for name, mean, std, rev in candidates(pre, model_mean, model_std, train_stats):
         p = dataclasses.replace(pre, mean=mean, std=std)
-        x = apply(raw[:, ::-1] if rev else raw, p)
-        hits = np.argmax(run_fp32(x), axis=1) == y
+        if name == "in use" and in_use_logits is not None and len(in_use_logits) >= len(y):
+            logits = in_use_logits[:len(y)]
+        else:
+            logits = run_fp32(apply(raw[:, ::-1] if rev else raw, p))
+        hits = np.argmax(logits, axis=1) == y
         correct[name] = hits
         rows.append({"name": name, "mean": list(mean), "std": list(std), "channels_reversed": rev,
                      "top1": round(float(hits.mean()), 4)})
