@@ -148,9 +148,13 @@ def write_bundle(work: Path, tflite_path: Path, input_layout: str, preprocessing
             expected[k] = np.ascontiguousarray(res.raw_outputs.reshape(m, -1))
             recorded[k] = {"samples": m, "op_resolver": _RESOLVERS[k], "threads": 1, "batch": 1}
 
-        pre = dict(preprocessing)
-        pre["input_quantization"] = {"dtype": in_t["dtype"], "scale": in_t["scale"], "zero_point": in_t["zero_point"]}
-        pre["tflite_input_layout"] = input_layout
+        pre = dict(preprocessing)  # the deployment record (preprocessing.Preprocessing.to_dict of the deployed model)
+        q = {"dtype": in_t["dtype"], "scale": in_t["scale"], "zero_point": in_t["zero_point"]}
+        if pre.get("input_quantization", q) != q or pre.get("tflite_input_layout", input_layout) != input_layout:
+            raise OutputError(f"the preprocessing record ({pre.get('input_quantization')}, "
+                              f"{pre.get('tflite_input_layout')}) does not describe {tflite_path.name} ({q}, "
+                              f"{input_layout}); re-run the export")
+        pre.update(input_quantization=q, tflite_input_layout=input_layout)
         _write_json(folder / "preprocessing.json", pre)
         np.savez_compressed(folder / "samples.npz", raw=np.ascontiguousarray(raw[:n]), input_int8=input_int8,
                             labels=np.asarray(labels[:n], np.int64))

@@ -38,6 +38,8 @@ class TfliteArtifact:
     calibration_samples: int
     timings_s: dict = field(default_factory=dict)
     constant_folded: bool = False  # converted again from a constant-folded graph (the first try broke the batch axis)
+    reused: bool = False  # copied from an earlier target of the same multi-target call (stages/reuse.py)
+    preprocessing: Preprocessing | None = None  # the deployment record embedded in the file (stages/convert.py)
 
     def describe(self) -> dict:
         d = {"path": self.path.name, "bytes": self.bytes, "converter": self.converter,
@@ -47,6 +49,9 @@ class TfliteArtifact:
             d["constant_folded"] = ("the first conversion applied a computed pad or reshape to the batch axis; "
                                     "the model was converted again from the ONNX graph with its constant "
                                     "subgraphs folded by onnxruntime's basic optimizer")
+        if self.reused:
+            from .stages.reuse import Reuse
+            d["reused"] = Reuse.NOTE
         return d
 
 

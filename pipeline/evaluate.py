@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from dataclasses import dataclass
 import json
 import math
 import os
@@ -90,16 +91,47 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def reliability_config(args: argparse.Namespace, seed: int):
-    from .reliability import ReliabilityConfig, parse_corruptions
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """``python -m pipeline.evaluate``'s flags. None: what the export's report.json says (see build_parser)."""
+
+    export_dir: str
+    model: str | None = None
+    weights: str | None = None
+    tflite: str | None = None
+    data: str | None = None
+    data_dir: str | None = None
+    class_names: tuple[str, ...] | None = None
+    eval_limit: int | None = None
+    kernels: str | None = None
+    batch_size: int = 256
+    seed: int | None = None
+    corruptions: tuple[str, ...] = ()
+    severities: tuple[int, ...] = (1, 2, 3, 4, 5)
+    val_size: int | None = None
+    workers: int = 0
+    fp32_runtime: str | None = None
+    max_ece_increase: float = 0.02
+    max_worst_drop_pp: float = 5.0
+    out: str | None = None
+    verbose: bool = False
+
+    def reliability(self, seed: int):
+        from .reliability import ReliabilityConfig
+        return ReliabilityConfig(corruptions=self.corruptions, severities=self.severities, val_size=self.val_size,
+                                 seed=seed, workers=self.workers, max_ece_increase=self.max_ece_increase,
+                                 max_worst_drop_pp=self.max_worst_drop_pp)
+
+
+def config_from_args(args: argparse.Namespace) -> EvaluateConfig:
+    from .reliability import parse_corruptions
     if args.val_size is not None and args.val_size <= 0:
         raise UsageError(f"--val-size {args.val_size} is empty; pass at least 1, or leave it out for the default "
                          "min(5000, training images // 5)")
     if args.workers < 0:
         raise UsageError("--workers must be 0 (one per core) or more")
-    return ReliabilityConfig(corruptions=parse_corruptions(args.corruptions), severities=tuple(args.severities),
-                             val_size=args.val_size, seed=seed, workers=args.workers,
-                             max_ece_increase=args.max_ece_increase, max_worst_drop_pp=args.max_worst_drop_pp)
+    return EvaluateConfig(**{k: v for k, v in vars(args).items() if k not in ("corruptions", "severities")},
+                          corruptions=parse_corruptions(args.corruptions), severities=tuple(args.severities))
 
 
 FIX = "pass a folder written by python -m pipeline.export (or re-run the export)"
@@ -298,13 +330,13 @@ def held_out_from_training(model) -> bool | None:
     return None
 
 
-def evaluate_export(args: argparse.Namespace, log=print):
-    export_dir = Path(args.export_dir)
+def evaluate_export(ecfg: EvaluateConfig, log=print):
+    export_dir = Path(ecfg.export_dir)
     with _NoImportsFrom(export_dir):
-        return _evaluate_export(args, export_dir, log)
+        return _evaluate_export(ecfg, export_dir, log)
 
 
-def _evaluate_export(args: argparse.Namespace, export_dir: Path, log=print):
+def _evaluate_export(ecfg: EvaluateConfig, export_dir: Path, log=print):
     import numpy as np
 
     from . import data as data_mod
@@ -313,76 +345,76 @@ def _evaluate_export(args: argparse.Namespace, export_dir: Path, log=print):
     from .preprocessing import check_batch_fits_memory
     from .reliability import evaluate, resolve_val_size
 
-    quiet.configure(args.verbose)
+    quiet.configure(ecfg.verbose)
     t0 = time.perf_counter()
     steps = _Steps(log)
     rep = _read_report(export_dir)
     rpath = export_dir / "report.json"
     cfg, target = _fields(rep, "config", rpath), _fields(rep, "target", rpath)
     pre = _preprocessing(rep, rpath)
-    if args.batch_size <= 0:
+    if ecfg.batch_size <= 0:
         raise UsageError("--batch-size must be at least 1")
-    check_batch_fits_memory(pre.input_shape, args.batch_size, f"{rpath}: preprocessing.input_shape")
+    check_batch_fits_memory(pre.input_shape, ecfg.batch_size, f"{rpath}: preprocessing.input_shape")
     # A received folder is data. The model, weights and data it records are used only when they are a zoo model
     # or files inside the folder; anything else must come from this command line. A flag naming what the export
     # recorded confirms it (the FP32 check below then applies); a flag naming something else overrides it.
     overrides: list[str] = []
-    if args.model:
+    if ecfg.model:
         rec_spec = _fields(rep, "model", rpath).str("spec") or cfg.str("model")
-        model_spec = args.model
-        model_given = not _same(args.model, rec_spec)
+        model_spec = ecfg.model
+        model_given = not _same(ecfg.model, rec_spec)
         if model_given:
             overrides.append("--model")
     else:
         model_spec, rec_spec = _recorded_model(rep, rpath, export_dir)
         model_given = False
     rec_weights = cfg.str("weights")
-    if args.weights is not None:
-        weights = args.weights
-        if not _same(args.weights, rec_weights):
+    if ecfg.weights is not None:
+        weights = ecfg.weights
+        if not _same(ecfg.weights, rec_weights):
             overrides.append("--weights")
     elif model_given:
         weights = None  # another model: the export's weights do not belong to it
     else:
         weights = _recorded_path(rep, rpath, export_dir, "weights", "--weights")
-    tflite, tflite_given = _tflite(args, rep, export_dir, rpath, overrides)
+    tflite, tflite_given = _tflite(ecfg, rep, export_dir, rpath, overrides)
     rec_data = cfg.str("data")
-    if args.data:
-        data_spec = args.data
-        if not _same(args.data, rec_data):
+    if ecfg.data:
+        data_spec = ecfg.data
+        if not _same(ecfg.data, rec_data):
             overrides.append("--data")
     else:
         data_spec = _recorded_path(rep, rpath, export_dir, "data", "--data") or "fashion-mnist"
-    if args.data_dir:
-        data_dir = args.data_dir
-        if not _same(args.data_dir, cfg.str("data_dir")):
+    if ecfg.data_dir:
+        data_dir = ecfg.data_dir
+        if not _same(ecfg.data_dir, cfg.str("data_dir")):
             overrides.append("--data-dir")
-    elif args.data or data_spec != "fashion-mnist":
+    elif ecfg.data or data_spec != "fashion-mnist":
         data_dir = None
     else:
         data_dir = _recorded_path(rep, rpath, export_dir, "data_dir", "--data-dir")
     rec_kernels = target.str("litert_kernels") or target.str("kernels")
-    kernels = args.kernels or rec_kernels or "xnnpack"
+    kernels = ecfg.kernels or rec_kernels or "xnnpack"
     if kernels not in ("xnnpack", "builtin", "ref"):
         raise UsageError(f"--kernels {kernels!r}: choose xnnpack, builtin or ref")
-    if args.kernels is not None and args.kernels != rec_kernels:
+    if ecfg.kernels is not None and ecfg.kernels != rec_kernels:
         overrides.append("--kernels")
-    seed = args.seed if args.seed is not None else (cfg.int("seed", 0, 2 ** 32 - 1) or 0)
-    rcfg = reliability_config(args, seed)
+    seed = ecfg.seed if ecfg.seed is not None else (cfg.int("seed", 0, 2 ** 32 - 1) or 0)
+    rcfg = ecfg.reliability(seed)
     rec_limit = cfg.int("eval_limit", 1, 2 ** 62)
-    limit = args.eval_limit if args.eval_limit is not None else rec_limit
+    limit = ecfg.eval_limit if ecfg.eval_limit is not None else rec_limit
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0):
         raise UsageError(f"--eval-limit must be at least 1 (got {limit!r})")
-    if args.eval_limit is not None and args.eval_limit != rec_limit:
+    if ecfg.eval_limit is not None and ecfg.eval_limit != rec_limit:
         overrides.append("--eval-limit")
     precision = target.str("precision", choices=_PRECISIONS) or "int8"
-    layout = (_fields(rep, "preprocessing", rpath).str("tflite_input_layout", choices=("NHWC", "NCHW"))
+    layout = (pre.tflite_input_layout  # the deployment record; reports before it kept the layout in conversion
               or (_fields(rep, "conversion", rpath).str("input_layout", choices=("NHWC", "NCHW"))
                   if "conversion" in rep else None) or "NHWC")
     own_models = not overrides
     # The export's recorded logits: verified before use, needed to check the FP32 model is the export's.
     predictions = _verified_artifact(rep, "predictions", export_dir, rpath) if own_models else None
-    out_dir = Path(args.out) if args.out else export_dir
+    out_dir = Path(ecfg.out) if ecfg.out else export_dir
     _check_writable(out_dir)  # created only when the results are written
     # Data before the model: the validation split's size is checked before any model is loaded or run.
     ds = data_mod.load(data_spec, data_dir, pre.input_shape)
@@ -395,13 +427,13 @@ def _evaluate_export(args: argparse.Namespace, export_dir: Path, log=print):
     if ":" in model_spec and not model_spec.startswith("zoo:") and not _is_model_file(model_spec):
         _check_factory_source(model_spec, export_dir)
     model = models.load(model_spec, weights)
-    if model_spec != args.model:
+    if model_spec != ecfg.model:
         model.spec = rec_spec  # the report keeps the spec as recorded, not the folder's absolute path
     num_classes = models.probe(model, pre.input_shape)
-    ds = _with_class_names(ds, args, rep, rpath)
+    ds = _with_class_names(ds, ecfg, rep, rpath)
     data_mod.check_fits(ds, pre.input_shape, num_classes)
     ds = data_mod.check_class_count(ds, num_classes)
-    fp32_onnx, fp32_choice, fp32_note = _fp32_runtime(args, rep, export_dir, rpath, model, overrides)
+    fp32_onnx, fp32_choice, fp32_note = _fp32_runtime(ecfg, rep, export_dir, rpath, model, overrides)
     insp, chk = _check_tflite(tflite, precision, num_classes, rep, given=tflite_given,
                               pre_shape=pre.input_shape)
     n = len(ds.x_test) if limit is None else min(int(limit), len(ds.x_test))
@@ -410,9 +442,9 @@ def _evaluate_export(args: argparse.Namespace, export_dir: Path, log=print):
     clean, clean_note = None, ""
     if predictions is not None:
         clean, clean_note = _export_predictions(predictions, precision, n)
-        _check_fp32_reproduces(model, ds, pre, predictions, args.batch_size, model.spec)
+        _check_fp32_reproduces(model, ds, pre, predictions, ecfg.batch_size, model.spec)
     pair = ModelPair(model_spec=model_spec, weights=weights, tflite_path=str(tflite.resolve()), input_layout=layout,
-                     kernels=kernels, preprocessing=pre, batch_size=args.batch_size, fp32_onnx=fp32_onnx)
+                     kernels=kernels, preprocessing=pre, batch_size=ecfg.batch_size, fp32_onnx=fp32_onnx)
     if fp32_note:
         log(f"note: {fp32_note}", file=sys.stderr)
     steps.done("checks", f"report, data ({n} test images), FP32 model ({fp32_choice.split(':')[0]}) and "
@@ -422,34 +454,35 @@ def _evaluate_export(args: argparse.Namespace, export_dir: Path, log=print):
     clean_from_onnx = bool(fp32_onnx) and isinstance(recorded_fp32, dict) \
         and str(recorded_fp32.get("runtime", "")).startswith("onnxruntime on model.onnx")
     result = evaluate(pair, ds, n, rcfg, clean=clean, loaded_model=model, held_out_from_training=held_out_from_training(model),
-                      runtime_note=clean_note, progress=not args.verbose and sys.stderr.isatty(), log=log,
+                      runtime_note=clean_note, progress=not ecfg.verbose and sys.stderr.isatty(), log=log,
                       clean_from_fp32_onnx=clean_from_onnx)
     steps.done("engine", f"{result.sections['reliability']['images_evaluated']:,} images through both models, "
                          f"{result.sections['reliability']['workers']} worker(s)")
-    rep.update(result.sections)
+    from .report import SCHEMA_VERSION, Report
     from .report_figures import confusion_and_flip_examples
-    rep["fp32_vs_int8"] = confusion_and_flip_examples(ds.x_test[:n], ds.y_test[:n], result.clean["fp32"],
-                                                      result.clean["int8"], class_names=ds.class_names,
-                                                      raw_range=pre.raw_range)
-    rep["reliability"]["fp32_runtime_choice"] = fp32_choice
+    report = Report.from_dict(rep)  # the export's report, typed; written back in this version's schema
+    report.schema_version = SCHEMA_VERSION
+    report.sections.update(result.sections)
+    report.sections["fp32_vs_int8"] = confusion_and_flip_examples(
+        ds.x_test[:n], ds.y_test[:n], result.clean["fp32"], result.clean["int8"], class_names=ds.class_names,
+        raw_range=pre.raw_range)
     if ds.class_names is not None:  # the names the per-class table used, whatever their source
-        rep.setdefault("data", {}).update(class_names=list(ds.class_names), class_names_source=ds.class_names_source)
-    elif isinstance(rep.get("data"), dict):
+        report.data.update(class_names=list(ds.class_names), class_names_source=ds.class_names_source)
+    else:
         for k in ("class_names", "class_names_source"):
-            rep["data"].pop(k, None)
-    rep.setdefault("gates", {}).update(result.gates)
+            report.data.pop(k, None)
+    report.gates.update(result.gates)
     if overrides:
-        _restate_for_overrides(rep, overrides, result.clean, np.asarray(ds.y_test[:n]), ds, n, model, tflite, insp,
-                               chk, kernels, pair.fp32_runtime)
-    rep["passed"] = all(g.get("passed", True) for g in rep["gates"].values())
-    rep.setdefault("timings_s", {})["reliability"] = round(time.perf_counter() - t0, 3)
-    rep["reliability"]["command"] = "python -m pipeline.evaluate " + " ".join(sys.argv[1:])
-    rep["reliability"]["config"] = {k: (list(v) if isinstance(v, tuple) else v)
-                                    for k, v in dataclasses.asdict(rcfg).items()}
-    rep.setdefault("artifacts", {})["report_html"] = {"path": "report.html"}
-    write_outputs(rep, out_dir)
+        _restate_for_overrides(report, overrides, result.clean, np.asarray(ds.y_test[:n]), ds, n, model, tflite,
+                               insp, chk, kernels, pair.fp32_runtime)
+    report.timings_s["reliability"] = round(time.perf_counter() - t0, 3)
+    report.sections["reliability"].update(
+        fp32_runtime_choice=fp32_choice, command="python -m pipeline.evaluate " + " ".join(sys.argv[1:]),
+        config={k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(rcfg).items()})
+    report.artifacts["report_html"] = {"path": "report.html"}
+    write_outputs(report, out_dir)
     steps.done("report", f"{out_dir}/report.json and report.html written")
-    return rep, out_dir
+    return report, out_dir
 
 
 class _Steps:
@@ -468,11 +501,11 @@ class _Steps:
         self.t = now
 
 
-def _with_class_names(ds, args, rep: dict, rpath: Path):
+def _with_class_names(ds, ecfg, rep: dict, rpath: Path):
     """The class names: --class-names, else the ones report.json records (what the export showed), else the
     data's own (the .npz's class_names array, the Fashion-MNIST names)."""
-    if args.class_names is not None:
-        return ds.with_class_names(args.class_names, "--class-names")
+    if ecfg.class_names is not None:
+        return ds.with_class_names(ecfg.class_names, "--class-names")
     data = rep.get("data")
     recorded = data.get("class_names") if isinstance(data, dict) else None
     if recorded is None:
@@ -483,7 +516,7 @@ def _with_class_names(ds, args, rep: dict, rpath: Path):
     return ds.with_class_names(recorded, where)
 
 
-def _fp32_runtime(args, rep: dict, export_dir: Path, rpath: Path, model, overrides: list[str]):
+def _fp32_runtime(ecfg, rep: dict, export_dir: Path, rpath: Path, model, overrides: list[str]):
     """The FP32 side: ``(model.onnx path or None, how it was chosen, a note to print or "")``.
 
     Default (no --fp32-runtime): onnxruntime on the export's model.onnx (sha256 verified; the export checked it
@@ -494,13 +527,13 @@ def _fp32_runtime(args, rep: dict, export_dir: Path, rpath: Path, model, overrid
     ref = f"the reference runtime ({model.reference_runtime})"
     if model.kind == "onnx":
         return None, "onnxruntime: the FP32 model is an ONNX file, whose own runtime is onnxruntime", ""
-    if args.fp32_runtime == "reference":
+    if ecfg.fp32_runtime == "reference":
         return None, f"reference: {ref}, as --fp32-runtime reference asks", ""
-    if args.fp32_runtime == "onnxruntime" and others:
+    if ecfg.fp32_runtime == "onnxruntime" and others:
         raise UsageError(f"--fp32-runtime onnxruntime runs the export's model.onnx, which does not describe the FP32 "
                          f"model {' and '.join(others)} name{'s' if len(others) == 1 else ''}; drop --fp32-runtime "
                          "(the reference runtime runs it then) or drop " + " and ".join(others))
-    if args.fp32_runtime is None:
+    if ecfg.fp32_runtime is None:
         if others:
             why = (f"{' and '.join(others)} name{'s' if len(others) == 1 else ''} another FP32 model than the "
                    "export's, which its model.onnx does not describe")
@@ -512,7 +545,7 @@ def _fp32_runtime(args, rep: dict, export_dir: Path, rpath: Path, model, overrid
             return None, f"reference: {ref}, not the default onnxruntime on model.onnx: {why}", \
                 f"FP32 runs on {ref}: {why}"
     onnx = str(_verified_artifact(rep, "onnx", export_dir, rpath))
-    how = ("as --fp32-runtime onnxruntime asks" if args.fp32_runtime else
+    how = ("as --fp32-runtime onnxruntime asks" if ecfg.fp32_runtime else
            "the default, as in the export; --fp32-runtime reference runs the model's own runtime instead")
     return onnx, f"onnxruntime: the export's model.onnx, checked against PyTorch by the export ({how})", ""
 
@@ -528,11 +561,11 @@ FP32_CHECK_IMAGES = 256
 FP32_CHECK_TOLERANCE_FACTOR = 2.0
 
 
-def _tflite(args, rep: dict, export_dir: Path, rpath: Path, overrides: list[str]) -> tuple[Path, bool]:
+def _tflite(ecfg, rep: dict, export_dir: Path, rpath: Path, overrides: list[str]) -> tuple[Path, bool]:
     """The .tflite: --tflite as given, else the export's (inside the folder, sha256 verified)."""
     art = rep.get("artifacts", {}).get("tflite")
-    if args.tflite:
-        given = Path(args.tflite)
+    if ecfg.tflite:
+        given = Path(ecfg.tflite)
         if not given.is_file():
             raise DataError(f"the TFLite model {given} does not exist; pass --tflite path/to/model.tflite")
         from .jsonio import inside
@@ -607,7 +640,7 @@ def _check_tflite(tflite: Path, precision: str, num_classes: int, rep: dict, giv
     return insp, chk
 
 
-def _restate_for_overrides(rep: dict, overrides: list[str], clean: dict, labels, ds, n: int, model, tflite: Path,
+def _restate_for_overrides(report, overrides: list[str], clean: dict, labels, ds, n: int, model, tflite: Path,
                            insp, chk, kernels: str, fp32_runtime: str) -> None:
     """With overrides the export's accuracy, data and model records no longer describe what was evaluated:
     recompute them (and the gates that read them) from the clean test outputs evaluated here."""
@@ -615,41 +648,39 @@ def _restate_for_overrides(rep: dict, overrides: list[str], clean: dict, labels,
 
     from . import metrics
     from .precisions import get_precision
+    from .sanity import fp32_gate
     prec = chk.precision
     precision = get_precision(prec)
     out_q = insp.outputs[0].scale[0] if insp.outputs[0].scale else 0.0
     cmp = metrics.compare(np.asarray(clean["fp32"]), np.asarray(clean["int8"]), labels, out_q)
     by = "recomputed by python -m pipeline.evaluate with " + ", ".join(overrides)
-    rep["accuracy"] = cmp.to_dict() | {
+    report.accuracy = cmp.to_dict() | {
         "precision": prec, "tflite_top1": cmp.int8_top1,
         "evaluated_on": f"{ds.name} test split, {n} images; {prec} TFLite on LiteRT {kernels} kernels (1 thread per "
                         f"worker), FP32 on {fp32_runtime}; {by}"}
-    rep["data"] = {**ds.describe(), "evaluated": n, "split": "test"}
-    rep["model"] = model.describe()
-    gates = rep.setdefault("gates", {})
-    cfg = rep.get("config", {})
+    report.data = {**ds.describe(), "evaluated": n, "split": "test"}
+    missing = model.kind == "factory" and not model.extra.get("weights")
+    report.model = model.describe() | {"weights_missing": missing}
+    gates = report.gates
     limits = {}  # the export's limits; a gate it did not record is not added
     for name in ("max_drop_pp", "min_agreement"):
-        limit = (gates.get(name) or {}).get("limit", cfg.get(name))
+        limit = gates[name].limit if name in gates else report.config.get(name)
         if isinstance(limit, (int, float)) and not isinstance(limit, bool):
             limits[name] = limit
     fresh = metrics.accuracy_gates(cmp, limits.get("max_drop_pp", float("inf")), limits.get("min_agreement", 0.0))
-    gates.update({name: fresh[name] | {"note": by} for name in limits})
+    gates.update({name: fresh[name].with_(note=by) for name in limits})
     # The FP32 model evaluated here must itself be above chance (pipeline/sanity.py), whatever the export said.
-    from .sanity import fp32_gate
-    missing = model.kind == "factory" and not model.extra.get("weights")
-    gates["fp32_above_chance"] = fp32_gate(cmp.fp32_top1, labels, None, missing) | {"note": by}
-    rep["model"]["weights_missing"] = missing
+    gates["fp32_above_chance"] = fp32_gate(cmp.fp32_top1, labels, None, missing).with_(note=by)
     if "--tflite" in overrides:
-        rep.setdefault("artifacts", {})["tflite"] = {"path": str(tflite.resolve()), "bytes": tflite.stat().st_size,
-                                                     "precision": prec}
-        rep["quantization"] = insp.to_dict(with_tensors=True) | {"precision": chk.to_dict()}
+        report.artifacts["tflite"] = {"path": str(tflite.resolve()), "bytes": tflite.stat().st_size, "precision": prec}
+        report.quantization = insp.to_dict(with_tensors=True) | {"precision": chk.to_dict()}
         if "fully_int8" in gates:
-            gates["fully_int8"].update(value=insp.fully_int8,
-                                       passed=bool(insp.fully_int8) or not precision.fully_int8_required)
+            gates["fully_int8"] = gates["fully_int8"].with_(
+                value=insp.fully_int8, passed=bool(insp.fully_int8) or not precision.fully_int8_required)
         if "precision_ok" in gates:
-            gates["precision_ok"].update(value=chk.precision_ok, passed=chk.precision_ok, reason=chk.reason)
-    rep["evaluate_overrides"] = {
+            gates["precision_ok"] = gates["precision_ok"].with_(value=chk.precision_ok, passed=chk.precision_ok,
+                                                                reason=chk.reason)
+    report.sections["evaluate_overrides"] = {
         "flags": overrides, "note": "accuracy, data, model and the max_drop_pp / min_agreement gates were recomputed "
         "here" + (", and the TFLite model's artifacts, quantization and precision gates" if "--tflite" in overrides
                   else "") + "; the runtime, latency, calibration, conversion and bundle sections still describe "
@@ -690,12 +721,12 @@ def _check_writable(out: Path) -> None:
         raise OutputError(f"{what} ({e.strerror or e}); pass a writable --out") from None
 
 
-def write_outputs(rep: dict, out_dir: Path) -> None:
+def write_outputs(report, out_dir: Path) -> None:
     """report.json and report.html: rendered first, written to temp files, then renamed into place. The output
     folder is created here; on failure, the temp files and the folders this call created are removed."""
     from . import html_report
-    from .report import _clean
-    contents = {"report.html": html_report.render(rep), "report.json": json.dumps(_clean(rep), indent=2) + "\n"}
+    d = report.to_dict()
+    contents = {"report.html": html_report.render(d), "report.json": json.dumps(d, indent=2) + "\n"}
     missing = []
     p = out_dir.absolute()
     while not p.exists() and p != p.parent:
@@ -729,12 +760,12 @@ def write_outputs(rep: dict, out_dir: Path) -> None:
         raise
 
 
-def summary(rep: dict, out_dir: Path) -> str:
-    cd, fl, sh, ts, pc = (rep["calibration_drift"], rep["flips"], rep["shifts"], rep["temperature_scaling"],
-                          rep["per_class"])
-    failed = [k for k, g in rep["gates"].items() if not g.get("passed", True)]
+def summary(report, out_dir: Path) -> str:
+    s = report.sections
+    cd, fl, sh, ts, pc = (s["calibration_drift"], s["flips"], s["shifts"], s["temperature_scaling"], s["per_class"])
+    failed = report.failed()
     lines = [
-        f"model      {rep['model'].get('spec')}  ->  {rep['target'].get('name')}",
+        f"model      {report.model.get('spec')}  ->  {report.target.get('name')}",
         f"clean      FP32 {cd['fp32']['top1']:.2%}  int8 {cd['int8']['top1']:.2%}  flips {fl['count']}/{fl['n']} "
         f"({fl['rate']:.2%})  "
         + (f"best flag {fl['best_detector']} AUROC {fl['detectors'][fl['best_detector']]['auroc']:.3f}"
@@ -750,7 +781,7 @@ def summary(rep: dict, out_dir: Path) -> str:
         lines.append(f"shifts     {sh['sets']} sets x {sh['images_per_set']} images: mean drop {m['drop_pp']:+.2f} pp, "
                      f"mean flip rate {1 - m['agreement']:.2%}; worst {w['corruption']} s{w['severity']} "
                      f"{w['drop_pp']:+.2f} pp")
-    rel = rep["reliability"]
+    rel = s["reliability"]
     lines.append(f"speed      {rel['images_evaluated']:,} images through both models in {rel['seconds']['engine']:.1f}s "
                  f"({rel['images_per_s']:.0f} img/s, {rel['workers']} worker{'s' if rel['workers'] != 1 else ''}; host)")
     lines.append(f"verdict    {'PASS' if not failed else 'FAIL (' + ', '.join(failed) + ')'}")
@@ -773,11 +804,11 @@ def main(argv: list[str] | None = None) -> int:
     from .cli import run_main
 
     def show(result) -> int:
-        rep, out = result
-        print(summary(rep, out))
-        return 0 if rep["passed"] else 1
+        report, out = result
+        print(summary(report, out))
+        return 0 if report.passed else 1
 
-    return run_main(lambda: evaluate_export(build_parser().parse_args(argv)),
+    return run_main(lambda: evaluate_export(config_from_args(build_parser().parse_args(argv))),
                     interrupted_note="; report.json and report.html were not changed", then=show)
 
 

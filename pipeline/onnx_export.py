@@ -28,12 +28,14 @@ class OnnxArtifact:
     tolerance: float | None
     samples: int
     source: str  # "exported" or "given"
+    reused: bool = False  # copied from an earlier target of the same multi-target call (stages/reuse.py)
 
     def describe(self) -> dict:
+        from .stages.reuse import Reuse
         return {"path": self.path.name, "bytes": self.bytes, "opset": self.opset, "input_name": self.input_name,
                 "output_name": self.output_name, "dynamic_batch": self.dynamic_batch,
                 "max_abs_error_vs_pytorch": self.max_abs_error, "tolerance": self.tolerance,
-                "compared_samples": self.samples, "source": self.source}
+                "compared_samples": self.samples, "source": self.source} | ({"reused": Reuse.NOTE} if self.reused else {})
 
 
 def _copy_given(model: LoadedModel, out_path: Path) -> int:

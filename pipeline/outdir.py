@@ -413,3 +413,27 @@ def _exchange(a: Path, b: Path) -> None:
         os.rename(old, b)
         raise
     os.rename(old, a)
+
+
+def default_out_name(model_spec: str, target: str, weights: str | None = None) -> str:
+    """The folder an export writes when --out is not given, in the current folder: what the model is, then the
+    target. zoo:NAME -> NAME (zoo:refcnn -> refcnn-tflite-int8); an ONNX or TorchScript file -> its stem;
+    package.module:factory -> package-module-factory; --weights adds its stem (mymodels:factory --weights run3.pt
+    -> mymodels-factory-run3-tflite-int8), so two factories named alike, or two weight files, do not collide."""
+    if model_spec.startswith("zoo:"):
+        parts = [model_spec[4:]]
+    elif model_spec.lower().endswith((".onnx", ".pt", ".pth", ".ptl", ".torchscript")) or ":" not in model_spec:
+        parts = [Path(model_spec).stem]
+    else:
+        module, _, attr = model_spec.rpartition(":")
+        parts = [*module.split("."), attr]
+    if weights:
+        parts.append(Path(weights).stem)
+    clean = ["".join(c if c.isalnum() or c in "-_." else "_" for c in part).strip(".") for part in parts]
+    return "-".join([c for c in clean if c] or ["model"]) + f"-{target}"
+
+
+def _out_path(cfg: ExportConfig) -> Path:
+    import targets
+    return Path(cfg.out) if cfg.out else Path(_default_out_name(cfg.model, targets.get_target(cfg.target).name,
+                                                                  cfg.weights))

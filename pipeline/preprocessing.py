@@ -6,16 +6,38 @@ else normalises data. Raw images are turned into model input by
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from .errors import DataError
 
 
+RECORD_VERSION = 1  # of the dict form below (report.json "preprocessing", bundle's preprocessing.json, .tflite metadata)
+METADATA_NAME = "edge_int8_pipeline.preprocessing"  # the .tflite metadata entry holding the record
+FORMULA = "x = (raw * scale - mean[c]) / std[c]; int8 = round(x / in_scale) + in_zero_point"
+
+
+@dataclass(frozen=True)
+class InputQuantization:
+    """How the deployed model's input tensor is quantized (a float input: dtype float32, scale 0)."""
+
+    dtype: str
+    scale: float
+    zero_point: int
+
+    def to_dict(self) -> dict:
+        return {"dtype": self.dtype, "scale": self.scale, "zero_point": self.zero_point}
+
+
 @dataclass(frozen=True)
 class Preprocessing:
-    """How raw images become the float32 model input (NCHW for the PyTorch/ONNX model)."""
+    """How raw images become the float32 model input (NCHW for the PyTorch/ONNX model), and, once converted, how
+    that input is fed to the .tflite model: its input layout and quantization (:meth:`deployed`).
+
+    The one deployment record: the report's ``preprocessing`` section, the bundle's preprocessing.json, the
+    ``.tflite`` metadata entry ``METADATA_NAME`` and what evaluate and the Pi script read are all :meth:`to_dict`
+    of this object (versioned by ``record_version``)."""
 
     input_shape: tuple[int, int, int]  # C, H, W of one sample, as the PyTorch model sees it
     source_layout: str  # layout the data arrived in: "NHW", "NCHW" or "NHWC"
@@ -24,7 +46,23 @@ class Preprocessing:
     mean: tuple[float, ...]  # per channel, after scaling
     std: tuple[float, ...]  # per channel, after scaling
     raw_range: tuple[float, float] = (0.0, 255.0)  # range of the raw values (uint8: 0..255)
-    layout: str = "NCHW"  # the layout of the PyTorch/ONNX model input
+    tflite_input_layout: str | None = None  # "NHWC" or "NCHW" once converted
+    input_quantization: InputQuantization | None = None  # once converted
+
+    def __post_init__(self):
+        c = len(self.input_shape) == 3 and self.input_shape[0]
+        problems = [
+            (len(self.input_shape) != 3 or min(self.input_shape) < 1, f"input_shape {self.input_shape} is not C,H,W"),
+            (self.source_layout not in LAYOUTS, f"source_layout {self.source_layout!r} is not one of {LAYOUTS}"),
+            (len(self.mean) != c or len(self.std) != c, f"mean/std need one value per channel ({c})"),
+            (not all(v > 0 for v in self.std), f"std {self.std} must be positive"),
+            (not self.scale > 0, f"scale {self.scale} must be positive"),
+            (self.tflite_input_layout not in (None, "NHWC", "NCHW"),
+             f"tflite_input_layout {self.tflite_input_layout!r} is not NHWC or NCHW"),
+        ]
+        for bad, what in problems:
+            if bad:
+                raise DataError(f"preprocessing record: {what}")
 
     @property
     def channels(self) -> int:
@@ -37,16 +75,25 @@ class Preprocessing:
         hi = max((raw_hi - m) / s for m, s in zip(self.mean, self.std))
         return float(lo), float(hi)
 
+    def deployed(self, tflite_input_layout: str, quantization: InputQuantization) -> "Preprocessing":
+        """This record completed with how the converted model takes its input."""
+        return replace(self, tflite_input_layout=tflite_input_layout, input_quantization=quantization)
+
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["input_shape"] = list(self.input_shape)
-        d["mean"] = list(self.mean)
-        d["std"] = list(self.std)
-        d["raw_range"] = list(self.raw_range)
+        d = {"record_version": RECORD_VERSION, "input_shape": list(self.input_shape),
+             "source_layout": self.source_layout, "source_dtype": self.source_dtype, "scale": self.scale,
+             "mean": list(self.mean), "std": list(self.std), "raw_range": list(self.raw_range)}
+        if self.tflite_input_layout is not None:
+            d["tflite_input_layout"] = self.tflite_input_layout
+        if self.input_quantization is not None:
+            d["input_quantization"] = self.input_quantization.to_dict()
+            d["formula"] = FORMULA
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocessing":
+        """A record this process wrote; one read from a file goes through :func:`from_record`."""
+        q = d.get("input_quantization")
         return cls(
             input_shape=tuple(int(v) for v in d["input_shape"]),
             source_layout=str(d["source_layout"]),
@@ -55,7 +102,9 @@ class Preprocessing:
             mean=tuple(float(v) for v in d["mean"]),
             std=tuple(float(v) for v in d["std"]),
             raw_range=tuple(float(v) for v in d.get("raw_range", (0.0, 255.0))),
-            layout=str(d.get("layout", "NCHW")),
+            tflite_input_layout=d.get("tflite_input_layout"),
+            input_quantization=InputQuantization(str(q["dtype"]), float(q["scale"]), int(q["zero_point"]))
+            if isinstance(q, dict) else None,
         )
 
 
@@ -90,13 +139,23 @@ def from_record(d: dict, where: str, fix: str) -> Preprocessing:
     raw_range = f.numbers("raw_range", 2, 2, -1e12, 1e12) or [0.0, 255.0]
     if not raw_range[0] < raw_range[1]:
         raise f.fail("raw_range", f"{raw_range} is not [low, high]")
+    layout = f.str("tflite_input_layout", choices=("NHWC", "NCHW"))
+    q = d.get("input_quantization")
+    quant = None
+    if q is not None:
+        qf = Fields(q if isinstance(q, dict) else {}, where, fix, "preprocessing.input_quantization.")
+        if not isinstance(q, dict):
+            raise f.fail("input_quantization", "is not an object")
+        quant = InputQuantization(dtype=qf.str("dtype", required=True, choices=("int8", "uint8", "int16", "float32")),
+                                  scale=qf.number("scale", 0.0, 1e12, required=True),
+                                  zero_point=qf.int("zero_point", -32768, 65535, required=True))
     return Preprocessing(
         input_shape=(c, h, w),
         source_layout=f.str("source_layout", required=True, choices=LAYOUTS),
         source_dtype=f.str("source_dtype", required=True, choices=DTYPES),
         scale=f.number("scale", 1e-12, 1e12, required=True),
-        mean=tuple(mean), std=tuple(std), raw_range=(raw_range[0], raw_range[1]),
-        layout=f.str("layout", choices=("NCHW",)) or "NCHW",
+        mean=tuple(mean) * (c if len(mean) == 1 else 1), std=tuple(std) * (c if len(std) == 1 else 1),
+        raw_range=(raw_range[0], raw_range[1]), tflite_input_layout=layout, input_quantization=quant,
     )
 
 

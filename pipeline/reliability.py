@@ -224,15 +224,16 @@ def gates(sections: dict, cfg: ReliabilityConfig) -> dict:
         w = sh["worst_by_int8_drop"]
         if w["drop_pp"] > worst["drop_pp"]:
             worst = {"group": f"{w['corruption']} severity {w['severity']}", "drop_pp": w["drop_pp"]}
+    from .report import Gate
     return {
-        "max_ece_increase": {"limit": cfg.max_ece_increase, "value": d, "passed": bool(d <= cfg.max_ece_increase),
-                             "reason": f"int8 ECE minus FP32 ECE on the clean test split: {d:+.4f} "
-                                       f"(limit {cfg.max_ece_increase:+.4f})"},
-        "max_worst_drop_pp": {"limit": cfg.max_worst_drop_pp, "value": worst["drop_pp"], "group": worst["group"],
-                              "passed": bool(worst["drop_pp"] <= cfg.max_worst_drop_pp),
-                              "reason": f"largest FP32-minus-int8 top-1 drop over every class and every shifted set: "
-                                        f"{worst['drop_pp']:+.2f} pp on {worst['group']} "
-                                        f"(limit {cfg.max_worst_drop_pp:+.2f} pp)"},
+        "max_ece_increase": Gate(passed=bool(d <= cfg.max_ece_increase), value=d, limit=cfg.max_ece_increase,
+                                 reason=f"int8 ECE minus FP32 ECE on the clean test split: {d:+.4f} "
+                                        f"(limit {cfg.max_ece_increase:+.4f})"),
+        "max_worst_drop_pp": Gate(passed=bool(worst["drop_pp"] <= cfg.max_worst_drop_pp), value=worst["drop_pp"],
+                                  limit=cfg.max_worst_drop_pp, details={"group": worst["group"]},
+                                  reason=f"largest FP32-minus-int8 top-1 drop over every class and every shifted "
+                                         f"set: {worst['drop_pp']:+.2f} pp on {worst['group']} "
+                                         f"(limit {cfg.max_worst_drop_pp:+.2f} pp)"),
     }
 
 
@@ -241,7 +242,7 @@ def gates(sections: dict, cfg: ReliabilityConfig) -> dict:
 @dataclass
 class ReliabilityResult:
     sections: dict
-    gates: dict
+    gates: dict  # name -> report.Gate
     timings_s: dict = field(default_factory=dict)
     clean: dict = field(default_factory=dict)  # {"fp32", "int8"}: the clean-test outputs the sections used
 

@@ -125,15 +125,13 @@ def suggestion(better: dict | None) -> str:
             f"{fmt(better['mean'])} --std {fmt(better['std'])}")
 
 
-def fp32_gate(fp32_top1: float, labels: np.ndarray, probe_record: dict | None, weights_missing: bool) -> dict:
-    """The ``fp32_above_chance`` gate: FP32 top-1 must clear the near-chance limit."""
+def fp32_gate(fp32_top1: float, labels: np.ndarray, probe_record: dict | None, weights_missing: bool):
+    """The ``fp32_above_chance`` gate (a report.Gate): FP32 top-1 must clear the near-chance limit."""
+    from .report import Gate
     chance = chance_level(labels)
     limit = near_chance_limit(chance)
     passed = bool(fp32_top1 > limit)
-    gate = {"required": True, "value": round(float(fp32_top1), 4), "limit": round(limit, 4),
-            "chance": round(chance, 4), "passed": passed,
-            "rule": "FP32 top-1 must exceed min(2 x chance, chance + (1 - chance) / 4); chance = share of the most "
-                    "common label among the evaluated images"}
+    reason = None
     if not passed:
         causes = []
         if weights_missing:
@@ -143,6 +141,9 @@ def fp32_gate(fp32_top1: float, labels: np.ndarray, probe_record: dict | None, w
             causes.append(better)
         causes.append("untrained weights, a missing --weights, the wrong --mean/--std, or the wrong channel order "
                       "or layout of the data")
-        gate["reason"] = (f"FP32 top-1 {fp32_top1:.2%} is at or near chance ({chance:.2%}; limit {limit:.2%}), so "
-                          "the int8 comparison means nothing; likely causes: " + "; ".join(causes))
-    return gate
+        reason = (f"FP32 top-1 {fp32_top1:.2%} is at or near chance ({chance:.2%}; limit {limit:.2%}), so "
+                  "the int8 comparison means nothing; likely causes: " + "; ".join(causes))
+    return Gate(passed=passed, value=round(float(fp32_top1), 4), limit=round(limit, 4), reason=reason,
+                details={"chance": round(chance, 4),
+                         "rule": "FP32 top-1 must exceed min(2 x chance, chance + (1 - chance) / 4); chance = share "
+                                 "of the most common label among the evaluated images"})

@@ -34,7 +34,7 @@ def row_from_report(name: str, report) -> dict:
         "int8_bytes": report.artifacts["tflite"]["bytes"],
         "fully_int8": bool(q["fully_int8"]),
         "passed": bool(report.passed),
-        "failed_gates": [k for k, g in report.gates.items() if not g["passed"]],
+        "failed_gates": report.failed(),
         "images": a["n"],
         "evaluated_on": a["evaluated_on"],
         "max_error_steps": a.get("max_error_steps"),

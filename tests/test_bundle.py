@@ -40,7 +40,10 @@ def test_export_writes_the_bundle_and_records_it(tiny_export, bundle):
     assert (bundle / "model_int8.tflite").read_bytes() == (out / "model_int8.tflite").read_bytes()
     assert (bundle / "pi_benchmark.py").read_bytes() == (ROOT / "benchmarks" / "pi_benchmark.py").read_bytes()
     pre = json.loads((bundle / "preprocessing.json").read_text())
-    assert {k: v for k, v in pre.items() if k != "input_quantization"} == r["preprocessing"]
+    assert pre == r["preprocessing"]  # one deployment record: the report's, the bundle's and the .tflite's
+    from pipeline.preprocessing import METADATA_NAME
+    from pipeline.tflite_metadata import read
+    assert read(bundle / "model_int8.tflite", METADATA_NAME) == pre
     reqs = [ln.split(";")[0].strip() for ln in (bundle / "requirements.txt").read_text().splitlines()
             if ln.strip() and not ln.startswith("#")]
     assert {r.split("==")[0] for r in reqs} == {"ai-edge-litert", "numpy"} and all("==" in r for r in reqs)

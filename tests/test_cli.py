@@ -119,12 +119,11 @@ def test_list_targets(capsys):
 
 def test_summary_wording_has_no_plural_slip_or_double_sign(tiny_export):
     """'1 thread', not '1 threads'; margins named, not '+25%/25%'."""
-    from pipeline.export import _threads, summary
+    from pipeline.summary import _threads, summary
     assert (_threads(1), _threads(4)) == ("1 thread", "4 threads")
     from pipeline.report import Report
     status, out = tiny_export
-    rep = Report(**{k: v for k, v in json.loads((out / "report.json").read_text()).items()
-                    if k in Report.__dataclass_fields__})
+    rep = Report.from_dict(json.loads((out / "report.json").read_text()))
     rep.runtime["int8"]["threads"] = 1
     text = summary(rep, out)
     assert "1 thread (host)" in text and "1 threads" not in text
@@ -445,7 +444,10 @@ def test_a_model_whose_batch_axis_stays_broken_is_an_error_not_a_quantization_dr
     def no_folding(src, dst):
         raise RuntimeError("folding disabled for this test")
     monkeypatch.setattr(convert, "fold_constants", no_folding)
-    monkeypatch.setenv("PIPELINE_CONVERT_IN_PROCESS", "1")  # the patched converter runs in this process
+    import dataclasses
+    from pipeline import export as export_mod
+    parse = export_mod.config_from_args  # the patched converter runs in this process
+    monkeypatch.setattr(export_mod, "config_from_args", lambda a: dataclasses.replace(parse(a), convert_in="process"))
     in_dir(tinynet_dir)
     out = tmp_path / "o"
     status = main(["--model", "tinynet:reflectnet", "--data", str(tiny_npz), "--calib-size", "50", "--out", str(out)])
@@ -492,7 +494,7 @@ def test_sigterm_mid_export_cleans_up(tmp_path, tinynet_dir, tiny_npz, procs):
     while time.monotonic() < deadline:  # stop it in the convert stage, while the conversion worker runs
         line = proc.stderr.readline()
         lines.append(line)
-        if line.startswith("[1/") or not line:
+        if line.startswith("[2/") or not line:
             break
     workers = procs.children(proc.pid)
     assert workers, "the conversion worker process should be running by now"
@@ -508,14 +510,11 @@ def test_sigterm_mid_export_cleans_up(tmp_path, tinynet_dir, tiny_npz, procs):
 
 
 def test_summary_says_larger_when_the_tflite_file_is_larger(tiny_export):
-    import dataclasses
-    from pipeline.export import summary
+    from pipeline.summary import summary
     from pipeline.report import Report
     _, out = tiny_export
     r = json.loads((out / "report.json").read_text())
-    names = {f.name for f in dataclasses.fields(Report)}
-    rep = Report(**{k: v for k, v in r.items() if k in names},
-                 sections={k: v for k, v in r.items() if k not in names})
+    rep = Report.from_dict(r)
     ratio = r["artifacts"]["size_ratio_onnx_to_int8"]
     line = next(ln for ln in summary(rep, out).splitlines() if ln.startswith("sizes"))
     assert ("x smaller" in line) == (ratio >= 1) and ("x larger" in line) == (ratio < 1), line

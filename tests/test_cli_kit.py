@@ -191,7 +191,7 @@ def test_fp32_runtime_reaches_the_config_with_or_without_reliability(argv, want,
     from pipeline import export
     cfg = export.config_from_args(export.build_parser().parse_args([*argv, "--out", str(tmp_path / "o")]))
     assert cfg.fp32_runtime == want
-    assert cfg.reliability == ("--reliability" in argv)
+    assert (cfg.reliability is not None) == ("--reliability" in argv)
 
 
 def test_fp32_runtime_reference_runs_pytorch_in_the_run_stage(tmp_path, tinynet_dir, tiny_npz, in_dir, capsys):
@@ -205,6 +205,6 @@ def test_fp32_runtime_reference_runs_pytorch_in_the_run_stage(tmp_path, tinynet_
                    "--out", str(out)])
     assert status in (0, 1), capsys.readouterr().err
     r = json.loads((out / "report.json").read_text())
-    assert r["config"]["fp32_runtime"] == "reference" and r["config"]["reliability"] is False
+    assert r["config"]["fp32_runtime"] == "reference" and r["config"]["reliability"] is None
     assert r["runtime"]["fp32"]["runtime"] == "pytorch"
     assert r["accuracy"] and not math.isnan(r["runtime"]["fp32"]["seconds"])

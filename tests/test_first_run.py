@@ -8,7 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.export import _default_out_name, main
+from pipeline.export import main
+from pipeline.outdir import default_out_name
 
 
 def _tiny_module(tinynet_dir):
@@ -114,7 +115,7 @@ def test_calib_size_not_positive_is_refused_before_anything_loads(argv, tmp_path
     ("weird name$:fa ctory", "a b.pt", "weird_name_-fa_ctory-a_b-tflite-int8"),
 ])
 def test_default_out_name(spec, weights, name):
-    assert _default_out_name(spec, "tflite-int8", weights) == name
+    assert default_out_name(spec, "tflite-int8", weights) == name
 
 
 def test_factories_named_alike_get_their_own_folders(tmp_path, tinynet_dir, tiny_npz, in_dir):

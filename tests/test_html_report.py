@@ -217,7 +217,7 @@ def reliability_page(tiny_export, tmp_path_factory):
     res = evaluate(pair, ds, len(ds.x_test), ReliabilityConfig(corruptions=("fog", "gaussian_noise"),
                                                                 severities=(1, 3), val_size=100, workers=1))
     rep.update(res.sections)
-    rep["gates"].update(res.gates)
+    rep["gates"].update({k: g.to_dict() for k, g in res.gates.items()})
     rep["passed"] = all(g["passed"] for g in rep["gates"].values())
     html = tmp_path_factory.mktemp("reliability_page") / "report.html"
     hr.write(rep, html)

@@ -255,10 +255,10 @@ def test_gates_take_the_worst_group():
     sections = {"calibration_drift": calibration_drift(z, q, labels), "per_class": per_class(z, q, labels),
                 "shifts": {"records": []}}
     g = gates(sections, ReliabilityConfig(max_ece_increase=1.0, max_worst_drop_pp=10.0))
-    assert g["max_worst_drop_pp"]["value"] == pytest.approx(50.0) and not g["max_worst_drop_pp"]["passed"]
-    assert g["max_worst_drop_pp"]["group"] == "class 1"
-    assert g["max_ece_increase"]["passed"]
-    assert g["max_ece_increase"]["value"] == pytest.approx(sections["calibration_drift"]["delta"]["ece"])
+    assert g["max_worst_drop_pp"].value == pytest.approx(50.0) and not g["max_worst_drop_pp"].passed
+    assert g["max_worst_drop_pp"].details["group"] == "class 1"
+    assert g["max_ece_increase"].passed
+    assert g["max_ece_increase"].value == pytest.approx(sections["calibration_drift"]["delta"]["ece"])
 
 
 def test_validation_indices_come_from_train_and_are_balanced():

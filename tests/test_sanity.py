@@ -36,7 +36,7 @@ def test_probe_finds_the_models_own_normalisation_when_the_one_in_use_is_wrong(r
     assert by["in use"]["top1"] < 0.3 and by["the model's own record"]["top1"] > 0.85
     assert rec["better"]["name"] == "the model's own record" and rec["better"]["gain_pp"] > 50
     gate = sanity.fp32_gate(by["in use"]["top1"], ds.y_test[:400], rec, weights_missing=False)
-    assert not gate["passed"] and "--mean 0.286 --std 0.353" in gate["reason"]
+    assert not gate.passed and "--mean 0.286 --std 0.353" in gate.reason
 
 
 def test_probe_is_silent_and_the_gate_passes_for_a_correct_record(refcnn_setup):
@@ -45,7 +45,7 @@ def test_probe_is_silent_and_the_gate_passes_for_a_correct_record(refcnn_setup):
                        train_stats=sanity.train_statistics(ds.x_train, pre.scale), n=400)
     assert rec["better"] is None  # the training split's own statistics are the model's record, within 5 pp
     top1 = rec["candidates"][0]["top1"]
-    assert sanity.fp32_gate(top1, ds.y_test[:400], rec, weights_missing=False)["passed"]
+    assert sanity.fp32_gate(top1, ds.y_test[:400], rec, weights_missing=False).passed
 
 
 def test_an_untrained_model_fails_the_gate_naming_the_missing_weights(fmnist):
@@ -59,7 +59,7 @@ def test_an_untrained_model_fails_the_gate_naming_the_missing_weights(fmnist):
     x = preprocessing.apply(fmnist.x_test[:1000], pre)
     top1 = float(np.mean(np.argmax(models.run_fp32(untrained, x), 1) == fmnist.y_test[:1000]))
     gate = sanity.fp32_gate(top1, fmnist.y_test[:1000], None, weights_missing=True)
-    assert not gate["passed"] and "without --weights" in gate["reason"]
+    assert not gate.passed and "without --weights" in gate.reason
 
 
 def test_an_export_without_weights_fails_the_sanity_gate_and_says_why(tmp_path):

@@ -110,7 +110,7 @@ def test_export_is_fully_int8(exported):
     q = exported.report.quantization
     assert q["fully_int8"], q["offending_ops"]
     assert (q["input_dtype"], q["output_dtype"]) == ("int8", "int8")
-    assert exported.report.gates["fully_int8"]["passed"]
+    assert exported.report.gates["fully_int8"].passed
 
 
 def test_int8_within_steps_of_pytorch_on_fixed_inputs(exported):

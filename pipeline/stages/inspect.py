@@ -1,0 +1,26 @@
+"""Stage ``inspect``: read the .tflite flatbuffer (ops, tensor dtypes, quantization; :mod:`pipeline.inspect_tflite`)
+and hold the model to its precision's contract (:mod:`pipeline.precisions`)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def inspect(tflite: Path, target):
+    from ..errors import ConversionError, NotFullyInt8Error
+    from ..inspect_tflite import inspect as read
+    from ..precisions import get_precision
+    precision = get_precision(target.precision)
+    insp = read(tflite)
+    if target.allow_float_fallback:
+        return insp
+    if precision.fully_int8_required and not insp.fully_int8:
+        shown = "; ".join(insp.offending[:6]) + (f"; and {len(insp.offending) - 6} more" if len(insp.offending) > 6 else "")
+        raise NotFullyInt8Error(f"the converted model is not fully int8: {shown}; TFLiteConverter left these ops in "
+                                "float (a converter limitation, e.g. for ELU): replace them in the model (e.g. ELU -> "
+                                "LeakyReLU or ReLU) or choose a target that allows float fallback")
+    if not precision.fully_int8_required:
+        chk = precision.checker(insp)
+        if not chk.precision_ok:
+            raise ConversionError(f"the converted model breaks the {target.name} precision contract: "
+                                  f"{chk.reason}; replace these ops or choose another precision")
+    return insp
