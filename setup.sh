@@ -53,6 +53,27 @@ fi
 echo "setup: installing Python dependencies into .venv (pinned in pyproject.toml)" >&2
 .venv/bin/python -m pip install -q -e ".[dev]"
 
+# >>> route onnx2tf-flatbuffer: onnx2tf 2.x (flatbuffer_direct backend) in its own folder >>>
+# onnx2tf 2.x declares Python >= 3.12 and pins exact versions of packages the venv already has (numpy, onnx,
+# onnxruntime, ai-edge-litert, ...), so it goes, without its declared dependencies, into .venv/routes/onnx2tf2
+# beside the venv's onnx2tf 1.28 (the default route), with only what it imports that the venv lacks:
+# onnxsim (its `onnxsim` executable lands in bin/) and sne4onnx. Only the conversion child process of
+# pipeline/conversion/onnx2tf_flatbuffer.py puts this folder first on its PYTHONPATH (and its bin/ on PATH).
+# Not installed (the routes' ops that need them fail): opencv-python (only onnx2tf's ImageDecoder op),
+# onnxoptimizer (not imported), torch/tensorflow extras (the flatbuffer_direct backend needs neither).
+ROUTE_ONNX2TF2_DIR=.venv/routes/onnx2tf2
+ROUTE_ONNX2TF2_PKGS=(onnx2tf==2.6.9 onnxsim==0.6.5 sne4onnx==2.0.1)
+if [[ "$(cat "$ROUTE_ONNX2TF2_DIR/.pinned" 2>/dev/null)" != "${ROUTE_ONNX2TF2_PKGS[*]}" ]]; then
+  echo "setup: installing ${ROUTE_ONNX2TF2_PKGS[*]} into $ROUTE_ONNX2TF2_DIR (route onnx2tf-flatbuffer)" >&2
+  rm -rf "$ROUTE_ONNX2TF2_DIR.tmp"
+  .venv/bin/python -m pip install -q --no-deps --ignore-requires-python --only-binary=:all: \
+    --target "$ROUTE_ONNX2TF2_DIR.tmp" "${ROUTE_ONNX2TF2_PKGS[@]}"
+  echo "${ROUTE_ONNX2TF2_PKGS[*]}" > "$ROUTE_ONNX2TF2_DIR.tmp/.pinned"
+  rm -rf "$ROUTE_ONNX2TF2_DIR"
+  mv "$ROUTE_ONNX2TF2_DIR.tmp" "$ROUTE_ONNX2TF2_DIR"
+fi
+# <<< route onnx2tf-flatbuffer <<<
+
 if [[ ! -d /usr/share/datasets/fashion-mnist ]]; then
   echo "setup: Fashion-MNIST is not installed. Install the Debian package dataset-fashion-mnist," >&2
   echo "       or pass --data-dir DIR (a folder with the four IDX files) or --data your.npz to the export." >&2

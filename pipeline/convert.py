@@ -12,6 +12,7 @@ meets that precision's contract.
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 import tempfile
@@ -39,6 +40,7 @@ class TfliteArtifact:
     timings_s: dict = field(default_factory=dict)
     constant_folded: bool = False  # converted again from a constant-folded graph (the first try broke the batch axis)
     reused: bool = False  # copied from an earlier target of the same multi-target call (stages/reuse.py)
+    routes_tried: tuple = ()  # --converter auto: one record per route tried, in order (stages/convert.py)
     preprocessing: Preprocessing | None = None  # the deployment record embedded in the file (stages/convert.py)
 
     def describe(self) -> dict:
@@ -49,6 +51,8 @@ class TfliteArtifact:
             d["constant_folded"] = ("the first conversion applied a computed pad or reshape to the batch axis; "
                                     "the model was converted again from the ONNX graph with its constant "
                                     "subgraphs folded by onnxruntime's basic optimizer")
+        if self.routes_tried:
+            d["routes_tried"] = [dict(r) for r in self.routes_tried]
         if self.reused:
             from .stages.reuse import Reuse
             d["reused"] = Reuse.NOTE
@@ -306,10 +310,21 @@ def _input_layout(keras_shape: tuple, chw: tuple[int, int, int]) -> str:
     raise ConversionError(f"onnx2tf produced input shape {keras_shape}, which matches neither {chw} (C,H,W) nor its NHWC form")
 
 
-CONVERTERS: dict[str, Converter] = {"onnx2tf": Onnx2TfConverter()}
+@functools.cache
+def routes() -> dict[str, Converter]:
+    """The conversion routes, in the order ``--converter auto`` tries them (README "Conversion routes"): onnx2tf +
+    TFLiteConverter first (the closest to FP32 on the zoo), then litert-torch + ai-edge-quantizer (no ONNX: takes
+    GELU, LayerNorm and attention fully int8), then onnx2tf 2.x flatbuffer_direct (no TensorFlow)."""
+    from .conversion.litert_torch import LiteRtTorchConverter
+    from .conversion.onnx2tf_flatbuffer import Onnx2TfFlatbufferConverter
+    return {"onnx2tf": Onnx2TfConverter(), "litert-torch": LiteRtTorchConverter(),
+            "onnx2tf-flatbuffer": Onnx2TfFlatbufferConverter()}
+
+
+AUTO = "auto"
 
 
 def get_converter(name: str) -> Converter:
-    if name not in CONVERTERS:
-        raise UsageError(f"unknown converter {name!r}; choose one of {', '.join(CONVERTERS)}")
-    return CONVERTERS[name]
+    if name not in routes():
+        raise UsageError(f"unknown converter {name!r}; choose {AUTO} or one of {', '.join(routes())}")
+    return routes()[name]

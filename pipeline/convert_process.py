@@ -65,16 +65,23 @@ def _serve(name: str, verbose: bool, conn, parent_pid: int | None = None) -> Non
             return
         if msg is None:
             return
-        onnx, representative, pre, kwargs = msg
+        onnx, representative, pre, kwargs, source, check = msg
         try:
             if preload_error is not None:
                 raise ConversionError(f"cannot import the {name} converter: {_short(preload_error)}; "
                                       "re-run ./setup.sh to reinstall the pinned packages")
-            art = converter.convert(onnx, representative, pre, **kwargs)
+            if getattr(converter, "needs", "onnx") == "torch":
+                art = converter.convert_torch(torch_module(name, source), representative, pre, **kwargs)
+            else:
+                art = converter.convert(onnx, representative, pre, **kwargs)
             # worker_import_s: spent in the worker while this export was still preparing (overlapped)
             timings = {"worker_import_s": round(preload_s, 3),
                        **{k: v for k, v in art.timings_s.items() if k != "import_s"}}
-            conn.send(("ok", dataclasses.replace(art, timings_s=timings)))
+            art = dataclasses.replace(art, timings_s=timings)
+            # The check run: on LiteRT, here, so a model whose kernels abort (seen: a PADV2 with a 1e36 scale)
+            # kills this worker, not the export.
+            outputs = check_run(art, check) if check is not None else None
+            conn.send(("ok", (art, outputs)))
         except PipelineError as e:
             conn.send(("error", (type(e).__name__, str(e))))
         except Exception as e:
@@ -83,11 +90,48 @@ def _serve(name: str, verbose: bool, conn, parent_pid: int | None = None) -> Non
         return
 
 
+def torch_module(route: str, source):
+    """The PyTorch module of the model the user named on the command line. ``source``: (spec, weights, state):
+    ``state`` holds the export's own parameters as arrays (a factory built without --weights is a random
+    initialisation, different in every process)."""
+    import torch
+
+    from . import models
+    if source is None:
+        raise ConversionError(f"the {route} route converts the PyTorch model itself; none was given")
+    spec, weights, state = source
+    model = models.load(spec, weights)
+    if model.module is None or model.kind == "torchscript":
+        raise ConversionError(f"the {route} route converts a PyTorch nn.Module (zoo:NAME or package.module:factory); "
+                              f"{model.spec} is a {model.kind} model")
+    if state is not None:
+        model.module.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
+    return model.module.eval()
+
+
+def check_run(art, check) -> np.ndarray:
+    """The converted model's float outputs on ``check`` = (inputs N×C×H×W, kernels, batch size)."""
+    from .runtime import TfliteRunner
+    inputs, kernels, batch = check
+    runner = TfliteRunner(art.path, kernels=kernels, threads=1, batch_size=batch, input_layout=art.input_layout)
+    return runner.run(inputs).outputs
+
+
+def signal_text(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        try:
+            return f"died with {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"died with signal {-exitcode}"
+    return f"died (exit code {exitcode})"
+
+
 class ConverterProcess:
     """One conversion in a spawned worker that imports the converter's dependencies at once."""
 
     def __init__(self, name: str, verbose: bool = False):
         self.name = get_converter(name).name  # unknown names fail here, in this process
+        self.route = name  # the registry key (routes())
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(target=_serve, args=(name, verbose, child, os.getpid()), name="pipeline-convert",
@@ -96,13 +140,18 @@ class ConverterProcess:
         child.close()
 
     def convert(self, onnx, representative: np.ndarray, pre, **kwargs) -> TfliteArtifact:
+        return self.convert_checked(onnx, representative, pre, **kwargs)[0]
+
+    def convert_checked(self, onnx, representative: np.ndarray, pre, *, source=None, check=None, **kwargs):
+        """(TfliteArtifact, outputs on ``check`` or None). ``source``: (model spec, weights) for routes that
+        convert the PyTorch model; ``check``: (inputs, kernels, batch) run on LiteRT in the worker."""
         try:
-            self._conn.send((onnx, np.ascontiguousarray(representative), pre, kwargs))
+            self._conn.send((onnx, np.ascontiguousarray(representative), pre, kwargs, source, check))
             status, payload = self._conn.recv()
         except (EOFError, OSError):
             self._proc.join(10)
             raise ConversionError(
-                f"the conversion process died (exit code {self._proc.exitcode}) while converting "
+                f"the {self.name} conversion process {signal_text(self._proc.exitcode)} while converting "
                 f"{onnx.path.name}; re-run with -v to see its output") from None
         finally:
             self.close()

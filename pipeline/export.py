@@ -39,7 +39,7 @@ class ExportConfig:
     overwrite: bool = False  # replace an earlier export in --out as a whole (pipeline/outdir.py)
     max_drop_pp: float = 1.0
     min_agreement: float = 0.98
-    converter: str = "onnx2tf"
+    converter: str = "auto"  # a route of pipeline.convert.routes(), or auto: the first that passes (stages/convert.py)
     # "worker": convert in a process started with the export (its imports overlap the first stages; a crash of
     # the converter is an error line, not a dead export); "process": in this process (tests that patch it)
     convert_in: str = "worker"
@@ -76,7 +76,8 @@ def line(cfg: ExportConfig, folder, log=print, reuse=None, worker=None):
     t, precision = inp.target, inp.target.precision
     onnx = step("export_onnx", export_onnx.export_onnx, inp.model, inp.calib.array(), inp.x_test, work, reuse)
     tfl = step("convert", convert.convert, onnx, inp.calib.array(), inp.pre, t, converter=cfg.converter,
-               worker=worker, work=work, reuse=reuse, verbose=cfg.verbose)
+               source=convert.torch_source(inp.model, cfg.model, cfg.weights), check=convert.check_sample(inp.model, onnx, inp.x_test, t, cfg),
+               worker=worker, in_process=cfg.convert_in == "process", work=work, reuse=reuse, verbose=cfg.verbose)
     insp = step("inspect", inspect.inspect, tfl.path, t)
     ran = step("run", run.run, tfl, onnx, inp.model, inp.x_test, t, batch_size=cfg.batch_size,
                fp32_runtime=cfg.fp32_runtime, progress=inp.progress)
@@ -127,13 +128,14 @@ def export(cfg: ExportConfig, log=print, reuse=None) -> tuple[int, Path, object]
 def _start_worker(cfg: ExportConfig):
     """The conversion worker (cfg.convert_in == "worker"): its TensorFlow/onnx2tf imports overlap the first
     stages. None: convert in this process."""
-    from .convert import get_converter
-    get_converter(cfg.converter)  # an unknown --converter fails before anything starts
+    from .convert import AUTO, get_converter, routes
+    first = next(iter(routes())) if cfg.converter == AUTO else cfg.converter
+    get_converter(first)  # an unknown --converter fails before anything starts
     if cfg.convert_in != "worker":
         return None
     try:
         from .convert_process import ConverterProcess
-        return ConverterProcess(cfg.converter, cfg.verbose)
+        return ConverterProcess(first, cfg.verbose)
     except OSError:  # no process could be started: convert in this process
         return None
 
@@ -167,7 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "by commas: one export folder each under --out, converting "
                                                           "once per precision")
     g.add_argument("--list-targets", action="store_true", help="print the target registry and exit")
-    g.add_argument("--converter", default="onnx2tf", help="conversion route (default onnx2tf)")
+    from .convert import AUTO, routes
+    g.add_argument("--converter", default=AUTO, choices=(AUTO, *routes()),
+                   help="conversion route: auto (default) tries " + ", ".join(routes()) + " in that order and "
+                        "keeps the first whose model meets the target's contract and agrees with FP32 on a check "
+                        "sample; a name forces that route")
     g.add_argument("--micro-limit", type=int, default=1000,
                    help="TFLite-Micro targets: run the first N test inputs on TFLite-Micro (default 1000)")
     g = p.add_argument_group("Calibration")

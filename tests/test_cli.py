@@ -358,7 +358,7 @@ def test_unknown_flag(bad):
 
 
 def test_unknown_converter(bad):
-    bad("--converter", "tflite-magic", needle="unknown converter 'tflite-magic'; choose one of onnx2tf")
+    bad("--converter", "tflite-magic", needle="invalid choice: 'tflite-magic' (choose from 'auto', 'onnx2tf', 'litert-torch'")
 
 
 # --------------------------------------------------------------------------- other model sources
@@ -416,11 +416,25 @@ def test_model_returning_a_tuple_exports_its_first_output(tmp_path, tinynet_dir,
 def test_onnx2tf_failure_names_the_node(tmp_path, tinynet_dir, tiny_npz, in_dir, capsys):
     in_dir(tinynet_dir)
     out = tmp_path / "o"
-    status = main(["--model", "tinynet:tokennet", "--data", str(tiny_npz), "--calib-size", "50", "--out", str(out)])
+    status = main(["--model", "tinynet:tokennet", "--data", str(tiny_npz), "--calib-size", "50", "--out", str(out),
+                   "--converter", "onnx2tf"])
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
     assert status == 1 and len(err) == 1, err
     assert "onnx2tf cannot convert the ONNX node" in err[0] and "(LayerNormalization)" in err[0], err[0]
     assert not out.exists()
+
+
+def test_auto_falls_back_to_the_next_route_and_records_why(tmp_path, tinynet_dir, tiny_npz, in_dir):
+    """The LayerNorm model that onnx2tf 1.28 cannot convert: auto keeps the next route whose model is fully int8
+    and agrees with FP32 on the check sample, and the report says why the first failed."""
+    in_dir(tinynet_dir)
+    out = tmp_path / "o"
+    status = main(["--model", "tinynet:tokennet", "--data", str(tiny_npz), "--calib-size", "50", "--out", str(out)])
+    r = json.loads((out / "report.json").read_text())
+    tried = r["conversion"]["routes_tried"]
+    assert tried[0]["route"] == "onnx2tf" and not tried[0]["kept"] and "(LayerNormalization)" in tried[0]["reason"]
+    assert tried[-1]["kept"] and r["conversion"]["converter"] == tried[-1]["route"] != "onnx2tf"
+    assert r["quantization"]["fully_int8"] and status in (0, 1)
 
 
 def test_a_conversion_that_breaks_the_batch_axis_is_redone_from_a_folded_graph(tmp_path, tinynet_dir, tiny_npz,

@@ -1,40 +1,109 @@
-"""Stage ``convert``: ONNX -> TFLite at the target's precision, calibrated on the representative dataset, by
-the chosen conversion route (:mod:`pipeline.conversion`)."""
+"""Stage ``convert``: ONNX (or the PyTorch model) -> TFLite at the target's precision, calibrated on the
+representative dataset, by one conversion route (:func:`pipeline.convert.routes`) or by ``auto``.
+
+``--converter auto`` (the default) tries the routes in the registry's order and keeps the first whose model
+1. converts (in its own worker process: a route that aborts or segfaults is one line naming the signal),
+2. meets the target's precision contract (the inspect stage's rule: fully int8 for int8 targets), and
+3. passes a quick check against FP32: on the first ``CHECK_IMAGES`` test inputs, run on LiteRT in the worker
+   with the target's kernels and batch, top-1 agreement with the FP32 model of at least ``CHECK_AGREEMENT``.
+The report's ``conversion.routes_tried`` lists every route tried and why each failed (one line each).
+"""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 
-from ..convert import TfliteArtifact
+from ..convert import AUTO, TfliteArtifact, routes
+from ..errors import ConversionError, PipelineError
 from ..onnx_export import OnnxArtifact
 from ..preprocessing import Preprocessing
 from .reuse import Reuse, conversion_key
 
+CHECK_IMAGES = 256
+CHECK_AGREEMENT = 0.90  # a sanity bound for choosing a route; the export's own gates (default 98%) judge it after
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """What the quick check of ``auto`` runs: test inputs, their FP32 outputs, the target's kernels and batch."""
+
+    inputs: np.ndarray
+    fp32: np.ndarray
+    kernels: str
+    batch: int
+
 
 def convert(onnx: OnnxArtifact, representative: np.ndarray, pre: Preprocessing, target, *, converter: str,
-            worker=None, work: Path, reuse: Reuse | None, verbose: bool = False) -> TfliteArtifact:
-    """``worker``: a ConverterProcess started early by the export (its imports overlap the stages before), or
-    None to convert in this process."""
-    from ..convert import get_converter
+            source: tuple | None, check: Check | None, worker=None, in_process: bool = False, work: Path,
+            reuse: Reuse | None, verbose: bool = False) -> TfliteArtifact:
+    """``source``: (model spec, weights, parameters) from :func:`torch_source`, for routes that convert the PyTorch
+    model;
+    ``worker``: a ConverterProcess started early by the export for the first route (its imports overlap the stages
+    before), or None; ``in_process``: convert in this process instead of a worker per route."""
     dest = work / f"model_{target.precision}.tflite"
     key = conversion_key(converter, target)
     if reuse is not None and (art := reuse.get(key, dest)) is not None:
         return art
-    route = worker or get_converter(converter)
-    art = route.convert(onnx, representative, pre, per_channel=target.per_channel_weights, out_path=dest,
-                        verbose=verbose, precision=target.precision)
+    kwargs = dict(per_channel=target.per_channel_weights, out_path=dest, verbose=verbose, precision=target.precision)
+    args = (onnx, representative, pre, source, worker, in_process, kwargs)
+    if converter != AUTO:
+        art = _route(converter, *args, check=None)[0]
+    else:
+        art = _auto(target, check, args)
     art = with_record(art, pre)
     if reuse is not None:
         reuse.put(key, art)
     return art
 
 
+def _route(name, onnx, representative, pre, source, worker, in_process, kwargs, *, check: Check | None):
+    """(TfliteArtifact, outputs on the check inputs or None) from one route: in the early worker when it runs
+    this route, in this process when asked, else in a worker process of its own."""
+    from ..convert import get_converter
+    from ..convert_process import ConverterProcess, check_run, torch_module
+    run = (check.inputs, check.kernels, check.batch) if check is not None else None
+    if worker is not None and worker.route == name:
+        return worker.convert_checked(onnx, representative, pre, source=source, check=run, **kwargs)
+    if not in_process:
+        return ConverterProcess(name, kwargs["verbose"]).convert_checked(onnx, representative, pre, source=source,
+                                                                         check=run, **kwargs)
+    route = get_converter(name)
+    art = (route.convert_torch(torch_module(name, source), representative, pre, **kwargs)
+           if getattr(route, "needs", "onnx") == "torch" else route.convert(onnx, representative, pre, **kwargs))
+    return art, (check_run(art, run) if run is not None else None)
+
+
+def _auto(target, check: Check | None, args) -> TfliteArtifact:
+    from .inspect import inspect
+    tried: list[dict] = []
+    for name in routes():
+        try:
+            art, out = _route(name, *args, check=check)
+            inspect(art.path, target)  # the precision contract, as the inspect stage holds it
+            agreement = None
+            if check is not None:
+                agreement = float(np.mean(out.argmax(1) == check.fp32.argmax(1)))
+                if not np.isfinite(out).all() or agreement < CHECK_AGREEMENT:
+                    raise ConversionError(f"top-1 agreement with FP32 {agreement:.1%} on {len(out)} test inputs "
+                                          f"(LiteRT {check.kernels}), below the {CHECK_AGREEMENT:.0%} a route must "
+                                          "reach to be kept")
+        except PipelineError as e:
+            tried.append({"route": name, "kept": False, "reason": str(e)})
+            continue
+        tried.append({"route": name, "kept": True,
+                      "reason": "converted, met the precision contract" + (
+                          f", top-1 agreement {agreement:.2%} with FP32 on {len(check.inputs)} test inputs"
+                          if check is not None else "")})
+        return dataclasses.replace(art, routes_tried=tuple(tried))
+    raise ConversionError("no conversion route made this model " + target.precision + ": "
+                          + "; ".join(f"[{t['route']}] {t['reason']}" for t in tried))
+
+
 def with_record(art: TfliteArtifact, pre: Preprocessing) -> TfliteArtifact:
     """The deployment record (preprocessing + the model's input layout and quantization) embedded in the .tflite
     as metadata ``preprocessing.METADATA_NAME``, so the file itself says how to feed it."""
-    import dataclasses
-
     from ..inspect_tflite import inspect as read
     from ..preprocessing import METADATA_NAME, InputQuantization
     from ..tflite_metadata import embed_file
@@ -44,3 +113,23 @@ def with_record(art: TfliteArtifact, pre: Preprocessing) -> TfliteArtifact:
     deployed = pre.deployed(art.input_layout, quant)
     embed_file(art.path, METADATA_NAME, deployed.to_dict())
     return dataclasses.replace(art, bytes=art.path.stat().st_size, preprocessing=deployed)
+
+
+def torch_source(model, spec: str, weights: str | None):
+    """What a route that converts the PyTorch model needs to rebuild this very model in its worker: the spec and
+    weights named on the command line and the parameters as arrays; None for ONNX and TorchScript models."""
+    if model.module is None or model.kind == "torchscript":
+        return None
+    return spec, weights, {k: v.detach().cpu().numpy() for k, v in model.module.state_dict().items()}
+
+
+def check_sample(model, onnx: OnnxArtifact, x_test: np.ndarray, target, cfg) -> Check | None:
+    """The quick check of ``auto`` (None for a forced route): the first test inputs and their FP32 outputs, on
+    the FP32 side the run stage will use (``cfg``: the ExportConfig)."""
+    from .. import models
+    if cfg.converter != AUTO:
+        return None
+    x = x_test[:CHECK_IMAGES]
+    ref = models.onnx_reference(onnx.path) if cfg.fp32_runtime == "onnxruntime" and model.kind != "onnx" else model
+    return Check(inputs=x, fp32=models.run_fp32(ref, x, batch_size=cfg.batch_size), kernels=target.run_kernels,
+                 batch=min(cfg.batch_size, len(x)))
