@@ -95,7 +95,7 @@ def precision_ladder(base: ExportConfig, out: Path, names: list[str] | None = No
     n = int(np.load(Path(first["folder"]) / "predictions.npz", allow_pickle=False)["labels"].shape[0]) if first else 0
     from .runtime import host_description
     return {
-        "kind": "study.precision",
+        "kind": "study.precision", "schema_version": "1.0",
         "model": base.model, "data": base.data, "evaluated": n,
         "calibration": calibration or {"source": base.calib, "size": base.calib_size, "seed": base.seed},
         "fp32_reference": fp32_row, "rows": rows, "failures": failures,

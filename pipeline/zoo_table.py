@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             dst = Path(args.json)
             tmp = dst.with_name(dst.name + ".part")
             try:
-                tmp.write_text(json.dumps({"kind": "zoo_table", "schema_version": 1, "target": args.target,
+                tmp.write_text(json.dumps({"kind": "zoo_table", "schema_version": "1.0", "target": args.target,
                                            "provenance": note, "rows": rows}, indent=2) + "\n")
                 os.replace(tmp, dst)
             except OSError as e:

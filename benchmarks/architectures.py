@@ -1,0 +1,512 @@
+"""torchvision and timm classification architectures through this pipeline and the plain onnx2tf CLI.
+
+Needs the ``bench`` extra (torchvision 0.28.0, timm 1.0.31; no CUDA packages come along and torch stays 2.13.0
+CPU, checked with ``pip install --dry-run -e '.[bench]'``):
+
+    .venv/bin/pip install -e '.[bench]'
+    .venv/bin/python benchmarks/architectures.py --archs resnet18,googlenet --train-steps 60
+    .venv/bin/python benchmarks/architectures.py --quick          # 3 architectures, small eval
+    .venv/bin/python benchmarks/architectures.py --archs all      # every entry of benchmarks/arch_models.py
+
+For each architecture (``benchmarks/arch_models.py``; 3x64x64 RGB, 10 classes):
+
+1. optionally (``--train-steps N``) a brief fine-tune on Fashion-MNIST (RGB 64x64) in a fresh process, saving a
+   plain state dict, so agreement means something; without it the factory's seeded random init is exported
+   (no ``--weights``) and its agreement says little (random nets often output near-constant logits);
+2. for each ``--converters`` name (default: the pipeline's converter registry, plus ``auto`` if it offers one):
+   ``python -m pipeline.export --model benchmarks.arch_models:NAME --input-shape 3,64,64 --data <npz>`` in a fresh
+   process with a timeout; ``report.json`` gives fully_int8, converter, agreement, max error in output steps;
+3. the peer: the onnx2tf 1.28 CLI, ``onnx2tf -i model.onnx -oiqt -cind input calib.npy MEAN STD``, with the network
+   blocked (``unshare -n``) on the SAME ``model.onnx`` the export wrote (when the export failed before writing its
+   folder, the ONNX is written by the pipeline's own stage-1 code ``pipeline.onnx_export.export_onnx`` in a fresh
+   process, from the same seeded factory and weights), calibrated on the export's own representative set (rebuilt
+   with ``calib_data.build`` from the same source, size and seed); its ``*_full_integer_quant.tflite`` is inspected
+   with ``pipeline.inspect_tflite`` and run (in a fresh process) with ``pipeline.runtime.TfliteRunner`` against
+   onnxruntime FP32 on the same test images.
+
+A run that dies of a signal is recorded with the signal's name; the benchmark goes on. At most one conversion runs
+at a time. Results: ``--json`` and ``--md`` (default under ``--work``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+PY = sys.executable
+QUICK_ARCHS = "mobilenet_v2,resnet18,shufflenet_v2_x1_0"
+DEFAULT_ARCHS = ("resnet18,googlenet,shufflenet_v2_x1_0,mobilevit_xxs,efficientformerv2_s0,levit_128s,fastvit_t8,"
+                 "edgenext_xx_small,mobilenet_v2,mobilenet_v3_small,efficientnet_b0,squeezenet1_1,mnasnet0_5,"
+                 "mobilenetv4_conv_small,mobileone_s0,repvgg_a0")
+MEAN, STD = 0.286, 0.353
+
+
+def log(msg: str) -> None:
+    print(time.strftime("%H:%M:%S"), msg, flush=True)
+
+
+# --------------------------------------------------------------------------- helpers
+
+def available_converters(repo: Path) -> list[str]:
+    """The names ``--converter`` accepts (the pipeline's registry), ``auto`` included when offered."""
+    code = ("import json, pipeline.convert as c; names = list(getattr(c, 'CONVERTERS', {}));"
+            "print(json.dumps(names))")
+    p = subprocess.run([PY, "-c", code], cwd=repo, capture_output=True, text=True, timeout=120)
+    try:
+        names = json.loads(p.stdout.strip().splitlines()[-1])
+    except Exception:
+        names = ["onnx2tf"]
+    helptext = subprocess.run([PY, "-m", "pipeline.export", "--help"], cwd=repo, capture_output=True,
+                              text=True, timeout=120).stdout
+    if "auto" not in names and re.search(r"--converter[^\n]*\n?[^\n]*\bauto\b", helptext):
+        names.append("auto")
+    return names
+
+
+def build_data(cache: Path, n_train: int, n_test: int) -> Path:
+    """Fashion-MNIST as RGB 64x64 uint8 NCHW in an npz (built once)."""
+    import numpy as np
+    path = cache / f"fmnist_rgb64_{n_train}_{n_test}.npz"
+    if path.is_file():
+        return path
+    from benchmarks.arch_models import fmnist_rgb
+    cache.mkdir(parents=True, exist_ok=True)
+    xtr, ytr = fmnist_rgb("train", 64, limit=n_train)
+    xte, yte = fmnist_rgb("test", 64, limit=n_test)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, x_train=xtr, y_train=ytr, x_test=xte, y_test=yte)
+    tmp.replace(path)
+    return path
+
+
+def run_proc(cmd: list[str], cwd: Path, timeout: float, logfile: Path, env: dict | None = None) -> dict:
+    """Run a command in a fresh process group; returncode, signal name, seconds, timed_out; output into logfile."""
+    t0 = time.perf_counter()
+    logfile.parent.mkdir(parents=True, exist_ok=True)
+    with open(logfile, "w") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        p = subprocess.Popen(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        timed_out = False
+        try:
+            rc = p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            os.killpg(p.pid, signal.SIGKILL)
+            rc = p.wait()
+    sig = None
+    if rc < 0:
+        try:
+            sig = signal.Signals(-rc).name
+        except ValueError:
+            sig = f"signal {-rc}"
+    return {"returncode": rc, "signal": sig, "timed_out": timed_out, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+NOISE = re.compile(r"^(\s*$|\[\d/\d\]|Traceback|  File |    |WARNING: All log messages|I0000|W0000|E0000)")
+
+
+def failure_line(logfile: Path) -> str:
+    """The line that says why a run failed: the pipeline's own one-line error, a signal, or the last message."""
+    try:
+        lines = logfile.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    keys = ("error", "failed", "fail", "abort", "signal", "not supported", "neither", "cannot", "killed", "died",
+            "exception")
+    for ln in reversed(lines):
+        s = ln.strip()
+        if s and not NOISE.match(ln) and any(k in s.lower() for k in keys):
+            return s[:400]
+    for ln in reversed(lines):
+        if ln.strip() and not NOISE.match(ln):
+            return ln.strip()[:400]
+    return ""
+
+
+def peer_failure_line(logfile: Path) -> str:
+    """onnx2tf CLI: the exception behind 'Full INT8 Quantization tflite output failed', else its first real error
+    (its FileNotFoundError for the onnxsim binary it cannot find is skipped: it only skips simplification)."""
+    try:
+        lines = [re.sub(r"\x1b\[[0-9;]*m", "", ln).strip() for ln in logfile.read_text(errors="replace").splitlines()]
+    except OSError:
+        return ""
+    err = re.compile(r"^[\w.]*(Error|Exception)\b.*:")
+    for i, ln in enumerate(lines):
+        if "Full INT8 Quantization tflite output failed" in ln:
+            for prev in reversed(lines[:i]):
+                if err.match(prev):
+                    if len(prev) > 300:  # keep the end too: "... Node number 45 (FlexConv2D) failed to prepare."
+                        prev = prev[:120] + " ... " + prev[-160:]
+                    return prev + " (then: " + ln + ")"
+            return ln
+    for ln in lines:
+        if err.match(ln) and "onnxsim" not in ln:
+            return ln[:400]
+    return failure_line(logfile)
+
+
+def onnx_ops(path: Path) -> dict:
+    import onnx
+    g = onnx.load(str(path), load_external_data=False).graph
+    ops: dict[str, int] = {}
+    for n in g.node:
+        ops[n.op_type] = ops.get(n.op_type, 0) + 1
+    return dict(sorted(ops.items()))
+
+
+# --------------------------------------------------------------------------- child modes (fresh processes)
+
+def child_onnx(name: str, weights: str | None, data: str, out: str) -> int:
+    """Write the model's ONNX exactly as the export's stage 1 does (used when the export wrote nothing)."""
+    import numpy as np
+    from pipeline import models, preprocessing
+    from pipeline.onnx_export import export_onnx
+    with np.load(data, allow_pickle=False) as z:
+        x = z["x_train"][:32]
+    pre = preprocessing.Preprocessing(input_shape=(3, 64, 64), source_layout="NCHW", source_dtype="uint8",
+                                      scale=1 / 255, mean=(MEAN,) * 3, std=(STD,) * 3)
+    sample = preprocessing.apply(x, pre).astype(np.float32)
+    loaded = models.load(f"benchmarks.arch_models:{name}", weights)
+    art = export_onnx(loaded, sample, Path(out))
+    print(json.dumps({"max_abs_error_vs_pytorch": art.max_abs_error}))
+    return 0
+
+
+def child_calib(report_path: str, data: str, out: str, calib_size: int) -> int:
+    """The export's representative set (same source, size, seed) as the raw [0,1] NHWC float32 .npy -cind wants."""
+    import numpy as np
+    from calib_data import CalibContext, build
+    from pipeline import data as data_mod, preprocessing
+    if report_path and Path(report_path).is_file():
+        rep = json.loads(Path(report_path).read_text())
+        pre = preprocessing.Preprocessing.from_dict(rep["preprocessing"])
+        spec, size, seed = rep["config"]["calib"], rep["config"]["calib_size"], rep["config"]["seed"]
+    else:
+        pre = preprocessing.Preprocessing(input_shape=(3, 64, 64), source_layout="NCHW", source_dtype="uint8",
+                                          scale=1 / 255, mean=(MEAN,) * 3, std=(STD,) * 3)
+        spec, size, seed = "balanced", calib_size, 0
+    ds = data_mod.load(data, None, (3, 64, 64))
+    src = build(spec, CalibContext(x_train=ds.x_train, y_train=ds.y_train, preprocessing=pre, dataset_name=ds.name),
+                size, seed)
+    mean = np.asarray(pre.mean, np.float32)
+    std = np.asarray(pre.std, np.float32)
+    raw01 = src.array() * std[None, :, None, None] + mean[None, :, None, None]
+    np.save(out, np.ascontiguousarray(raw01.transpose(0, 2, 3, 1)).astype(np.float32), allow_pickle=False)
+    print(json.dumps({"calibration": src.describe().get("source"), "samples": int(len(raw01))}))
+    return 0
+
+
+def child_peer_eval(tflite: str, onnx_path: str, data: str, out: str, limit: int) -> int:
+    """Inspect the peer's int8 file and run it on LiteRT against onnxruntime FP32 (separate process: may abort)."""
+    import numpy as np
+    import onnxruntime as ort
+    from pipeline import preprocessing
+    from pipeline.inspect_tflite import inspect
+    from pipeline.runtime import TfliteRunner
+    res: dict = {}
+    insp = inspect(Path(tflite))
+    res["fully_int8"] = bool(insp.fully_int8)
+    res["offending"] = list(insp.offending)[:8]
+    res["ops"] = dict(insp.ops)
+    res["io"] = f"{insp.input_dtype}->{insp.output_dtype}"
+    Path(out).write_text(json.dumps(res))  # what is known even if running aborts
+    with np.load(data, allow_pickle=False) as z:
+        x, y = z["x_test"][:limit], z["y_test"][:limit]
+    pre = preprocessing.Preprocessing(input_shape=(3, 64, 64), source_layout="NCHW", source_dtype="uint8",
+                                      scale=1 / 255, mean=(MEAN,) * 3, std=(STD,) * 3)
+    xn = preprocessing.apply(x, pre).astype(np.float32)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(onnx_path, so, providers=["CPUExecutionProvider"])
+    iname = sess.get_inputs()[0].name
+    fp32 = np.concatenate([sess.run(None, {iname: xn[i:i + 250]})[0] for i in range(0, len(xn), 250)])
+    shape = [int(v) for v in insp.inputs[0].shape]
+    layout = "NHWC" if shape[-1] == 3 else "NCHW"
+    runner = TfliteRunner(Path(tflite), kernels="xnnpack", threads=1, batch_size=250, input_layout=layout)
+    r = runner.run(xn)
+    q = r.outputs
+    scale = float(runner.out_scale) if np.issubdtype(runner.out["dtype"], np.integer) else None
+    err = float(np.abs(q - fp32).max())
+    res.update({
+        "agreement": float((q.argmax(1) == fp32.argmax(1)).mean()),
+        "fp32_top1": float((fp32.argmax(1) == y).mean()), "int8_top1": float((q.argmax(1) == y).mean()),
+        "max_abs_error": err, "max_error_steps": (err / scale) if scale else None, "batch_size": r.batch_size,
+        "input_layout": layout, "evaluated": int(len(xn)),
+    })
+    Path(out).write_text(json.dumps(res))
+    return 0
+
+
+# --------------------------------------------------------------------------- one architecture
+
+def train_weights(name: str, steps: int, work: Path, repo: Path, timeout: float) -> tuple[str | None, dict]:
+    wdir = work / "weights"
+    w = wdir / f"{name}-{steps}.pt"
+    meta = wdir / f"{name}-{steps}.json"
+    if w.is_file() and meta.is_file():
+        return str(w), json.loads(meta.read_text())
+    code = (f"import json,sys; sys.path.insert(0, {str(repo)!r}); from benchmarks.arch_models import train;"
+            f"r = train({name!r}, {steps}, __import__('pathlib').Path({str(w)!r}), log=lambda m: None);"
+            f"open({str(meta)!r}, 'w').write(json.dumps(r))")
+    pr = run_proc([PY, "-c", code], repo, timeout, work / "logs" / f"{name}.train.log")
+    if pr["returncode"] != 0 or not meta.is_file():
+        return None, {"failed": failure_line(work / "logs" / f"{name}.train.log"), **pr}
+    return str(w), json.loads(meta.read_text())
+
+
+def bench_export(name: str, conv: str, weights: str | None, data: Path, args, work: Path, repo: Path) -> dict:
+    out = work / "runs" / name / conv
+    if out.exists():
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [PY, "-m", "pipeline.export", "--model", f"benchmarks.arch_models:{name}", "--input-shape", "3,64,64",
+           "--data", str(data), "--mean", f"{MEAN},{MEAN},{MEAN}", "--std", f"{STD},{STD},{STD}",
+           "--calib-size", str(args.calib_size), "--eval-limit", str(args.eval_limit), "--converter", conv,
+           "--calib-cache", "off", "--out", str(out)]
+    if weights:
+        cmd += ["--weights", weights]
+    if args.verbose_tools:
+        cmd.append("-v")
+    lf = work / "logs" / f"{name}.{conv}.log"
+    pr = run_proc(cmd, repo, args.timeout, lf)
+    row = {"arch": name, "route": f"pipeline --converter {conv}", "kind": "pipeline", "input": "3x64x64",
+           "weights": "fine-tuned" if weights else "random-init", "returncode": pr["returncode"],
+           "signal": pr["signal"], "timed_out": pr["timed_out"], "time_s": pr["seconds"], "log": str(lf)}
+    rep_path = out / "report.json"
+    if rep_path.is_file():
+        rep = json.loads(rep_path.read_text())
+        acc, q = rep.get("accuracy", {}), rep.get("quantization", {})
+        row.update({
+            "fully_int8": q.get("fully_int8"), "converter": rep.get("conversion", {}).get("converter"),
+            "agreement": acc.get("agreement"), "max_error_steps": acc.get("max_error_steps"),
+            "fp32_top1": acc.get("fp32_top1"), "int8_top1": acc.get("int8_top1"),
+            "tflite_ops": q.get("ops"), "onnx": str(out / "model.onnx"), "report": str(rep_path),
+            "gates_failed": [k for k, g in rep.get("gates", {}).items() if isinstance(g, dict) and not g.get("passed")],
+            "pipeline_time_s": rep.get("timings_s", {}).get("total"),
+        })
+        if row["gates_failed"]:
+            row["note"] = "gates failed: " + ",".join(row["gates_failed"])
+    else:
+        row["fully_int8"] = False
+        if pr["signal"]:
+            row["failure"] = f"killed by {pr['signal']}: " + failure_line(lf)
+        elif pr["timed_out"]:
+            row["failure"] = f"timed out after {args.timeout:.0f}s"
+        else:
+            row["failure"] = with_signal_name(failure_line(lf))
+    return row
+
+
+def with_signal_name(line: str) -> str:
+    """'... died (exit code -6) ...' -> '... died (exit code -6 = SIGABRT) ...' (a worker killed by a signal)."""
+    def name(m):
+        try:
+            return f"{m.group(0)} = {signal.Signals(int(m.group(1))).name}"
+        except ValueError:
+            return m.group(0)
+    return re.sub(r"exit code -(\d+)(?! =)", name, line)
+
+
+def bench_peer(name: str, onnx_path: Path, report: Path | None, data: Path, args, work: Path, repo: Path) -> dict:
+    pdir = work / "runs" / name / "peer-onnx2tf"
+    if pdir.exists():
+        shutil.rmtree(pdir)
+    pdir.mkdir(parents=True)
+    row = {"arch": name, "route": "peer: onnx2tf 1.28 CLI -oiqt", "kind": "peer", "input": "3x64x64",
+           "onnx": str(onnx_path)}
+    calib = pdir / "calib_nhwc.npy"
+    pr = run_proc([PY, str(Path(__file__).resolve()), "--_child", "calib", str(report or ""), str(data), str(calib),
+                   str(args.calib_size)], repo, 600, work / "logs" / f"{name}.peer-calib.log")
+    if pr["returncode"] != 0:
+        row.update(fully_int8=False, failure="calibration set: " + failure_line(work / "logs" / f"{name}.peer-calib.log"))
+        return row
+    import onnx
+    iname = onnx.load(str(onnx_path), load_external_data=False).graph.input[0].name
+    m, s = json.dumps([[[[MEAN] * 3]]]), json.dumps([[[[STD] * 3]]])
+    o2t = str(Path(PY).with_name("onnx2tf"))
+    cmd = [o2t, "-i", str(onnx_path), "-o", str(pdir / "out"), "-oiqt", "-cind", iname, str(calib), m, s]
+    if shutil.which("unshare"):
+        cmd = ["unshare", "-n"] + cmd  # the network is blocked: onnx2tf must not fetch its sample data
+        row["network"] = "blocked (unshare -n)"
+    lf = work / "logs" / f"{name}.peer.log"
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="-1", TF_CPP_MIN_LOG_LEVEL="2")
+    pr = run_proc(cmd, pdir, args.timeout, lf, env=env)
+    row.update(returncode=pr["returncode"], signal=pr["signal"], timed_out=pr["timed_out"], time_s=pr["seconds"],
+               log=str(lf))
+    files = sorted((pdir / "out").glob("*full_integer_quant.tflite")) if (pdir / "out").exists() else []
+    files = [f for f in files if "with_int16_act" not in f.name]
+    if not files:
+        row["fully_int8"] = False
+        if pr["signal"]:
+            row["failure"] = f"killed by {pr['signal']}: " + failure_line(lf)
+        elif pr["timed_out"]:
+            row["failure"] = f"timed out after {args.timeout:.0f}s"
+        else:
+            row["failure"] = "no *_full_integer_quant.tflite: " + peer_failure_line(lf)
+        return row
+    row["tflite"] = str(files[0])
+    res_path = pdir / "eval.json"
+    lf2 = work / "logs" / f"{name}.peer-eval.log"
+    pe = run_proc([PY, str(Path(__file__).resolve()), "--_child", "peer_eval", str(files[0]), str(onnx_path),
+                   str(data), str(res_path), str(args.eval_limit)], repo, args.timeout, lf2)
+    res = json.loads(res_path.read_text()) if res_path.is_file() else {}
+    row.update({k: res.get(k) for k in ("fully_int8", "agreement", "max_error_steps", "fp32_top1", "int8_top1", "io")})
+    row["tflite_ops"] = res.get("ops")
+    if res.get("offending"):
+        row["note"] = "not int8: " + "; ".join(res["offending"][:3])
+    if pe["returncode"] != 0:
+        why = f"killed by {pe['signal']}" if pe["signal"] else f"exit {pe['returncode']}"
+        row["failure"] = f"running the peer's int8 file on LiteRT: {why}: " + failure_line(lf2)
+    return row
+
+
+# --------------------------------------------------------------------------- tables
+
+def fmt(v, nd=3):
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}" if abs(v) < 1e4 else f"{v:.3g}"
+    return str(v)
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    head = ["arch", "input", "weights", "route/peer", "fully int8", "agreement", "max error steps", "time s",
+            "FP32 top-1", "failure reason"]
+    out = [f"Measured {meta['date']} on {meta['host']}; pipeline checkout {meta['repo']}; eval {meta['eval_limit']} "
+           f"test images, {meta['calib_size']} calibration images (Fashion-MNIST as RGB 64x64); weights: "
+           f"{'fine-tuned ' + str(meta['train_steps']) + ' steps' if meta.get('train_steps') else 'seeded random init'}"
+           " (an FP32 top-1 near 10% makes agreement meaningless).", "",
+           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        why = r.get("failure") or r.get("note") or ""
+        why = why.replace("|", "\\|").replace("\n", " ")[:220]
+        out.append("| " + " | ".join([r["arch"], r.get("input", ""), r.get("weights", "-"), r["route"],
+                                       fmt(r.get("fully_int8")), fmt(r.get("agreement")),
+                                       fmt(r.get("max_error_steps"), 1), fmt(r.get("time_s"), 1),
+                                       fmt(r.get("fp32_top1")), why]) + " |")
+    return "\n".join(out) + "\n"
+
+
+# --------------------------------------------------------------------------- main
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--_child"]:
+        mode, rest = argv[1], argv[2:]
+        if mode == "onnx":
+            return child_onnx(rest[0], rest[1] or None, rest[2], rest[3])
+        if mode == "calib":
+            return child_calib(rest[0], rest[1], rest[2], int(rest[3]))
+        if mode == "peer_eval":
+            return child_peer_eval(rest[0], rest[1], rest[2], rest[3], int(rest[4]))
+        raise SystemExit(f"unknown child mode {mode}")
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--archs", default=DEFAULT_ARCHS, help="comma-separated names from benchmarks/arch_models.py, "
+                   "or 'all' (default: the 8 known failures and 8 known successes)")
+    p.add_argument("--converters", default=None, help="comma-separated --converter names (default: every one "
+                   "the pipeline offers, plus auto if offered)")
+    p.add_argument("--no-peer", action="store_true", help="skip the onnx2tf CLI peer")
+    p.add_argument("--train-steps", type=int, default=0, help="fine-tune N steps on Fashion-MNIST first (0: "
+                   "seeded random init)")
+    p.add_argument("--calib-size", type=int, default=200)
+    p.add_argument("--eval-limit", type=int, default=1000)
+    p.add_argument("--n-train", type=int, default=2000, help="training images in the cached npz")
+    p.add_argument("--timeout", type=float, default=900, help="seconds per run")
+    p.add_argument("--repo", default=str(ROOT), help="pipeline checkout to run (default: this one)")
+    p.add_argument("--work", default="/tmp/arch-bench")
+    p.add_argument("--json", default=None)
+    p.add_argument("--md", default=None)
+    p.add_argument("--verbose-tools", action="store_true", help="pass -v to the export (tools' own output in logs)")
+    p.add_argument("--quick", action="store_true", help=f"preset: --archs {QUICK_ARCHS} --eval-limit 256 "
+                   "--calib-size 100")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.archs, args.eval_limit, args.calib_size = QUICK_ARCHS, 256, 100
+
+    from benchmarks import arch_models
+    names = list(arch_models.ARCHS) if args.archs == "all" else [a.strip() for a in args.archs.split(",") if a.strip()]
+    unknown = [n for n in names if n not in arch_models.SPECS]
+    if unknown:
+        p.error(f"unknown architectures {unknown}; see python benchmarks/arch_models.py --list")
+    repo, work = Path(args.repo).resolve(), Path(args.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    if str(repo) != str(ROOT):  # run the benchmark's model registry from the checkout being measured
+        for f in ("torchvision_shim.py", "arch_models.py", "architectures.py"):
+            shutil.copy2(ROOT / "benchmarks" / f, repo / "benchmarks" / f)
+    converters = ([c.strip() for c in args.converters.split(",") if c.strip()] if args.converters
+                  else available_converters(repo))
+    data = build_data(work / "data", args.n_train, args.eval_limit)
+    json_path = Path(args.json) if args.json else work / "architectures.json"
+    md_path = Path(args.md) if args.md else work / "architectures.md"
+    from pipeline.runtime import host_description
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "host": host_description(), "repo": str(repo),
+            "converters": converters, "eval_limit": args.eval_limit, "calib_size": args.calib_size,
+            "train_steps": args.train_steps, "data": str(data)}
+    rows: list[dict] = []
+    log(f"{len(names)} architectures x converters {converters} + {'no peer' if args.no_peer else 'onnx2tf CLI peer'}")
+    for name in names:
+        weights, train_info = None, None
+        if args.train_steps > 0:
+            log(f"{name}: fine-tuning {args.train_steps} steps")
+            weights, train_info = train_weights(name, args.train_steps, work, repo, args.timeout)
+        onnx_path, report = None, None
+        for conv in converters:
+            log(f"{name}: export --converter {conv}")
+            row = bench_export(name, conv, weights, data, args, work, repo)
+            if train_info:
+                row["training"] = train_info
+            rows.append(row)
+            log(f"  -> fully_int8={row.get('fully_int8')} agreement={row.get('agreement')} "
+                f"{row.get('failure') or ''} ({row['time_s']}s)")
+            if onnx_path is None and row.get("onnx") and Path(row["onnx"]).is_file():
+                onnx_path, report = Path(row["onnx"]), Path(row["report"])
+        if onnx_path is None:
+            onnx_path = work / "runs" / name / "stage1" / "model.onnx"
+            onnx_path.parent.mkdir(parents=True, exist_ok=True)
+            pr = run_proc([PY, str(Path(__file__).resolve()), "--_child", "onnx", name, weights or "", str(data),
+                           str(onnx_path)], repo, args.timeout, work / "logs" / f"{name}.onnx.log")
+            if pr["returncode"] != 0:
+                onnx_path = None
+        if onnx_path is not None:
+            try:
+                for r in rows:
+                    if r["arch"] == name:
+                        r["onnx_ops"] = onnx_ops(onnx_path)
+            except Exception:
+                pass
+        if not args.no_peer:
+            if onnx_path is None:
+                rows.append({"arch": name, "route": "peer: onnx2tf 1.28 CLI -oiqt", "kind": "peer",
+                             "input": "3x64x64", "fully_int8": False, "failure": "no ONNX file to give it"})
+            else:
+                log(f"{name}: peer onnx2tf CLI")
+                row = bench_peer(name, onnx_path, report, data, args, work, repo)
+                row["weights"] = "fine-tuned" if weights else "random-init"
+                rows.append(row)
+                log(f"  -> fully_int8={row.get('fully_int8')} agreement={row.get('agreement')} "
+                    f"{row.get('failure') or ''} ({row.get('time_s')}s)")
+        json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
+        md_path.write_text(markdown(rows, meta))
+    print(markdown(rows, meta))
+    log(f"wrote {json_path} and {md_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
