@@ -109,11 +109,11 @@ del _name
 # --------------------------------------------------------------------------- brief fine-tuning
 
 def fmnist_rgb(split: str, size: int = 64, limit: int | None = None, data_dir: str | None = None):
-    """Fashion-MNIST (pipeline.data) as uint8 N x 3 x size x size (bilinear resize, grey replicated), and labels."""
+    """Fashion-MNIST (pipeline.inputs.data) as uint8 N x 3 x size x size (bilinear resize, grey replicated), and labels."""
     import numpy as np
     import torch
     import torch.nn.functional as F
-    from pipeline import data as data_mod
+    from pipeline.inputs import data as data_mod
     ds = data_mod.load("fashion-mnist", data_dir)
     x, y = (ds.x_train, ds.y_train) if split == "train" else (ds.x_test, ds.y_test)
     if limit is not None:

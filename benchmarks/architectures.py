@@ -18,10 +18,10 @@ For each architecture (``benchmarks/arch_models.py``; 3x64x64 RGB, 10 classes):
    process with a timeout; ``report.json`` gives fully_int8, converter, agreement, max error in output steps;
 3. the peer: the onnx2tf 1.28 CLI, ``onnx2tf -i model.onnx -oiqt -cind input calib.npy MEAN STD``, with the network
    blocked (``unshare -n``) on the SAME ``model.onnx`` the export wrote (when the export failed before writing its
-   folder, the ONNX is written by the pipeline's own stage-1 code ``pipeline.onnx_export.export_onnx`` in a fresh
+   folder, the ONNX is written by the pipeline's own stage-1 code ``pipeline.conversion.onnx_export.export_onnx`` in a fresh
    process, from the same seeded factory and weights), calibrated on the export's own representative set (rebuilt
    with ``calib_data.build`` from the same source, size and seed); its ``*_full_integer_quant.tflite`` is inspected
-   with ``pipeline.inspect_tflite`` and run (in a fresh process) with ``pipeline.runtime.TfliteRunner`` against
+   with ``pipeline.tflite.inspect`` and run (in a fresh process) with ``pipeline.runtime.litert.TfliteRunner`` against
    onnxruntime FP32 on the same test images.
 
 A run that dies of a signal is recorded with the signal's name; the benchmark goes on. At most one conversion runs
@@ -60,7 +60,7 @@ def log(msg: str) -> None:
 
 def available_converters(repo: Path) -> list[str]:
     """The names ``--converter`` accepts (the pipeline's registry), ``auto`` included when offered."""
-    code = ("import json, pipeline.convert as c; names = list(getattr(c, 'CONVERTERS', {}));"
+    code = ("import json, pipeline.conversion.onnx2tf_tflite as c; names = list(getattr(c, 'CONVERTERS', {}));"
             "print(json.dumps(names))")
     p = subprocess.run([PY, "-c", code], cwd=repo, capture_output=True, text=True, timeout=120)
     try:
@@ -171,8 +171,9 @@ def onnx_ops(path: Path) -> dict:
 def child_onnx(name: str, weights: str | None, data: str, out: str) -> int:
     """Write the model's ONNX exactly as the export's stage 1 does (used when the export wrote nothing)."""
     import numpy as np
-    from pipeline import models, preprocessing
-    from pipeline.onnx_export import export_onnx
+    from pipeline.inputs import models
+    from pipeline.inputs import preprocessing
+    from pipeline.conversion.onnx_export import export_onnx
     with np.load(data, allow_pickle=False) as z:
         x = z["x_train"][:32]
     pre = preprocessing.Preprocessing(input_shape=(3, 64, 64), source_layout="NCHW", source_dtype="uint8",
@@ -187,8 +188,9 @@ def child_onnx(name: str, weights: str | None, data: str, out: str) -> int:
 def child_calib(report_path: str, data: str, out: str, calib_size: int) -> int:
     """The export's representative set (same source, size, seed) as the raw [0,1] NHWC float32 .npy -cind wants."""
     import numpy as np
-    from calib_data import CalibContext, build
-    from pipeline import data as data_mod, preprocessing
+    from pipeline.calib_data import CalibContext, build
+    from pipeline.inputs import data as data_mod
+    from pipeline.inputs import preprocessing
     if report_path and Path(report_path).is_file():
         rep = json.loads(Path(report_path).read_text())
         pre = preprocessing.Preprocessing.from_dict(rep["preprocessing"])
@@ -212,9 +214,9 @@ def child_peer_eval(tflite: str, onnx_path: str, data: str, out: str, limit: int
     """Inspect the peer's int8 file and run it on LiteRT against onnxruntime FP32 (separate process: may abort)."""
     import numpy as np
     import onnxruntime as ort
-    from pipeline import preprocessing
-    from pipeline.inspect_tflite import inspect
-    from pipeline.runtime import TfliteRunner
+    from pipeline.inputs import preprocessing
+    from pipeline.tflite.inspect import inspect
+    from pipeline.runtime.litert import TfliteRunner
     res: dict = {}
     insp = inspect(Path(tflite))
     res["fully_int8"] = bool(insp.fully_int8)
@@ -454,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     data = build_data(work / "data", args.n_train, args.eval_limit)
     json_path = Path(args.json) if args.json else work / "architectures.json"
     md_path = Path(args.md) if args.md else work / "architectures.md"
-    from pipeline.runtime import host_description
+    from pipeline.runtime.litert import host_description
     meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "host": host_description(), "repo": str(repo),
             "converters": converters, "eval_limit": args.eval_limit, "calib_size": args.calib_size,
             "train_steps": args.train_steps, "data": str(data)}

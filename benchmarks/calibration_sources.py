@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet.configure(False)
     from pipeline.errors import PipelineError
     from pipeline.report import Report
-    from pipeline.runtime import host_description
+    from pipeline.runtime.litert import host_description
 
     models = args.models.split(",") if args.models else zoo_models_with_weights()
     if not models:

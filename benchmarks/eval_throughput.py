@@ -7,7 +7,7 @@ Same model, same images, same run. The peers, each timed over the same N test im
   papers' evaluators and most tutorials run a TFLite model.
 - ``plain FP32 + int8 loop``: the same, plus the FP32 model on each image one at a time, on the same FP32
   runtime as the engine (what a plain loop needs to do the job the reliability report does).
-- ``engine int8``: the project's evaluation (pipeline/parallel_eval.py) running only the TFLite model:
+- ``engine int8``: the project's evaluation (pipeline/reliability/engine.py) running only the TFLite model:
   batched, one interpreter per worker process, all cores.
 - ``engine FP32 + int8``: the project's evaluation as the reliability report runs it: each block of
   images through both models, batched, all cores.
@@ -39,7 +39,7 @@ def plain_loop(tflite: Path, x_nchw, layout: str, fp32_model=None) -> float:
     import numpy as np
     from ai_edge_litert.interpreter import Interpreter
 
-    from pipeline import models
+    from pipeline.inputs import models
     from pipeline.quiet import captured
     with captured(verbose=False):
         it = Interpreter(model_path=str(tflite))
@@ -81,10 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     quiet.configure(False)
     import torch
 
-    from pipeline import data as data_mod
-    from pipeline import models, preprocessing
-    from pipeline.parallel_eval import BLOCK, Engine, Job, ModelPair, default_workers
-    from pipeline.runtime import TfliteRunner, host_description
+    from pipeline.inputs import data as data_mod
+    from pipeline.inputs import models
+    from pipeline.inputs import preprocessing
+    from pipeline.reliability.engine import BLOCK, Engine, Job, ModelPair, default_workers
+    from pipeline.runtime.litert import TfliteRunner, host_description
 
     export_dir = Path(args.export_dir)
     rep = json.loads((export_dir / "report.json").read_text())

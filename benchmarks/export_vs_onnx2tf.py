@@ -43,9 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline import quiet
     quiet.configure(False)
     from pipeline.export import ExportConfig, export
-    from pipeline.inspect_tflite import inspect
+    from pipeline.tflite.inspect import inspect
     from pipeline.report import Report
-    from pipeline.runtime import TfliteRunner, host_description
+    from pipeline.runtime.litert import TfliteRunner, host_description
 
     work = Path(tempfile.mkdtemp(prefix="bench-export-"))
     try:
@@ -54,8 +54,9 @@ def main(argv: list[str] | None = None) -> int:
                                                out=str(work / "ref")), log=lambda *a, **k: None)
         onnx_path = out / "model.onnx"
         pre = rep.preprocessing
-        from calib_data import CalibContext, build
-        from pipeline import data as data_mod, preprocessing
+        from pipeline.calib_data import CalibContext, build
+        from pipeline.inputs import data as data_mod
+        from pipeline.inputs import preprocessing
         ds = data_mod.load("fashion-mnist")
         prep = preprocessing.Preprocessing.from_dict(pre)
         calib = build("balanced", CalibContext(ds.x_train, ds.y_train, prep, ds.name), args.calib_size, 0)

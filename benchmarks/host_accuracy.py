@@ -55,9 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     import numpy as np
-    from pipeline.metrics import agreement, top1
+    from pipeline.reliability.metrics import agreement, top1
     from pipeline.report import Report
-    from pipeline.runtime import host_description
+    from pipeline.runtime.litert import host_description
 
     work = Path(tempfile.mkdtemp(prefix="bench-accuracy-"))
     try:

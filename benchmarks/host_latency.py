@@ -33,8 +33,8 @@ def build_engines(model_spec: str, weights: str | None, out: Path, report, x1, c
                   work: Path) -> tuple[list, dict]:
     import numpy as np
     import torch
-    from pipeline import models
-    from pipeline.runtime import TfliteRunner
+    from pipeline.inputs import models
+    from pipeline.runtime.litert import TfliteRunner
 
     engines: list[peers.Engine] = []
     notes = {}
@@ -55,7 +55,7 @@ def build_engines(model_spec: str, weights: str | None, out: Path, report, x1, c
     t0 = time.perf_counter()
     fp32 = peers.float_tflite(onnx_fp32, calibration, pre, work / "model_fp32.tflite")
     notes["tflite_fp32"] = {"converter": fp32.converter, "precision": "fp32", "bytes": fp32.bytes,
-                            "made_by": "pipeline.convert (precision='fp32') on the same model.onnx",
+                            "made_by": "pipeline.conversion.onnx2tf_tflite (precision='fp32') on the same model.onnx",
                             "seconds": round(time.perf_counter() - t0, 2)}
     int8_path = out / report.artifacts["tflite"]["path"] if "tflite" in report.artifacts else out / "model_int8.tflite"
     layout = report.preprocessing["tflite_input_layout"]
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import numpy as np
     from pipeline.report import Report
-    from pipeline.runtime import host_description
+    from pipeline.runtime.litert import host_description
 
     work = Path(tempfile.mkdtemp(prefix="bench-latency-"))
     try:

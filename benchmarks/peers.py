@@ -42,8 +42,8 @@ def run_export(model: str, out: Path, calib: str = "balanced", calib_size: int =
 
 def load_inputs(report) -> tuple[object, object, np.ndarray, np.ndarray]:
     """(dataset, preprocessing record, x_test float32 NCHW, y_test) exactly as the export saw them."""
-    from pipeline import data as data_mod
-    from pipeline import preprocessing
+    from pipeline.inputs import data as data_mod
+    from pipeline.inputs import preprocessing
     cfg = report.config
     pre = preprocessing.Preprocessing.from_dict(report.preprocessing)
     ds = data_mod.load(cfg["data"], cfg.get("data_dir"), tuple(pre.input_shape))
@@ -53,7 +53,7 @@ def load_inputs(report) -> tuple[object, object, np.ndarray, np.ndarray]:
 
 def same_calibration(report, ds, pre) -> np.ndarray:
     """The export's representative dataset, rebuilt from its source/size/seed and checked to be the same."""
-    from calib_data import CalibContext, build
+    from pipeline.calib_data import CalibContext, build
     cfg = report.config
     ctx = CalibContext(x_train=ds.x_train, y_train=ds.y_train, preprocessing=pre, dataset_name=ds.name)
     src = build(cfg["calib"], ctx, cfg["calib_size"], cfg["seed"])
@@ -96,8 +96,8 @@ def ort_quantize_static(onnx_path: Path, calibration: np.ndarray, out_path: Path
 
 def float_tflite(onnx_path: Path, calibration: np.ndarray, pre, out_path: Path):
     """Float32 TFLite of the same ONNX file, through the pipeline's converter (its precision ladder)."""
-    from pipeline.convert import get_converter
-    from pipeline.onnx_export import OnnxArtifact
+    from pipeline.conversion import get_converter
+    from pipeline.conversion.onnx_export import OnnxArtifact
     art = OnnxArtifact(path=onnx_path, bytes=onnx_path.stat().st_size, opset=None, input_name="input",
                        output_name="logits", dynamic_batch=True, max_abs_error=None, tolerance=None, samples=0,
                        source="given")

@@ -12,11 +12,11 @@ Sources (one builder module each):
 - ``fractal`` (:mod:`calib_data.fractal`): FractalDB-style IFS fractals generated on the fly;
 - ``noise[:gaussian|uniform]`` (:mod:`calib_data.noise`): noise matched to the data's value range;
 - ``shifted:CORRUPTION[:SEVERITY]`` (:mod:`calib_data.shifted`): training images with a corruption
-  from :mod:`pipeline.corruptions` applied;
+  from :mod:`pipeline.reliability.corruptions` applied;
 - ``folder:PATH`` and ``npz:PATH`` (:mod:`calib_data.user`): the user's own images or arrays.
 
 Every builder produces *raw* images (the value range of the training data, e.g. 0..255) and
-normalises them exactly once with :func:`pipeline.preprocessing.apply`. Generated sets are cached
+normalises them exactly once with :func:`pipeline.inputs.preprocessing.apply`. Generated sets are cached
 on disk (:mod:`calib_data.cache`).
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import Callable, Iterator, Protocol, runtime_checkable
 import numpy as np
 
 from pipeline.errors import CalibrationError
-from pipeline.preprocessing import Preprocessing
+from pipeline.inputs.preprocessing import Preprocessing
 
 # Where generated sets are kept between exports (``--calib-cache DIR``; ``off`` disables it).
 DEFAULT_CACHE_DIR = "~/.cache/edge-int8-pipeline/calib"
@@ -134,7 +134,7 @@ def list_sources() -> list[str]:
 
 
 def _load() -> None:
-    from . import fractal, noise, real, shifted, user  # noqa: F401
+    from pipeline.calib_data import fractal, noise, real, shifted, user  # noqa: F401
 
 
 def did_you_mean(what: str, name: str, choices) -> str:
@@ -175,7 +175,7 @@ def _check_coverage(src: ArraySource, ctx: CalibContext, warn_below: float = 0.9
     """
     if not len(ctx.x_train):
         return
-    from pipeline.preprocessing import apply
+    from pipeline.inputs.preprocessing import apply
     pre = ctx.preprocessing
     raw = np.array([[ctx.x_train.min(axis=(0, 2, 3)), ctx.x_train.max(axis=(0, 2, 3))]], np.float64)  # 1x2xC
     d = apply(np.moveaxis(raw, 2, 1)[..., None], pre)[0]  # C x 2 x 1 (normalised min, max per channel)
@@ -250,7 +250,7 @@ def finish_raw(raw: np.ndarray, pre: Preprocessing) -> np.ndarray:
 
     Values are clipped to the raw range and, for uint8 data, rounded to whole grey levels like the data.
     """
-    from pipeline.preprocessing import apply
+    from pipeline.inputs.preprocessing import apply
     lo, hi = raw_bounds(pre)
     raw = np.clip(raw, lo, hi)
     if pre.source_dtype == "uint8":

@@ -22,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import ArraySource, CalibContext
+from pipeline.calib_data import ArraySource, CalibContext
 
 _FINGERPRINTS: dict[int, tuple[weakref.ref, str]] = {}
 
@@ -86,7 +86,7 @@ def _read(npy: Path, meta_path: Path, key: dict, ctx: CalibContext) -> ArraySour
     unreadable or tampered with: the sidecar must describe this key, and the array must be float32 of the
     expected shape (checked from its header before it is read), finite, and within the input range."""
     from pipeline.errors import PipelineError
-    from pipeline.safe_arrays import load_npy
+    from pipeline.inputs.safe_arrays import load_npy
     if not (npy.is_file() and meta_path.is_file()):
         return None
     expected = (key["size"], *key["input_shape"])

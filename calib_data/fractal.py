@@ -20,7 +20,7 @@ calibrated with; Kataoka et al., ACCV 2020, "Pre-training without Natural Images
    channels each image gets a random colour; then each image's pixel ranks are mapped through the
    training split's pixel quantiles (per channel), with a random exposure, so background, contrast and
    value range follow the data's value statistics. This yields raw images in the data's raw range,
-   which are normalised once with :func:`pipeline.preprocessing.apply`.
+   which are normalised once with :func:`pipeline.inputs.preprocessing.apply`.
 
 Seeded: the same seed, size and input shape give the identical set.
 """
@@ -32,8 +32,8 @@ import numpy as np
 
 from pipeline.errors import CalibrationError
 
-from . import ArraySource, CalibContext, finish_raw, generated_size, pixel_sample, register_source
-from .cache import cached
+from pipeline.calib_data import ArraySource, CalibContext, finish_raw, generated_size, pixel_sample, register_source
+from pipeline.calib_data.cache import cached
 
 VERSION = 1  # bump when the generator's output changes (invalidates cached sets)
 N_PARAMS = 6

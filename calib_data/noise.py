@@ -5,7 +5,7 @@
 - ``noise:uniform``: every pixel drawn from U(lo, hi), the data's raw value range.
 
 Images are drawn in the raw value range (e.g. 0..255, rounded to whole grey levels for uint8 data) and
-normalised once with :func:`pipeline.preprocessing.apply`. Seeded; cached like every generated set.
+normalised once with :func:`pipeline.inputs.preprocessing.apply`. Seeded; cached like every generated set.
 """
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import numpy as np
 
 from pipeline.errors import CalibrationError
 
-from . import (ArraySource, CalibContext, did_you_mean, finish_raw, generated_size, pixel_sample, raw_bounds,
+from pipeline.calib_data import (ArraySource, CalibContext, did_you_mean, finish_raw, generated_size, pixel_sample, raw_bounds,
                register_source)
-from .cache import cached
+from pipeline.calib_data.cache import cached
 
 VERSION = 1
 KINDS = ("gaussian", "uniform")

@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.errors import CalibrationError
-from pipeline.preprocessing import apply
+from pipeline.inputs.preprocessing import apply
 
-from . import ArraySource, CalibContext, register_source, resolve_size
+from pipeline.calib_data import ArraySource, CalibContext, register_source, resolve_size
 
 
 def _resolve_size(ctx: CalibContext, size: int | None) -> int:

@@ -1,8 +1,8 @@
 """``--calib shifted:CORRUPTION[:SEVERITY]``: real training images with a corruption applied.
 
 The training images are drawn class-balanced (as ``balanced``, same seed), scaled from the data's raw
-range to [0, 1], corrupted with :func:`pipeline.corruptions.corrupt` (the same functions as the
-evaluation's shift suite; names in :data:`pipeline.corruptions.CORRUPTIONS`, severity 1..5, default
+range to [0, 1], corrupted with :func:`pipeline.reliability.corruptions.corrupt` (the same functions as the
+evaluation's shift suite; names in :data:`pipeline.reliability.corruptions.CORRUPTIONS`, severity 1..5, default
 :data:`DEFAULT_SEVERITY`), mapped back to the raw range and normalised once with the preprocessing
 record. Seeded and cached.
 """
@@ -12,15 +12,15 @@ import numpy as np
 
 from pipeline.errors import CalibrationError, PipelineError
 
-from . import ArraySource, CalibContext, did_you_mean, finish_raw, raw_bounds, register_source, resolve_size
-from .cache import cached
+from pipeline.calib_data import ArraySource, CalibContext, did_you_mean, finish_raw, raw_bounds, register_source, resolve_size
+from pipeline.calib_data.cache import cached
 
 VERSION = 1
 DEFAULT_SEVERITY = 3
 
 
 def parse(arg: str | None) -> tuple[str, int]:
-    from pipeline.corruptions import CORRUPTIONS, SEVERITIES
+    from pipeline.reliability.corruptions import CORRUPTIONS, SEVERITIES
     usage = "--calib shifted:CORRUPTION[:SEVERITY], e.g. shifted:gaussian_noise:3"
     if not arg:
         raise CalibrationError(f"--calib shifted needs a corruption: {usage}; corruptions: {', '.join(CORRUPTIONS)}")
@@ -41,8 +41,8 @@ def parse(arg: str | None) -> tuple[str, int]:
 @register_source("shifted")
 def shifted(ctx: CalibContext, size: int | None, seed: int, arg: str | None) -> ArraySource:
     """Class-balanced training images with one corruption at one severity."""
-    from pipeline.corruptions import corrupt
-    from .real import balanced_indices
+    from pipeline.reliability.corruptions import corrupt
+    from pipeline.calib_data.real import balanced_indices
     name, severity = parse(arg)
     size = resolve_size(f"the {ctx.dataset_name} training split", size, len(ctx.x_train))
     pre = ctx.preprocessing
@@ -61,7 +61,7 @@ def shifted(ctx: CalibContext, size: int | None, seed: int, arg: str | None) -> 
         return ArraySource(
             name=spec, samples=finish_raw(raw, pre), seed=seed, preprocessing=pre,
             origin=f"{ctx.dataset_name} training split, class-balanced, corrupted with {name} at severity {severity} "
-                   "(pipeline.corruptions)",
+                   "(pipeline.reliability.corruptions)",
             extra={"split": "train", "corruption": name, "severity": severity, "per_class": classes.tolist(),
                    "generator": {"version": VERSION}})
 
@@ -72,5 +72,5 @@ def _version() -> str:
     """This builder's version plus a hash of the corruption code, so a changed corruption regenerates."""
     import hashlib
     import inspect
-    import pipeline.corruptions as mod
+    import pipeline.reliability.corruptions as mod
     return f"{VERSION}+{hashlib.sha1(inspect.getsource(mod).encode()).hexdigest()[:12]}"

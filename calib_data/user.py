@@ -25,7 +25,7 @@ import numpy as np
 
 from pipeline.errors import CalibrationError, DataError
 
-from . import ArraySource, CalibContext, finish_raw, raw_bounds, register_source, resolve_size
+from pipeline.calib_data import ArraySource, CalibContext, finish_raw, raw_bounds, register_source, resolve_size
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 NPZ_KEYS = ("x_calib", "x", "x_train")
@@ -130,7 +130,7 @@ def folder(ctx: CalibContext, size: int | None, seed: int, arg: str | None) -> A
 # --------------------------------------------------------------------------- npz
 
 def _load_array(path: Path) -> tuple[np.ndarray, str]:
-    from pipeline.safe_arrays import load_array
+    from pipeline.inputs.safe_arrays import load_array
     if not path.exists():
         raise CalibrationError(f"calibration file {path} does not exist; pass --calib npz:path/to/file.npz")
     return load_array(path, NPZ_KEYS, what=str(path), error=CalibrationError)
@@ -141,7 +141,7 @@ def npz(ctx: CalibContext, size: int | None, seed: int, arg: str | None) -> Arra
     """Raw image arrays from an .npz archive (key x_calib, x or x_train) or an .npy file."""
     if not arg:
         raise CalibrationError("--calib npz needs a path: --calib npz:path/to/file.npz")
-    from pipeline.data import _to_nchw, detect_layout
+    from pipeline.inputs.data import _to_nchw, detect_layout
     path = Path(arg).expanduser()
     x, key = _load_array(path)
     pre = ctx.preprocessing

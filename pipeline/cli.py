@@ -16,7 +16,7 @@ import math
 import sys
 from typing import Callable, TypeVar
 
-from .errors import DataError, PipelineError, Terminated, UsageError, raise_on_sigterm
+from pipeline.errors import DataError, PipelineError, Terminated, UsageError, raise_on_sigterm
 
 T = TypeVar("T")
 
@@ -83,7 +83,7 @@ def severities(text: str) -> tuple[int, ...]:
 
 def class_names(text: str) -> tuple[str, ...]:
     """argparse type: ``--class-names a,b,...`` (non-empty, distinct, printable names)."""
-    from .data import parse_class_names
+    from pipeline.inputs.data import parse_class_names
     try:
         return parse_class_names(text)
     except DataError as e:

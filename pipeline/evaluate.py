@@ -19,31 +19,25 @@ import time
 from pathlib import Path
 
 # the argument types live in the CLI kit (pipeline/cli.py); these names stay importable from here
-from .cli import class_names as class_names_arg  # noqa: F401
-from .cli import finite_float, seed_int  # noqa: F401
-from .cli import severities as _severities
-from .errors import DataError, OutputError, UsageError
+from pipeline.cli import class_names as class_names_arg  # noqa: F401
+from pipeline.cli import finite_float, seed_int  # noqa: F401
+from pipeline.cli import severities as _severities
+from pipeline.errors import DataError, OutputError, UsageError
 
 
-def add_reliability_arguments(p: argparse.ArgumentParser, in_export: bool, adaptive_val_size: bool | None = None) -> None:
-    """The flags shared by ``pipeline.evaluate`` and ``pipeline.export --reliability``.
-
-    ``adaptive_val_size`` (default: ``not in_export``): ``--val-size`` defaults to None, meaning
-    ``pipeline.reliability.resolve_val_size(None, n_train)`` = min(5000, training images // 5); the caller must
-    then accept ``args.val_size is None``. False keeps the fixed default of 5000 (what the export CLI expects
-    until it passes ``adaptive_val_size=True``).
-    """
-    from .reliability import DEFAULT_MAX_ECE_INCREASE, DEFAULT_MAX_WORST_DROP_PP, DEFAULT_VAL_SIZE
-    adaptive = (not in_export) if adaptive_val_size is None else bool(adaptive_val_size)
+def add_reliability_arguments(p: argparse.ArgumentParser, in_export: bool) -> None:
+    """The flags shared by ``pipeline.evaluate`` and ``pipeline.export --reliability``. ``--val-size`` defaults to
+    None: ``pipeline.reliability.suite.resolve_val_size(None, n_train)`` = min(5000, training images // 5)."""
+    from pipeline.reliability.suite import DEFAULT_MAX_ECE_INCREASE, DEFAULT_MAX_WORST_DROP_PP, DEFAULT_VAL_SIZE
     g = p.add_argument_group("Reliability" + (" (with --reliability)" if in_export else ""))
-    from .corruptions import CORRUPTIONS
+    from pipeline.reliability.corruptions import CORRUPTIONS
     g.add_argument("--corruptions", default="all",
                    help="corruption suite: all (default), none, or a comma-separated list of: "
                         + ", ".join(CORRUPTIONS))
     g.add_argument("--severities", type=_severities, default=(1, 2, 3, 4, 5), help="severities (default 1,2,3,4,5)")
-    g.add_argument("--val-size", type=int, default=None if adaptive else DEFAULT_VAL_SIZE,
-                   help="training images held for fitting the temperature (default: "
-                        + (f"min({DEFAULT_VAL_SIZE}, training images // 5))" if adaptive else f"{DEFAULT_VAL_SIZE})"))
+    g.add_argument("--val-size", type=int, default=None,
+                   help=f"training images held for fitting the temperature (default: min({DEFAULT_VAL_SIZE}, "
+                        "training images // 5))")
     g.add_argument("--workers", type=int, default=0, help="worker processes (default: one per core)")
     if in_export:
         g.add_argument("--fp32-runtime", choices=("reference", "onnxruntime"), default="onnxruntime",
@@ -66,7 +60,7 @@ def add_reliability_arguments(p: argparse.ArgumentParser, in_export: bool, adapt
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cli import Parser
+    from pipeline.cli import Parser
     p = Parser(prog="python -m pipeline.evaluate",
                description="Reliability report (calibration drift, temperature scaling, flips, per-class, "
                            "corruption suite) for an exported model; writes report.json and report.html.")
@@ -117,14 +111,14 @@ class EvaluateConfig:
     verbose: bool = False
 
     def reliability(self, seed: int):
-        from .reliability import ReliabilityConfig
+        from pipeline.reliability.suite import ReliabilityConfig
         return ReliabilityConfig(corruptions=self.corruptions, severities=self.severities, val_size=self.val_size,
                                  seed=seed, workers=self.workers, max_ece_increase=self.max_ece_increase,
                                  max_worst_drop_pp=self.max_worst_drop_pp)
 
 
 def config_from_args(args: argparse.Namespace) -> EvaluateConfig:
-    from .reliability import parse_corruptions
+    from pipeline.reliability.suite import parse_corruptions
     if args.val_size is not None and args.val_size <= 0:
         raise UsageError(f"--val-size {args.val_size} is empty; pass at least 1, or leave it out for the default "
                          "min(5000, training images // 5)")
@@ -140,7 +134,7 @@ MODEL_FILE_SUFFIXES = (".onnx", ".pt", ".pth", ".ptl", ".torchscript")
 
 def _read_report(export_dir: Path) -> dict:
     """report.json as data: bounded size and depth, an object whose sections have the right types."""
-    from . import jsonio
+    from pipeline import jsonio
     path = export_dir / "report.json"
     if not export_dir.is_dir():
         raise UsageError(f"{export_dir} is not a folder; pass the folder an export wrote (python -m pipeline.export --out DIR)")
@@ -175,12 +169,12 @@ def _read_report(export_dir: Path) -> dict:
 
 
 def _fields(rep: dict, section: str, path: Path):
-    from .jsonio import Fields
+    from pipeline.jsonio import Fields
     return Fields(rep[section], str(path), "re-run python -m pipeline.export", f"{section}.")
 
 
 def _preprocessing(rep: dict, path: Path):
-    from .preprocessing import from_record
+    from pipeline.inputs.preprocessing import from_record
     return from_record(rep["preprocessing"], str(path), "re-run python -m pipeline.export")
 
 
@@ -201,7 +195,7 @@ def _recorded_model(rep: dict, rpath: Path, export_dir: Path) -> tuple[str, str]
     if spec.startswith("zoo:"):
         return spec, spec
     if _is_model_file(spec):
-        from .jsonio import inside
+        from pipeline.jsonio import inside
         p = inside(export_dir, spec)
         if p is not None and p.is_file():
             return str(p), spec
@@ -215,7 +209,7 @@ def _recorded_model(rep: dict, rpath: Path, export_dir: Path) -> tuple[str, str]
 def _recorded_path(rep: dict, rpath: Path, export_dir: Path, key: str, flag: str) -> str | None:
     """``config.<key>`` (a --data/--weights/--data-dir value the export recorded as typed): used only when it is
     a relative path inside the export folder; anything else needs the flag."""
-    from .jsonio import inside
+    from pipeline.jsonio import inside
     v = _fields(rep, "config", rpath).str(key)
     if v is None or (key == "data" and v == "fashion-mnist"):
         return v
@@ -242,7 +236,7 @@ def _same(given: str | None, recorded: str | None) -> bool:
 
 def _verified_artifact(rep: dict, key: str, export_dir: Path, rpath: Path) -> Path:
     """``artifacts.<key>``: a file inside the export folder whose sha256 is the one the export recorded."""
-    from .jsonio import sha256_file
+    from pipeline.jsonio import sha256_file
     art = _fields(rep, "artifacts", rpath) if "artifacts" in rep else None
     sec = art.section(key, required=False) if art is not None else None
     if sec is None:
@@ -319,7 +313,7 @@ class _NoImportsFrom:
 def held_out_from_training(model) -> bool | None:
     """Zoo models were trained on the whole training split (their training record says so)."""
     if model.kind == "zoo":
-        from . import zoo
+        from pipeline import zoo
         entry = zoo.get_entry(model.spec[4:])
         if str(model.extra.get("weights")) != str(entry.weights_path):
             return None  # --weights: not the shipped checkpoint the record describes
@@ -339,11 +333,12 @@ def evaluate_export(ecfg: EvaluateConfig, log=print):
 def _evaluate_export(ecfg: EvaluateConfig, export_dir: Path, log=print):
     import numpy as np
 
-    from . import data as data_mod
-    from . import models, quiet
-    from .parallel_eval import ModelPair
-    from .preprocessing import check_batch_fits_memory
-    from .reliability import evaluate, resolve_val_size
+    from pipeline.inputs import data as data_mod
+    from pipeline import quiet
+    from pipeline.inputs import models
+    from pipeline.reliability.engine import ModelPair
+    from pipeline.inputs.preprocessing import check_batch_fits_memory
+    from pipeline.reliability.suite import evaluate, resolve_val_size
 
     quiet.configure(ecfg.verbose)
     t0 = time.perf_counter()
@@ -422,7 +417,7 @@ def _evaluate_export(ecfg: EvaluateConfig, export_dir: Path, log=print):
     if tuple(ds.sample_shape) != tuple(pre.input_shape):  # before any model sees an input of this shape
         data_mod.check_fits(ds, pre.input_shape, 2)
     if rcfg.corruptions:
-        from .corruptions import check_corruptible
+        from pipeline.reliability.corruptions import check_corruptible
         check_corruptible(pre.input_shape)
     if ":" in model_spec and not model_spec.startswith("zoo:") and not _is_model_file(model_spec):
         _check_factory_source(model_spec, export_dir)
@@ -458,8 +453,8 @@ def _evaluate_export(ecfg: EvaluateConfig, export_dir: Path, log=print):
                       clean_from_fp32_onnx=clean_from_onnx)
     steps.done("engine", f"{result.sections['reliability']['images_evaluated']:,} images through both models, "
                          f"{result.sections['reliability']['workers']} worker(s)")
-    from .report import SCHEMA_VERSION, Report
-    from .report_figures import confusion_and_flip_examples
+    from pipeline.report import SCHEMA_VERSION, Report
+    from pipeline.report.figures import confusion_and_flip_examples
     report = Report.from_dict(rep)  # the export's report, typed; written back in this version's schema
     report.schema_version = SCHEMA_VERSION
     report.sections.update(result.sections)
@@ -550,7 +545,7 @@ def _fp32_runtime(ecfg, rep: dict, export_dir: Path, rpath: Path, model, overrid
     return onnx, f"onnxruntime: the export's model.onnx, checked against PyTorch by the export ({how})", ""
 
 
-from .precisions import PRECISIONS as _PRECISIONS  # noqa: E402  (the ladder: a live, read-only name -> Precision)
+from pipeline.precisions import PRECISIONS as _PRECISIONS  # noqa: E402  (the ladder: a live, read-only name -> Precision)
 # Recorded FP32 logits vs the FP32 model loaded here, on the first FP32_CHECK_IMAGES test inputs. The export
 # accepted ONNX (onnxruntime) against PyTorch within onnx_export.tolerance_for (1e-4 + 1e-4 of the output range)
 # and its recorded logits may be onnxruntime's, so PyTorch here is within one such tolerance of them; batch size
@@ -568,7 +563,7 @@ def _tflite(ecfg, rep: dict, export_dir: Path, rpath: Path, overrides: list[str]
         given = Path(ecfg.tflite)
         if not given.is_file():
             raise DataError(f"the TFLite model {given} does not exist; pass --tflite path/to/model.tflite")
-        from .jsonio import inside
+        from pipeline.jsonio import inside
         own = inside(export_dir, art.get("path")) if isinstance(art, dict) else None
         if own is None or own != given.resolve():
             overrides.append("--tflite")
@@ -583,10 +578,10 @@ def _check_fp32_reproduces(model, ds, pre, predictions: Path, batch_size: int, s
     whose model spec was edited to another model, or a changed factory module, is refused."""
     import numpy as np
 
-    from . import models
-    from .onnx_export import tolerance_for
-    from .preprocessing import apply
-    from .safe_arrays import SafeNpz
+    from pipeline.inputs import models
+    from pipeline.conversion.onnx_export import tolerance_for
+    from pipeline.inputs.preprocessing import apply
+    from pipeline.inputs.safe_arrays import SafeNpz
     with SafeNpz(predictions, f"the export's {predictions.name}", DataError) as z:
         recorded = z.load("fp32_logits") if "fp32_logits" in z else None
     if recorded is None or recorded.ndim != 2 or recorded.dtype.kind != "f":
@@ -610,9 +605,9 @@ def _check_tflite(tflite: Path, precision: str, num_classes: int, rep: dict, giv
     """The .tflite must be a model of the export's precision with one output per class of the FP32 model."""
     import numpy as np
 
-    from .errors import ConversionError
-    from .inspect_tflite import inspect
-    from .precisions import get_precision
+    from pipeline.errors import ConversionError
+    from pipeline.tflite.inspect import inspect
+    from pipeline.precisions import get_precision
     where = f"--tflite {tflite}" if given else f"the export's {tflite.name}"
     try:
         insp = inspect(tflite)
@@ -646,9 +641,9 @@ def _restate_for_overrides(report, overrides: list[str], clean: dict, labels, ds
     recompute them (and the gates that read them) from the clean test outputs evaluated here."""
     import numpy as np
 
-    from . import metrics
-    from .precisions import get_precision
-    from .sanity import fp32_gate
+    from pipeline.reliability import metrics
+    from pipeline.precisions import get_precision
+    from pipeline.reliability.sanity import fp32_gate
     prec = chk.precision
     precision = get_precision(prec)
     out_q = insp.outputs[0].scale[0] if insp.outputs[0].scale else 0.0
@@ -669,7 +664,7 @@ def _restate_for_overrides(report, overrides: list[str], clean: dict, labels, ds
             limits[name] = limit
     fresh = metrics.accuracy_gates(cmp, limits.get("max_drop_pp", float("inf")), limits.get("min_agreement", 0.0))
     gates.update({name: fresh[name].with_(note=by) for name in limits})
-    # The FP32 model evaluated here must itself be above chance (pipeline/sanity.py), whatever the export said.
+    # The FP32 model evaluated here must itself be above chance (pipeline/reliability/sanity.py), whatever the export said.
     gates["fp32_above_chance"] = fp32_gate(cmp.fp32_top1, labels, None, missing).with_(note=by)
     if "--tflite" in overrides:
         report.artifacts["tflite"] = {"path": str(tflite.resolve()), "bytes": tflite.stat().st_size, "precision": prec}
@@ -689,7 +684,7 @@ def _restate_for_overrides(report, overrides: list[str], clean: dict, labels, ds
 
 def _export_predictions(predictions: Path, precision: str, n: int):
     """The export's clean-test logits (predictions.npz, sha256 verified), when they cover these ``n`` inputs."""
-    from .safe_arrays import SafeNpz
+    from pipeline.inputs.safe_arrays import SafeNpz
     with SafeNpz(predictions, f"the export's {predictions.name}", DataError) as z:
         if "fp32_logits" not in z or f"{precision}_logits" not in z:
             return None, ""
@@ -724,7 +719,7 @@ def _check_writable(out: Path) -> None:
 def write_outputs(report, out_dir: Path) -> None:
     """report.json and report.html: rendered first, written to temp files, then renamed into place. The output
     folder is created here; on failure, the temp files and the folders this call created are removed."""
-    from . import html_report
+    from pipeline.report import html as html_report
     d = report.to_dict()
     contents = {"report.html": html_report.render(d), "report.json": json.dumps(d, indent=2) + "\n"}
     missing = []
@@ -791,7 +786,7 @@ def summary(report, out_dir: Path) -> str:
 
 def _temperature_words(t_fp32: float, t_int8: float) -> str:
     """ "(< 1: under-confident, scaling sharpens)" for the summary line, when both temperatures read alike."""
-    from .reliability import TEMPERATURE_CLOSE_TO_ONE
+    from pipeline.reliability.suite import TEMPERATURE_CLOSE_TO_ONE
     def side(t):
         if abs(t - 1.0) < TEMPERATURE_CLOSE_TO_ONE:
             return "~1: calibrated as is"
@@ -801,7 +796,7 @@ def _temperature_words(t_fp32: float, t_int8: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import run_main
+    from pipeline.cli import run_main
 
     def show(result) -> int:
         report, out = result

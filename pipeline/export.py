@@ -12,8 +12,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import UsageError
-from .reliability import ReliabilityConfig
+from pipeline.calib_data import DEFAULT_CACHE_DIR
+from pipeline.errors import UsageError
+from pipeline.reliability.suite import ReliabilityConfig
 
 DEFAULT_MODEL = "zoo:refcnn"
 
@@ -32,14 +33,14 @@ class ExportConfig:
     # --calib-size; None (not given): calib_data.DEFAULT_SIZE (500), or all a smaller folder/npz/training split holds.
     # Given explicitly, a source holding fewer samples is an error.
     calib_size: int | None = None
-    calib_cache: str | None = "~/.cache/edge-int8-pipeline/calib"  # generated calibration sets; None: no cache
+    calib_cache: str | None = DEFAULT_CACHE_DIR  # generated calibration sets; None: no cache
     seed: int = 0
     target: str = "tflite-int8"
     out: str | None = None
     overwrite: bool = False  # replace an earlier export in --out as a whole (pipeline/outdir.py)
     max_drop_pp: float = 1.0
     min_agreement: float = 0.98
-    converter: str = "auto"  # a route of pipeline.convert.routes(), or auto: the first that passes (stages/convert.py)
+    converter: str = "auto"  # a route of pipeline.conversion.onnx2tf_tflite.routes(), or auto: the first that passes (stages/convert.py)
     # "worker": convert in a process started with the export (its imports overlap the first stages; a crash of
     # the converter is an error line, not a dead export); "process": in this process (tests that patch it)
     convert_in: str = "worker"
@@ -67,9 +68,9 @@ STEPS = ("prepare", "export_onnx", "convert", "inspect", "run", "micro", "compar
 
 def line(cfg: ExportConfig, folder, log=print, reuse=None, worker=None):
     """The export, step by step, into ``folder`` (an outdir.OutputFolder's staging area). Returns the Report."""
-    from .stages import (bundle, compare, convert, export_onnx, inspect, latency, micro, prepare, reliability,
+    from pipeline.stages import (bundle, compare, convert, export_onnx, inspect, latency, micro, prepare, reliability,
                          report, run, sanity, write)
-    from .stages.runner import Steps
+    from pipeline.stages.runner import Steps
     t_start, work, fp32_onnx = time.perf_counter(), folder.work, cfg.fp32_runtime == "onnxruntime"
     step = Steps(STEPS, log, folder.writing)
     inp = step("prepare", prepare.prepare, cfg, log)
@@ -105,10 +106,10 @@ def export(cfg: ExportConfig, log=print, reuse=None) -> tuple[int, Path, object]
 
     ``--out`` is checked and locked before anything else (pipeline/outdir.py); the export is built in a staging
     folder beside it, whose ``tmp/`` is TMPDIR meanwhile, and moved in whole at the end, or not at all."""
-    import targets
-    from . import quiet
-    from .outdir import OutputFolder, default_out_name
-    from .stages.reuse import conversion_key
+    from pipeline import targets
+    from pipeline import quiet
+    from pipeline.outdir import OutputFolder, default_out_name
+    from pipeline.stages.reuse import conversion_key
     quiet.configure(cfg.verbose)
     target = targets.get_target(cfg.target)
     out = Path(cfg.out) if cfg.out else Path(default_out_name(cfg.model, target.name, cfg.weights))
@@ -128,13 +129,13 @@ def export(cfg: ExportConfig, log=print, reuse=None) -> tuple[int, Path, object]
 def _start_worker(cfg: ExportConfig):
     """The conversion worker (cfg.convert_in == "worker"): its TensorFlow/onnx2tf imports overlap the first
     stages. None: convert in this process."""
-    from .convert import AUTO, get_converter, routes
+    from pipeline.conversion import AUTO, get_converter, routes
     first = next(iter(routes())) if cfg.converter == AUTO else cfg.converter
     get_converter(first)  # an unknown --converter fails before anything starts
     if cfg.convert_in != "worker":
         return None
     try:
-        from .convert_process import ConverterProcess
+        from pipeline.conversion.worker import ConverterProcess
         return ConverterProcess(first, cfg.verbose)
     except OSError:  # no process could be started: convert in this process
         return None
@@ -143,7 +144,7 @@ def _start_worker(cfg: ExportConfig):
 # --------------------------------------------------------------------------- CLI
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cli import Parser, class_names, finite_float, floats, seed_int, shape
+    from pipeline.cli import Parser, class_names, finite_float, floats, seed_int, shape
     p = Parser(prog="python -m pipeline.export",
                description="PyTorch -> ONNX -> fully-int8 TFLite, run on real TFLite kernels and checked "
                            "against the FP32 model.")
@@ -169,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "by commas: one export folder each under --out, converting "
                                                           "once per precision")
     g.add_argument("--list-targets", action="store_true", help="print the target registry and exit")
-    from .convert import AUTO, routes
+    from pipeline.conversion import AUTO, routes
     g.add_argument("--converter", default=AUTO, choices=(AUTO, *routes()),
                    help="conversion route: auto (default) tries " + ", ".join(routes()) + " in that order and "
                         "keeps the first whose model meets the target's contract and agrees with FP32 on a check "
@@ -197,8 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--reliability", action="store_true",
                    help="also write the reliability report (calibration drift, temperature scaling, flips, "
                         "per-class, corruption suite) into report.json and report.html")
-    from .evaluate import add_reliability_arguments
-    add_reliability_arguments(p, in_export=True, adaptive_val_size=True)
+    from pipeline.evaluate import add_reliability_arguments
+    add_reliability_arguments(p, in_export=True)
     g = p.add_argument_group("Output")
     g.add_argument("--out", help="output folder (default MODEL-TARGET in the current folder, e.g. "
                                  "refcnn-tflite-int8, or mymodels-factory-run3-tflite-int8 for --model "
@@ -213,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> ExportConfig:
-    from .reliability import parse_corruptions
+    from pipeline.reliability.suite import parse_corruptions
     if not 0.0 <= args.min_agreement <= 1.0:
         raise UsageError(f"--min-agreement {args.min_agreement} is not a fraction; pass a value from 0 to 1 "
                          "(e.g. 0.98 for 98%)")
@@ -246,10 +247,10 @@ def export_targets(cfg: ExportConfig, names: list[str], log=print) -> tuple[int,
     import dataclasses
     import tempfile
 
-    import targets
-    from .errors import ConversionError, ExportError
-    from .outdir import default_out_name
-    from .stages.reuse import Reuse
+    from pipeline import targets
+    from pipeline.errors import ConversionError, ExportError
+    from pipeline.outdir import default_out_name
+    from pipeline.stages.reuse import Reuse
     names = [n for i, n in enumerate(names) if n and n not in names[:i]]
     if not names:
         raise UsageError("--target is empty; pass one or more target names separated by commas (see --list-targets)")
@@ -274,12 +275,12 @@ def export_targets(cfg: ExportConfig, names: list[str], log=print) -> tuple[int,
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import run_main
+    from pipeline.cli import run_main
 
     def work():
         args = build_parser().parse_args(argv)
         if args.list_targets:
-            from .summary import print_targets
+            from pipeline.report.summary import print_targets
             print_targets()
             return None
         cfg = config_from_args(args)
@@ -291,8 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     def show(result) -> int:
         if result is None:  # --list-targets
             return 0
-        from .outdir import shown
-        from .summary import summary, targets_table
+        from pipeline.outdir import shown
+        from pipeline.report.summary import summary, targets_table
         names, (status, where, done) = result
         if len(names) > 1:
             text = targets_table(done, Path(shown(where)))

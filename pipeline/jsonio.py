@@ -22,7 +22,7 @@ import os
 import re
 from pathlib import Path
 
-from .errors import DataError
+from pipeline.errors import DataError
 
 MAX_BYTES = 64 << 20  # a report with every tensor of a large model is a few MiB
 MAX_DEPTH = 64  # reports nest about 8 deep

@@ -41,12 +41,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from .errors import OutputError
+from pipeline.errors import OutputError
 
 # What an export writes at the top of --out (model_*.tflite besides, one per precision).
 EXPORT_ARTIFACTS = ("model.onnx", "model.onnx.data", "report.json", "report.html", "predictions.npz", "bundle",
                     "bundle.tar.gz")  # model.onnx.data: a given ONNX model over 2 GB keeps its tensors there
-# What pipeline/bundle.py writes into bundle/ (model_*.tflite besides): tests/test_out_folder.py checks this
+# What pipeline/device/bundle.py writes into bundle/ (model_*.tflite besides): tests/test_out_folder.py checks this
 # list against a real export.
 BUNDLE_FILES = ("preprocessing.json", "samples.npz", "expected_outputs.npz", "requirements.txt", "README.txt",
                 "bundle.json", "pi_benchmark.py")
@@ -77,8 +77,8 @@ NEW, EMPTY, EARLIER_EXPORT = "new", "empty", "earlier export"
 
 
 def is_export_folder(folder: Path) -> bool:
-    from .errors import PipelineError
-    from .jsonio import read_object
+    from pipeline.errors import PipelineError
+    from pipeline.jsonio import read_object
     try:
         report = read_object(folder / "report.json", "")
     except (OSError, PipelineError):  # unreadable, not JSON, too large or too deep: not an export's report
@@ -434,6 +434,6 @@ def default_out_name(model_spec: str, target: str, weights: str | None = None) -
 
 
 def _out_path(cfg: ExportConfig) -> Path:
-    import targets
+    from pipeline import targets
     return Path(cfg.out) if cfg.out else Path(_default_out_name(cfg.model, targets.get_target(cfg.target).name,
                                                                   cfg.weights))

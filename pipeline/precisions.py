@@ -37,10 +37,10 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Callable, Mapping
 
-from .errors import PipelineError, UsageError
+from pipeline.errors import PipelineError, UsageError
 
 if TYPE_CHECKING:
-    from .inspect_tflite import OpInfo, TensorInfo, TfliteInspection
+    from pipeline.tflite.inspect import OpInfo, TensorInfo, TfliteInspection
 
 
 # --------------------------------------------------------------------------- the entry
@@ -167,7 +167,7 @@ _INDEX_OPS = ("SHAPE", "ARG_MAX", "ARG_MIN", "GATHER", "GATHER_ND")
 
 
 def weight_map(insp: "TfliteInspection") -> WeightMap:
-    from .inspect_tflite import _BIAS_SLOT
+    from pipeline.tflite.inspect import _BIAS_SLOT
     tensors = insp.tensors
     producer = {ti: op for op in insp.op_list for ti in op.outputs}
     weight_dtypes: Counter = Counter()
@@ -299,7 +299,7 @@ register_precision(Precision(
 
 
 def _int16x8_contract(insp: "TfliteInspection", g: WeightMap) -> list[str]:
-    from .inspect_tflite import _FLOAT_TYPES
+    from pipeline.tflite.inspect import _FLOAT_TYPES
     tensors = insp.tensors
 
     def tensor(t, ti, op):

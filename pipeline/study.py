@@ -9,7 +9,7 @@ under ``--out``; the table is also written as ``study.json`` and ``study.md`` th
 Definitions (stated in the table's footer too):
 - agreement: share of test images where the TFLite model's top-1 equals the FP32 reference's
   (PyTorch, or onnxruntime for an ONNX model) on the same preprocessed inputs;
-- ECE: expected calibration error, top-label, 15 equal-width bins (pipeline.calibration_metrics);
+- ECE: expected calibration error, top-label, 15 equal-width bins (pipeline.reliability.confidence);
 - latency: median of >= 50 timed batch-1 invokes on this host's CPU with the target's kernels
   and threads, and on LiteRT's reference kernels; host measurements, not device latency.
 """
@@ -23,22 +23,22 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from .cli import Parser, run_main, seed_int
-from .errors import PipelineError, UsageError
-from .export import DEFAULT_MODEL, ExportConfig, export
+from pipeline.cli import Parser, run_main, seed_int
+from pipeline.errors import PipelineError, UsageError
+from pipeline.export import DEFAULT_MODEL, ExportConfig, export
 
 ECE_DEFINITION = "top-label ECE, 15 equal-width confidence bins on the softmax of the logits"
 
 
 def ece_of(logits, labels) -> float:
-    """The ladder's ECE; one function so the definition lives in pipeline.calibration_metrics."""
-    from .calibration_metrics import ece, softmax
+    """The ladder's ECE; one function so the definition lives in pipeline.reliability.confidence."""
+    from pipeline.reliability.confidence import ece, softmax
     return float(ece(softmax(logits), labels, n_bins=15))
 
 
 def ladder_targets() -> list[str]:
     """The format targets, one per precision, in ladder order (widest first)."""
-    import targets
+    from pipeline import targets
     by_precision = {}
     for name in targets.list_targets():
         t = targets.get_target(name)
@@ -50,8 +50,7 @@ def ladder_targets() -> list[str]:
 def precision_ladder(base: ExportConfig, out: Path, names: list[str] | None = None, log=print) -> dict:
     """Export ``base`` once per ladder target into ``out/<target>``; return the study record."""
     import numpy as np
-    import targets
-
+    from pipeline import targets
     names = names or ladder_targets()
     rows, fp32_row, failures, calibration = [], None, [], None
     for i, name in enumerate(names, 1):
@@ -93,7 +92,7 @@ def precision_ladder(base: ExportConfig, out: Path, names: list[str] | None = No
             f"{rows[-1]['bytes']:,} B", file=sys.stderr)
     first = rows[0] if rows else None
     n = int(np.load(Path(first["folder"]) / "predictions.npz", allow_pickle=False)["labels"].shape[0]) if first else 0
-    from .runtime import host_description
+    from pipeline.runtime.litert import host_description
     return {
         "kind": "study.precision", "schema_version": "1.0",
         "model": base.model, "data": base.data, "evaluated": n,
@@ -180,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     def work():
         args = build_parser().parse_args(argv)
-        import targets
+        from pipeline import targets
         names = [s.strip() for s in args.targets.split(",")] if args.targets else None
         for n in names or []:
             targets.get_target(n)  # unknown names fail here, with a suggestion

@@ -10,7 +10,7 @@ tolerance in steps means the same thing for every model.
 ``inputs`` are float32 N×C×H×W arrays, exactly what the PyTorch model takes (already
 normalised). The helper moves them to the TFLite input layout (NHWC for onnx2tf output),
 quantizes them with the input tensor's scale and zero point, runs LiteRT's kernels and
-dequantizes the outputs (all through :mod:`pipeline.runtime`).
+dequantizes the outputs (all through :mod:`pipeline.runtime.litert`).
 
 Golden outputs (``write_golden`` / ``assert_tflite_matches_golden``) store the raw integer
 outputs of a ``.tflite`` on fixed inputs, and a copy of that ``.tflite``. Two checks follow:
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UsageError
+from pipeline.errors import UsageError
 
 GOLDEN_INPUTS = "inputs.npy"
 GOLDEN_META = "meta.json"
@@ -98,7 +98,7 @@ def _as_float_nchw(inputs) -> np.ndarray:
 
 
 def _runner(tflite_path, x: np.ndarray, kernels: str, threads: int, input_layout: str | None):
-    from .runtime import TfliteRunner
+    from pipeline.runtime.litert import TfliteRunner
     path = Path(tflite_path)
     if not path.is_file():
         raise UsageError(f"{path} does not exist; pass the path of a .tflite file")
@@ -209,7 +209,7 @@ def write_golden(folder, tflite_path, inputs, *, kernels: tuple[tuple[str, int],
     ``int8_outputs_<kernels>.npy`` (raw integer outputs [N, K]) and ``meta.json`` (output scale/zero
     point, kernels, threads, host, plus ``meta``).
     """
-    from .runtime import host_description
+    from pipeline.runtime.litert import host_description
     x = _as_float_nchw(inputs)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -27,9 +27,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import data as data_mod
-from . import models, preprocessing, zoo
-from .errors import ModelError, UsageError
+from pipeline.inputs import data as data_mod
+from pipeline import zoo
+from pipeline.inputs import models
+from pipeline.inputs import preprocessing
+from pipeline.errors import ModelError, UsageError
 
 
 AUGMENTATIONS = ("shift+hflip", "shift", "none")
@@ -271,7 +273,7 @@ def _to_deploy(entry, trained: nn.Module, x_test: np.ndarray, y_test: np.ndarray
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cli import DefaultsFormatter, Parser, floats, seed_int, shape
+    from pipeline.cli import DefaultsFormatter, Parser, floats, seed_int, shape
     p = Parser(prog="python -m pipeline.train", formatter_class=DefaultsFormatter,
                description="Seeded training (or fine-tuning) of a zoo model or of your own "
                            "package.module:factory; writes NAME.pt (a state_dict) and NAME.json (the record).")
@@ -299,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import run_main
+    from pipeline.cli import run_main
 
     def work():
         args = build_parser().parse_args(argv)

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .errors import OutputError, UsageError
+from pipeline.errors import OutputError, UsageError
 
 COLUMNS = ("model", "parameters", "FP32 top-1", "int8 top-1", "drop (pp)", "agreement", "int8 size", "fully int8",
            "gates")
@@ -57,16 +57,16 @@ def markdown(rows: list[dict]) -> str:
 
 def provenance(rows: list[dict], target) -> str:
     import ai_edge_litert
-    from .export import ExportConfig
+    from pipeline.export import ExportConfig
     import onnx2tf
     import tensorflow as tf
     import torch
-    from .runtime import host_description
+    from pipeline.runtime.litert import host_description
     # The per-model part of evaluated_on ("(matches PyTorch within ...)") belongs to each row, not the table.
     evaluated = rows[0]["evaluated_on"].split(" (matches PyTorch")[0] if rows else ""
     if any(r["evaluated_on"].startswith(evaluated) and "(matches PyTorch" in r["evaluated_on"] for r in rows):
         evaluated += " (the FP32 ONNX model was checked against PyTorch for each model; the figures are in --json)"
-    from calib_data import DEFAULT_SIZE
+    from pipeline.calib_data import DEFAULT_SIZE
     cfg = ExportConfig()
     try:
         litert = ai_edge_litert.__version__
@@ -81,8 +81,8 @@ def provenance(rows: list[dict], target) -> str:
 
 
 def build(models: list[str], target_name: str, out: Path | None, log=print) -> tuple[list[dict], str]:
-    import targets
-    from .export import ExportConfig, export
+    from pipeline import targets
+    from pipeline.export import ExportConfig, export
     target = targets.get_target(target_name)
     rows = []
     work = Path(tempfile.mkdtemp(prefix="zoo_table-")) if out is None else out
@@ -103,7 +103,7 @@ def build(models: list[str], target_name: str, out: Path | None, log=print) -> t
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cli import Parser
+    from pipeline.cli import Parser
     p = Parser(prog="python -m pipeline.zoo_table",
                description="Export every zoo model and print the zoo table (Markdown).")
     p.add_argument("--models", help="comma-separated zoo names (default: all)")
@@ -114,8 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import zoo
-    from .cli import run_main
+    from pipeline import zoo
+    from pipeline.cli import run_main
 
     def work():
         args = build_parser().parse_args(argv)

@@ -18,13 +18,11 @@ class Target:
 
     name: str
     description: str
-    format: str  # "tflite"
     precision: str  # a name in pipeline.precisions.PRECISIONS: "fp32", "fp16", "dynamic", "int16x8" or "int8"
-    runtime: str  # "litert" or "tflite-micro"
-    kernels: str  # "xnnpack", "builtin", "ref" or "tflm-reference"
-    threads: int
-    input_dtype: str  # graph input dtype the device is fed
-    output_dtype: str
+    format: str = "tflite"
+    runtime: str = "litert"  # "litert" or "tflite-micro"
+    kernels: str = "xnnpack"  # "xnnpack", "builtin", "ref" or "tflm-reference"
+    threads: int = 4
     allow_float_fallback: bool = False
     per_channel_weights: bool = True
     # The smallest representative dataset the target accepts without warning. The TFLite
@@ -49,6 +47,17 @@ class Target:
     published: tuple[str, ...] = field(default_factory=tuple)
 
     @property
+    def input_dtype(self) -> str:
+        """The graph input dtype the device is fed: the precision's (pipeline/precisions.py)."""
+        from pipeline.precisions import get_precision
+        return get_precision(self.precision).input_dtype
+
+    @property
+    def output_dtype(self) -> str:
+        from pipeline.precisions import get_precision
+        return get_precision(self.precision).output_dtype
+
+    @property
     def run_kernels(self) -> str:
         """The LiteRT kernels the run stage uses for this target."""
         return self.litert_kernels or self.kernels
@@ -59,6 +68,7 @@ class Target:
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        d.update(input_dtype=self.input_dtype, output_dtype=self.output_dtype)
         d["references"] = list(self.references)
         d["published"] = list(self.published)
         return d
@@ -100,4 +110,4 @@ def get_target(name: str) -> Target:
 
 
 def _load() -> None:
-    from . import profiles  # noqa: F401  (registers the built-in profiles)
+    from pipeline.targets import profiles  # noqa: F401  (registers the built-in profiles)

@@ -15,7 +15,7 @@ means the project's research notes, ``../shared/notes/devices.md``.
 """
 from __future__ import annotations
 
-from . import Target, register_target
+from pipeline.targets import Target, register_target
 
 KIB = 1024
 MIB = 1024 * 1024
@@ -29,13 +29,7 @@ _HOST_CPU_NOTE = ("latency is measured on this host's CPU with these kernels and
 TFLITE_FP32 = register_target(Target(
     name="tflite-fp32",
     description="Float32 TFLite, no quantization: the ladder's reference on LiteRT (XNNPACK, 4 threads)",
-    format="tflite",
     precision="fp32",
-    runtime="litert",
-    kernels="xnnpack",
-    threads=4,
-    input_dtype="float32",
-    output_dtype="float32",
     min_calibration_samples=0,  # no representative dataset is used
     references=(
         "TFLiteConverter with no optimizations: weights and activations stay float32",
@@ -46,13 +40,7 @@ TFLITE_FP32 = register_target(Target(
 TFLITE_FP16 = register_target(Target(
     name="tflite-fp16",
     description="Float16 weights, float32 compute and I/O (LiteRT, XNNPACK, 4 threads)",
-    format="tflite",
     precision="fp16",
-    runtime="litert",
-    kernels="xnnpack",
-    threads=4,
-    input_dtype="float32",
-    output_dtype="float32",
     min_calibration_samples=0,
     references=(
         "TFLiteConverter Optimize.DEFAULT + target_spec.supported_types=[float16]: weights stored as float16 "
@@ -64,13 +52,7 @@ TFLITE_FP16 = register_target(Target(
 TFLITE_DYNAMIC = register_target(Target(
     name="tflite-dynamic",
     description="Dynamic-range quantization: int8 weights, float32 activations and I/O (LiteRT, XNNPACK, 4 threads)",
-    format="tflite",
     precision="dynamic",
-    runtime="litert",
-    kernels="xnnpack",
-    threads=4,
-    input_dtype="float32",
-    output_dtype="float32",
     min_calibration_samples=0,
     references=(
         "TFLiteConverter Optimize.DEFAULT without a representative dataset: weights int8, activations float32, "
@@ -85,18 +67,13 @@ TFLITE_DYNAMIC = register_target(Target(
 TFLITE_INT16X8 = register_target(Target(
     name="tflite-int16x8",
     description="16-bit activations, 8-bit weights, int16 I/O (LiteRT built-in kernels, 4 threads)",
-    format="tflite",
     precision="int16x8",
-    runtime="litert",
     # XNNPACK takes no int16x8 node in ai-edge-litert 2.3.0 (no DELEGATE node in the interpreter's
     # op list, measured here), so the optimized path is LiteRT's built-in kernels.
     kernels="builtin",
-    threads=4,
     # int16 I/O, not float I/O: the graph then holds no float tensor and no QUANTIZE/DEQUANTIZE
     # pair, the device is fed integers exactly as with int8, and the contract is checkable as
     # "every activation int16" (with float I/O the first and last op would be float).
-    input_dtype="int16",
-    output_dtype="int16",
     per_channel_weights=True,
     min_calibration_samples=100,
     references=(
@@ -111,13 +88,8 @@ TFLITE_INT16X8 = register_target(Target(
 TFLITE_INT8 = register_target(Target(
     name="tflite-int8",
     description="Fully-int8 TFLite for a generic mobile CPU (LiteRT, XNNPACK, 4 threads)",
-    format="tflite",
     precision="int8",
-    runtime="litert",
-    kernels="xnnpack",
     threads=4,  # a typical big-core count of phone and Raspberry Pi class CPUs
-    input_dtype="int8",
-    output_dtype="int8",
     allow_float_fallback=False,
     per_channel_weights=True,
     min_calibration_samples=100,
@@ -132,13 +104,7 @@ RPI4 = register_target(Target(
     name="rpi4",
     description="Raspberry Pi 4 Model B: fully-int8 on LiteRT with XNNPACK, 4 threads (one per Cortex-A72 core)",
     device="Raspberry Pi 4B, 4x Cortex-A72 @ 1.5 GHz",
-    format="tflite",
     precision="int8",
-    runtime="litert",
-    kernels="xnnpack",
-    threads=4,
-    input_dtype="int8",
-    output_dtype="int8",
     clock_mhz=1500,
     ram_bytes=1024 * MIB,  # the smallest board variant; not checked (an OS device)
     flash_bytes=None,  # microSD storage: no flash budget
@@ -164,13 +130,7 @@ RPI5 = register_target(Target(
     name="rpi5",
     description="Raspberry Pi 5: fully-int8 on LiteRT with XNNPACK, 4 threads (one per Cortex-A76 core)",
     device="Raspberry Pi 5, 4x Cortex-A76 @ 2.4 GHz",
-    format="tflite",
     precision="int8",
-    runtime="litert",
-    kernels="xnnpack",
-    threads=4,
-    input_dtype="int8",
-    output_dtype="int8",
     clock_mhz=2400,
     ram_bytes=1024 * MIB,  # the smallest variant seen; not checked
     flash_bytes=None,
@@ -190,13 +150,7 @@ ANDROID_ARM64 = register_target(Target(
     name="android-arm64",
     description="64-bit Android phone: fully-int8 on LiteRT with XNNPACK, 4 threads (the big cores)",
     device="arm64-v8a Android phone (big cores)",
-    format="tflite",
     precision="int8",
-    runtime="litert",
-    kernels="xnnpack",
-    threads=4,
-    input_dtype="int8",
-    output_dtype="int8",
     clock_mhz=None,  # varies by phone
     ram_bytes=None,
     flash_bytes=None,
@@ -237,7 +191,6 @@ CORTEX_M4 = register_target(Target(
     name="cortex-m4",
     description="Cortex-M4F board (STM32L4R5ZI budgets): fully-int8 on TFLite-Micro, RAM and flash checked",
     device="STM32L4R5ZI (NUCLEO-L4R5ZI), Cortex-M4F @ 120 MHz",
-    format="tflite",
     precision="int8",
     runtime="tflite-micro",
     kernels="tflm-reference",
@@ -245,8 +198,6 @@ CORTEX_M4 = register_target(Target(
     # ran the reference CNN at under 40 img/s here; TFLite-Micro is compared with these outputs.
     litert_kernels="builtin",
     threads=1,
-    input_dtype="int8",
-    output_dtype="int8",
     clock_mhz=120,
     ram_bytes=640 * KIB,
     flash_bytes=2 * MIB,
@@ -274,14 +225,11 @@ CORTEX_M7 = register_target(Target(
     name="cortex-m7",
     description="Cortex-M7 board (STM32H7A3ZI budgets): fully-int8 on TFLite-Micro, RAM and flash checked",
     device="STM32H7A3ZI (NUCLEO-H7A3ZI-Q), Cortex-M7 @ 280 MHz",
-    format="tflite",
     precision="int8",
     runtime="tflite-micro",
     kernels="tflm-reference",
     litert_kernels="builtin",
     threads=1,
-    input_dtype="int8",
-    output_dtype="int8",
     clock_mhz=280,
     # MLPerf Tiny v0.7's system description lists 1.19 MB of RAM; the "about 1.4 MB" quoted in the
     # issue is larger and its breakdown was not checked here. The budget takes the smaller figure,

@@ -86,7 +86,7 @@ TINYNET_SRC = textwrap.dedent('''
 
 @pytest.fixture(scope="session")
 def fmnist():
-    from pipeline import data
+    from pipeline.inputs import data
     if not FMNIST_DIR.is_dir():
         pytest.fail(f"Fashion-MNIST is not installed at {FMNIST_DIR}: apt-get install dataset-fashion-mnist")
     return data.load_fashion_mnist(FMNIST_DIR)

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import preprocessing
-from pipeline.bundle import BUNDLE_DIR, BUNDLE_TAR, write_bundle
+from pipeline.inputs import preprocessing
+from pipeline.device.bundle import BUNDLE_DIR, BUNDLE_TAR, write_bundle
 from pipeline.errors import OutputError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,8 +41,8 @@ def test_export_writes_the_bundle_and_records_it(tiny_export, bundle):
     assert (bundle / "pi_benchmark.py").read_bytes() == (ROOT / "benchmarks" / "pi_benchmark.py").read_bytes()
     pre = json.loads((bundle / "preprocessing.json").read_text())
     assert pre == r["preprocessing"]  # one deployment record: the report's, the bundle's and the .tflite's
-    from pipeline.preprocessing import METADATA_NAME
-    from pipeline.tflite_metadata import read
+    from pipeline.inputs.preprocessing import METADATA_NAME
+    from pipeline.tflite.metadata import read
     assert read(bundle / "model_int8.tflite", METADATA_NAME) == pre
     reqs = [ln.split(";")[0].strip() for ln in (bundle / "requirements.txt").read_text().splitlines()
             if ln.strip() and not ln.startswith("#")]
@@ -61,7 +61,7 @@ def test_tarball_holds_the_same_folder(tiny_export, bundle):
 def test_samples_and_expected_outputs_are_real(tiny_export, bundle, tiny_npz):
     """Inputs are the preprocessing record applied to the raw test images; outputs are LiteRT's."""
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
-    from pipeline.runtime import quantize
+    from pipeline.runtime.litert import quantize
     _, out = tiny_export
     man = json.loads((bundle / "bundle.json").read_text())
     s = np.load(bundle / "samples.npz", allow_pickle=False)

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import calib_data
-from calib_data import ArraySource, CalibContext, build, check_source, list_sources
+from pipeline import calib_data
+from pipeline.calib_data import ArraySource, CalibContext, build, check_source, list_sources
 from pipeline.errors import CalibrationError
-from pipeline.preprocessing import Preprocessing, apply
+from pipeline.inputs.preprocessing import Preprocessing, apply
 
 N = 40  # small sets keep the file fast; the warning below 100 is silenced where it is not the subject
 
@@ -117,7 +117,7 @@ def test_real_sources_pick_training_images():
 
 
 def test_fractal_sizing_and_weights_follow_fractaldb():
-    from calib_data import fractal
+    from pipeline.calib_data import fractal
     # Datumaro's categories x 25 weights x instances (research notes, section E).
     assert fractal.sizing(5000) == (14, 25, 15)
     assert fractal.sizing(500) == (4, 25, 5)
@@ -151,7 +151,7 @@ def test_fractal_refuses_tiny_images():
 # --------------------------------------------------------------------------- cache
 
 def test_cache_reads_back_instead_of_regenerating(tmp_path, monkeypatch):
-    from calib_data import fractal
+    from pipeline.calib_data import fractal
     ctx = make_ctx(SHAPES["gray"], cache_dir=tmp_path / "cache")
     first = quiet_build("fractal", ctx, N, 0)
     assert first.describe()["cache"] == {"used": True, "hit": False, "path": first.describe()["cache"]["path"]}
@@ -178,7 +178,7 @@ def test_cache_reads_back_instead_of_regenerating(tmp_path, monkeypatch):
 
 
 def test_cache_key_includes_preprocessing_and_data(tmp_path):
-    from calib_data.cache import cache_key, entry_paths
+    from pipeline.calib_data.cache import cache_key, entry_paths
     ctx = make_ctx(SHAPES["gray"], cache_dir=tmp_path)
     key = cache_key(ctx, "noise:gaussian", 10, 0, 1)
     other_pre = CalibContext(ctx.x_train, ctx.y_train, Preprocessing(**{**ctx.preprocessing.__dict__, "mean": (0.5,)}),

@@ -75,7 +75,7 @@ def test_fashion_mnist_names_are_known_by_default(fmnist):
 
 
 def test_builtin_names_are_dropped_for_a_model_with_other_classes_but_given_ones_must_fit(fmnist):
-    from pipeline import data
+    from pipeline.inputs import data
     from pipeline.errors import DataError
     assert data.check_class_count(fmnist, 10) is fmnist
     assert data.check_class_count(fmnist, 12).class_names is None  # not the user's: shown by index, no error
@@ -86,7 +86,7 @@ def test_builtin_names_are_dropped_for_a_model_with_other_classes_but_given_ones
 
 
 def test_npz_class_names_are_read_as_unicode_only(named_npz, tiny_npz, tmp_path):
-    from pipeline import data
+    from pipeline.inputs import data
     from pipeline.errors import DataError
     ds = data.load_npz(named_npz)
     assert ds.class_names == NAMES and "class_names" in ds.class_names_source
@@ -163,8 +163,9 @@ def test_export_class_names_flag_reaches_the_config():
 @pytest.fixture(scope="module")
 def named_bundle(named_export, named_npz, tmp_path_factory) -> Path:
     """The device bundle of the named export's .tflite, written by bundle.write_bundle with the class names."""
-    from pipeline import data, preprocessing
-    from pipeline.bundle import write_bundle
+    from pipeline.inputs import data
+    from pipeline.inputs import preprocessing
+    from pipeline.device.bundle import write_bundle
     rep = json.loads((named_export / "report.json").read_text())
     ds = data.load_npz(named_npz)
     pre = preprocessing.from_record(rep["preprocessing"], "report.json", "re-export")
@@ -185,7 +186,7 @@ def test_bundle_json_records_the_names_and_its_digests_still_hold(named_bundle):
 
 
 def test_write_bundle_refuses_a_name_count_unlike_the_outputs(named_export, tmp_path):
-    from pipeline.bundle import write_bundle
+    from pipeline.device.bundle import write_bundle
     from pipeline.errors import OutputError
     raw = np.zeros((2, 1, 12, 12), np.uint8)
     with pytest.raises(OutputError, match="3 class names for a model with 4 outputs"):

@@ -119,7 +119,7 @@ def test_list_targets(capsys):
 
 def test_summary_wording_has_no_plural_slip_or_double_sign(tiny_export):
     """'1 thread', not '1 threads'; margins named, not '+25%/25%'."""
-    from pipeline.summary import _threads, summary
+    from pipeline.report.summary import _threads, summary
     assert (_threads(1), _threads(4)) == ("1 thread", "4 threads")
     from pipeline.report import Report
     status, out = tiny_export
@@ -454,7 +454,7 @@ def test_a_conversion_that_breaks_the_batch_axis_is_redone_from_a_folded_graph(t
 def test_a_model_whose_batch_axis_stays_broken_is_an_error_not_a_quantization_drop(tmp_path, tinynet_dir, tiny_npz,
                                                                                    in_dir, capsys, monkeypatch):
     """Without the folded retry, the run stage sees more output rows than inputs and stops with the fixes."""
-    from pipeline import convert
+    from pipeline.conversion import onnx2tf_tflite as convert
     def no_folding(src, dst):
         raise RuntimeError("folding disabled for this test")
     monkeypatch.setattr(convert, "fold_constants", no_folding)
@@ -525,7 +525,7 @@ def test_sigterm_mid_export_cleans_up(tmp_path, tinynet_dir, tiny_npz, procs):
 
 
 def test_summary_says_larger_when_the_tflite_file_is_larger(tiny_export):
-    from pipeline.summary import summary
+    from pipeline.report.summary import summary
     from pipeline.report import Report
     _, out = tiny_export
     r = json.loads((out / "report.json").read_text())

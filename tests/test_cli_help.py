@@ -49,7 +49,7 @@ def test_seed_and_calib_size_documented(name):
 
 @pytest.mark.parametrize("name", ["export", "evaluate"])
 def test_batch_size_default_and_corruption_names(name):
-    from pipeline.corruptions import CORRUPTIONS
+    from pipeline.reliability.corruptions import CORRUPTIONS
     acts = {o: a for a in _parsers()[name]._actions for o in a.option_strings}
     assert "(default 256" in acts["--batch-size"].help
     help_ = acts["--corruptions"].help

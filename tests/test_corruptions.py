@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.corruptions import CORRUPTIONS, corrupt
+from pipeline.reliability.corruptions import CORRUPTIONS, corrupt
 from pipeline.errors import DataError
 
 

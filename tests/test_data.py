@@ -4,7 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline import data, preprocessing
+from pipeline.inputs import data
+
+from pipeline.inputs import preprocessing
 from pipeline.errors import DataError
 
 
@@ -99,7 +101,7 @@ def test_preprocessing_applies_scale_mean_std_once():
 
 
 def test_labels_beyond_the_outputs_name_the_split_and_a_one_output_model_is_explained():
-    from pipeline.data import Dataset, check_fits
+    from pipeline.inputs.data import Dataset, check_fits
     x = np.zeros((4, 1, 8, 8), np.uint8)
     ds = Dataset(name="mine.npz", origin="mine.npz", x_train=x, y_train=np.array([0, 1, 2, 1]), x_test=x,
                  y_test=np.array([0, 1, 1, 7]), source_layout="NCHW")

@@ -101,8 +101,8 @@ def test_garbage_tflite_with_two_workers_fails_fast(export_copy, tmp_path):
 
 
 def _bad_pair(exported: Path, tflite_path):
-    from pipeline.parallel_eval import ModelPair
-    from pipeline.preprocessing import Preprocessing
+    from pipeline.reliability.engine import ModelPair
+    from pipeline.inputs.preprocessing import Preprocessing
     rep = _report(exported)
     return ModelPair(model_spec=str(exported / "model.onnx"), weights=None, tflite_path=tflite_path,
                      input_layout=rep["preprocessing"]["tflite_input_layout"], kernels="xnnpack",
@@ -113,7 +113,7 @@ def _bad_pair(exported: Path, tflite_path):
 def reset_worker_state():
     """_init_worker run in this process: undo what it sets (the worker globals, and SIGINT ignored, which every
     process started later by the test session would inherit)."""
-    from pipeline import parallel_eval
+    from pipeline.reliability import engine as parallel_eval
     sigint = signal.getsignal(signal.SIGINT)
     yield
     signal.signal(signal.SIGINT, sigint)
@@ -124,7 +124,7 @@ def reset_worker_state():
 def test_init_worker_keeps_its_error_for_run_job(exported, tmp_path, reset_worker_state):
     """The pool initializer never raises; the first job raises what went wrong (a PipelineError keeps its
     class and message, anything else becomes a RuntimeStageError that names it)."""
-    from pipeline.parallel_eval import Job, _init_worker, _run_job
+    from pipeline.reliability.engine import Job, _init_worker, _run_job
     garbage = tmp_path / "garbage.tflite"
     garbage.write_bytes(b"garbage\n")
     arrays = {"test": np.zeros((4, 12, 12), np.uint8)}
@@ -139,7 +139,7 @@ def test_init_worker_keeps_its_error_for_run_job(exported, tmp_path, reset_worke
 def test_pool_reports_a_failed_initializer_instead_of_respawning(exported, tmp_path):
     """Real spawn workers whose models cannot load: the parent gets the error from the first job."""
     import multiprocessing as mp
-    from pipeline.parallel_eval import Job, _init_worker, _run_job
+    from pipeline.reliability.engine import Job, _init_worker, _run_job
     garbage = tmp_path / "garbage.tflite"
     garbage.write_bytes(b"garbage\n")
     arrays = {"test": np.zeros((4, 12, 12), np.uint8)}
@@ -155,7 +155,7 @@ def test_pool_reports_a_failed_initializer_instead_of_respawning(exported, tmp_p
 
 
 def test_engine_with_two_workers_checks_models_in_the_parent(exported, tmp_path):
-    from pipeline.parallel_eval import Engine, clean_jobs
+    from pipeline.reliability.engine import Engine, clean_jobs
     garbage = tmp_path / "garbage.tflite"
     garbage.write_bytes(b"garbage\n")
     arrays = {"test": np.zeros((4, 12, 12), np.uint8)}
@@ -369,7 +369,7 @@ def test_recorded_relative_paths_are_not_guessed_from_here(relative_export, tmp_
 # --------------------------------------------------------------------------- --val-size
 
 def test_resolve_val_size():
-    from pipeline.reliability import resolve_val_size
+    from pipeline.reliability.suite import resolve_val_size
     assert resolve_val_size(None, 400) == 80
     assert resolve_val_size(None, 60000) == 5000
     assert resolve_val_size(None, 3) == 1
@@ -420,7 +420,7 @@ def test_explicit_val_size_too_large_fails_before_any_model_is_loaded(export_cop
 
 @pytest.mark.parametrize("value", ["", " ", ",", " , "])
 def test_empty_corruptions_is_an_error(export_copy, tmp_path, capsys, value):
-    from pipeline.reliability import parse_corruptions
+    from pipeline.reliability.suite import parse_corruptions
     with pytest.raises(UsageError, match="pass all, none or a comma-separated list"):
         parse_corruptions(value)
     status, err = _main([export_copy, "--out", tmp_path / "o", "--corruptions", value, "--workers", "1"], capsys)
@@ -445,15 +445,14 @@ def test_export_cli_still_parses_its_reliability_flags(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_adaptive_val_size_opt_in_for_the_export_parser():
+def test_val_size_defaults_to_the_adaptive_size_in_both_parsers():
     import argparse
     from pipeline.evaluate import add_reliability_arguments
-    fixed, adaptive = argparse.ArgumentParser(), argparse.ArgumentParser()
-    add_reliability_arguments(fixed, in_export=True)
-    add_reliability_arguments(adaptive, in_export=True, adaptive_val_size=True)
-    assert fixed.parse_args([]).val_size == 5000
-    assert adaptive.parse_args([]).val_size is None
-    assert adaptive.parse_args(["--val-size", "7"]).val_size == 7
+    for in_export in (True, False):
+        p = argparse.ArgumentParser()
+        add_reliability_arguments(p, in_export=in_export)
+        assert p.parse_args([]).val_size is None
+        assert p.parse_args(["--val-size", "7"]).val_size == 7
 
 
 # --------------------------------------------------------------------------- a worker that dies
@@ -461,7 +460,7 @@ def test_adaptive_val_size_opt_in_for_the_export_parser():
 def test_a_worker_killed_mid_run_fails_the_run_instead_of_hanging(exported):
     """SIGKILL one of two real worker processes after the first result (what the OOM killer does): the run
     raises a RuntimeStageError that says so, within seconds, and no worker is left behind."""
-    from pipeline.parallel_eval import Engine, shift_jobs
+    from pipeline.reliability.engine import Engine, shift_jobs
     from tests.test_reliability import _pair_and_data
     _, pair, ds = _pair_and_data(exported)
     jobs = shift_jobs("test", len(ds.x_test), ["fog", "jpeg", "rotate"], [1, 2, 3, 4, 5], seed=0) * 40
@@ -490,7 +489,7 @@ def test_a_worker_killed_mid_run_fails_the_run_instead_of_hanging(exported):
 
 def test_an_unexpected_error_in_a_job_names_the_job(exported, monkeypatch):
     """Not a PipelineError (a bug, or a model that fails on some input): one readable RuntimeStageError."""
-    from pipeline.parallel_eval import Engine, Job, _Worker
+    from pipeline.reliability.engine import Engine, Job, _Worker
     from tests.test_reliability import _pair_and_data
     _, pair, ds = _pair_and_data(exported)
 

@@ -82,7 +82,7 @@ def test_calib_folder_with_explicit_larger_size_is_still_an_error(few_images, tm
 
 
 def test_calib_size_default_is_500_capped_by_what_a_source_holds():
-    from calib_data import DEFAULT_SIZE, generated_size, resolve_size
+    from pipeline.calib_data import DEFAULT_SIZE, generated_size, resolve_size
     from pipeline.errors import CalibrationError
     assert DEFAULT_SIZE == 500
     assert resolve_size("x", None, 30) == 30 and resolve_size("x", None, 10_000) == 500

@@ -23,7 +23,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline import data, safe_arrays
+from pipeline.inputs import data
+
+from pipeline.inputs import safe_arrays
 from pipeline.errors import CalibrationError, DataError, ModelError, PipelineError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -351,8 +353,8 @@ def png_declaring(w: int, h: int) -> bytes:
 
 
 def _gray_ctx():
-    from calib_data import CalibContext
-    from pipeline.preprocessing import Preprocessing
+    from pipeline.calib_data import CalibContext
+    from pipeline.inputs.preprocessing import Preprocessing
     x = np.random.default_rng(0).integers(0, 256, (40, 1, 12, 12), dtype=np.uint8)
     pre = Preprocessing(input_shape=(1, 12, 12), source_layout="NHW", source_dtype="uint8", scale=1 / 255,
                         mean=(0.0,), std=(1.0,), raw_range=(0.0, 255.0))
@@ -362,7 +364,7 @@ def _gray_ctx():
 @pytest.mark.parametrize("w,h,needle", [(30000, 30000, "900000000 pixels"), (10000, 9000, "10000x9000 pixels"),
                                         (0, 5, "cannot read calibration image")])
 def test_image_bombs_are_refused_before_decoding(tmp_path, w, h, needle):
-    from calib_data.user import read_image
+    from pipeline.calib_data.user import read_image
     p = tmp_path / "bomb.png"
     p.write_bytes(png_declaring(w, h))
     with warnings.catch_warnings():
@@ -376,7 +378,7 @@ def test_image_bombs_are_refused_before_decoding(tmp_path, w, h, needle):
        fmt=st.sampled_from(["PNG", "JPEG", "BMP", "GIF", "TIFF"]))
 def test_damaged_images_name_the_file(tmp_path, cut, flip, fmt):
     from PIL import Image
-    from calib_data.user import read_image
+    from pipeline.calib_data.user import read_image
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(buf, fmt)
     b = bytearray(buf.getvalue())
@@ -393,7 +395,7 @@ def test_damaged_images_name_the_file(tmp_path, cut, flip, fmt):
 # --------------------------------------------------------------------------- the calibration cache
 
 def test_tampered_cache_entries_are_rebuilt(tmp_path):
-    from calib_data import build
+    from pipeline.calib_data import build
     from dataclasses import replace
     ctx = replace(_gray_ctx(), cache_dir=tmp_path)
     with warnings.catch_warnings():
@@ -551,7 +553,7 @@ def _relocate(model: Path, location: str) -> None:
 
 
 def test_external_data_outside_the_model_folder_is_refused(tmp_path, tiny_npz, capsys):
-    from pipeline import models
+    from pipeline.inputs import models
     from pipeline.export import main
     model = tiny_onnx(tmp_path / "m" / "model.onnx", external="w.bin")
     (tmp_path / "outside.bin").write_bytes((tmp_path / "m" / "w.bin").read_bytes())

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import html_report as hr
-from pipeline.report_figures import confusion_and_flip_examples
+from pipeline.report import html as hr
+from pipeline.report.figures import confusion_and_flip_examples
 
 SVG = "{http://www.w3.org/2000/svg}"
 
@@ -203,10 +203,10 @@ def test_export_page_renders_in_chromium(tiny_export, tmp_path):
 @pytest.fixture(scope="module")
 def reliability_page(tiny_export, tmp_path_factory):
     """The tiny export's report plus reliability sections computed in-process (one small corruption suite)."""
-    from pipeline import data as data_mod
-    from pipeline.parallel_eval import ModelPair
-    from pipeline.preprocessing import Preprocessing
-    from pipeline.reliability import ReliabilityConfig, evaluate
+    from pipeline.inputs import data as data_mod
+    from pipeline.reliability.engine import ModelPair
+    from pipeline.inputs.preprocessing import Preprocessing
+    from pipeline.reliability.suite import ReliabilityConfig, evaluate
     _, out = tiny_export
     rep = _export_report(out)
     pre = Preprocessing.from_dict(rep["preprocessing"])

@@ -19,7 +19,6 @@ import psutil
 import pytest
 
 from pipeline import outdir
-
 ROOT = Path(__file__).resolve().parents[1]
 NON_UTF8 = os.fsdecode(b"out\xff")  # a name with a byte that is not UTF-8 (what --out $'out\xff' passes)
 EXPORT_FILES = ["bundle", "bundle.tar.gz", "model.onnx", "model_int8.tflite", "predictions.npz", "report.html",

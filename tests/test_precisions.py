@@ -12,10 +12,14 @@ import pytest
 import torch
 import torch.nn as nn
 
-import targets
-from pipeline import convert, inspect_tflite, models, preprocessing
+from pipeline.conversion import get_converter
+from pipeline import targets
+from pipeline.conversion import onnx2tf_tflite as convert
+from pipeline.tflite import inspect as inspect_tflite
+from pipeline.inputs import models
+from pipeline.inputs import preprocessing
 from pipeline.errors import ConversionError, UsageError
-from pipeline.onnx_export import export_onnx
+from pipeline.conversion.onnx_export import export_onnx
 from pipeline.precisions import PRECISIONS, PrecisionCheck, get_precision
 
 NAMES = list(PRECISIONS)
@@ -43,7 +47,7 @@ def converted(tmp_path_factory):
 
     def get(name: str):
         if name not in cache:
-            tfl = convert.get_converter("onnx2tf").convert(onnx_art, x[:100], PRE, per_channel=True,
+            tfl = get_converter("onnx2tf").convert(onnx_art, x[:100], PRE, per_channel=True,
                                                           out_path=d / f"model_{name}.tflite", precision=name)
             cache[name] = (tfl, inspect_tflite.inspect(tfl.path))
         return cache[name]

@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import calibration_metrics as cm
-
+from pipeline.reliability import confidence as cm
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("calibration_drift", "temperature_scaling", "flips", "per_class", "shifts", "reliability")
 SMALL_SUITE = ["--corruptions", "gaussian_noise,contrast,rotate", "--severities", "1,5", "--val-size", "200",
@@ -18,9 +17,9 @@ SMALL_SUITE = ["--corruptions", "gaussian_noise,contrast,rotate", "--severities"
 
 
 def _pair_and_data(out: Path):
-    from pipeline import data as data_mod
-    from pipeline.parallel_eval import ModelPair
-    from pipeline.preprocessing import Preprocessing
+    from pipeline.inputs import data as data_mod
+    from pipeline.reliability.engine import ModelPair
+    from pipeline.inputs.preprocessing import Preprocessing
     rep = json.loads((out / "report.json").read_text())
     pre = Preprocessing.from_dict(rep["preprocessing"])
     pair = ModelPair(model_spec=rep["model"]["spec"], weights=rep["config"]["weights"],
@@ -39,7 +38,7 @@ def exported(tiny_export):
 
 def test_engine_reproduces_the_export_run_stage(exported):
     """The engine's per-worker interpreters (1 thread) give the run stage's int8 outputs (4 threads) exactly."""
-    from pipeline.parallel_eval import Engine, clean_jobs
+    from pipeline.reliability.engine import Engine, clean_jobs
     rep, pair, ds = _pair_and_data(exported)
     n = len(ds.x_test)
     with Engine(pair, {"test": ds.x_test}, workers=1) as engine:
@@ -56,10 +55,10 @@ def test_engine_reproduces_the_export_run_stage(exported):
 def test_shift_records_match_an_independent_run(exported):
     """Each shifted set is generated once and fed to both models: re-running each model alone on the
     same generated inputs gives the record's numbers."""
-    from pipeline import models
-    from pipeline.parallel_eval import Job, make_inputs
-    from pipeline.reliability import ReliabilityConfig, evaluate
-    from pipeline.runtime import TfliteRunner
+    from pipeline.inputs import models
+    from pipeline.reliability.engine import Job, make_inputs
+    from pipeline.reliability.suite import ReliabilityConfig, evaluate
+    from pipeline.runtime.litert import TfliteRunner
     rep, pair, ds = _pair_and_data(exported)
     cfg = ReliabilityConfig(corruptions=("gaussian_noise", "rotate"), severities=(2, 5), val_size=100, workers=1)
     res = evaluate(pair, ds, len(ds.x_test), cfg)
@@ -88,7 +87,7 @@ def test_shift_records_match_an_independent_run(exported):
 
 
 def test_shifted_inputs_are_deterministic_and_block_seeded(exported):
-    from pipeline.parallel_eval import Job, make_inputs
+    from pipeline.reliability.engine import Job, make_inputs
     _, pair, ds = _pair_and_data(exported)
     a = make_inputs(ds.x_test, Job("test", 0, 100, "gaussian_noise", 3, seed=0), pair.preprocessing)
     b = make_inputs(ds.x_test, Job("test", 0, 100, "gaussian_noise", 3, seed=0), pair.preprocessing)
@@ -102,7 +101,7 @@ def test_shifted_inputs_are_deterministic_and_block_seeded(exported):
 @pytest.mark.slow
 def test_engine_workers_agree(exported):
     """Two worker processes give exactly what one in-process worker gives, on shifted sets."""
-    from pipeline.parallel_eval import Engine, shift_jobs
+    from pipeline.reliability.engine import Engine, shift_jobs
     _, pair, ds = _pair_and_data(exported)
     jobs = shift_jobs("test", len(ds.x_test), ["fog", "jpeg"], [1, 4], seed=0)
     with Engine(pair, {"test": ds.x_test}, workers=1) as e1:
@@ -224,7 +223,7 @@ from conftest import chromium_run as _chromium_run  # noqa: E402
 
 @pytest.mark.slow
 def test_report_html_renders_in_chromium(evaluated, tmp_path):
-    from pipeline.html_report import num, pct
+    from pipeline.report.html import num, pct
     _, out = evaluated
     html = out / "report.html"
     rep = json.loads((out / "report.json").read_text())
@@ -258,7 +257,7 @@ def test_report_html_renders_in_chromium(evaluated, tmp_path):
 # --------------------------------------------------------------------------- wording
 
 def test_temperature_reading_explains_both_directions():
-    from pipeline.reliability import TEMPERATURE_MEANING, temperature_reading
+    from pipeline.reliability.suite import TEMPERATURE_MEANING, temperature_reading
     over, under, one = temperature_reading(1.8), temperature_reading(0.65), temperature_reading(1.01)
     assert "> 1" in over and "over-confident" in over and "softens" in over
     assert "< 1" in under and "under-confident" in under and "sharpens" in under
@@ -267,7 +266,7 @@ def test_temperature_reading_explains_both_directions():
 
 
 def test_change_phrase_has_no_double_negative():
-    from pipeline.reliability import change_phrase
+    from pipeline.reliability.suite import change_phrase
     assert change_phrase(0.38) == "the int8 model loses 0.38 pp"
     assert change_phrase(-0.38) == "the int8 model gains 0.38 pp"
     assert change_phrase(-0.001).endswith("matches FP32 (0.00 pp)")

@@ -6,11 +6,11 @@ import math
 import numpy as np
 import pytest
 
-from pipeline import calibration_metrics as cm
-from pipeline.flips import auroc, average_precision, flips_section, tnr_at_tpr, uncertainty_scores
-from pipeline.reliability import ReliabilityConfig, calibration_drift, gates, per_class, parse_corruptions, validation_indices
-from pipeline.shifts import RECORD_KEYS, shifts_section
-from pipeline.temperature import fit_temperature
+from pipeline.reliability import confidence as cm
+from pipeline.reliability.flips import auroc, average_precision, flips_section, tnr_at_tpr, uncertainty_scores
+from pipeline.reliability.suite import ReliabilityConfig, calibration_drift, gates, per_class, parse_corruptions, validation_indices
+from pipeline.reliability.shifts import RECORD_KEYS, shifts_section
+from pipeline.reliability.temperature import fit_temperature
 from pipeline.errors import UsageError
 
 
@@ -281,5 +281,5 @@ def test_parse_corruptions():
 @pytest.mark.parametrize("sev, text", [((1, 2, 3, 4, 5), "severities 1 to 5"), ((1, 3, 5), "severities 1, 3 and 5"),
                                        ((2, 3), "severities 2 and 3"), ((4,), "severity 4")])
 def test_the_page_names_the_severities_that_ran(sev, text):
-    from pipeline.html_report import _severity_list
+    from pipeline.report.html import _severity_list
     assert _severity_list(sev) == text

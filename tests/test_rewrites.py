@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pipeline.conversion import get_converter
 from pipeline.conversion import rewrites as R
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,7 +112,7 @@ class Attention(nn.Module):
 
 
 def _export(module: nn.Module, path: Path) -> Path:
-    """As pipeline/onnx_export.py exports: opset 17, dynamic batch, constant folding, the TorchScript exporter."""
+    """As pipeline/conversion/onnx_export.py exports: opset 17, dynamic batch, constant folding, the TorchScript exporter."""
     torch.manual_seed(0)
     module = module.eval()
     dummy = torch.randn(2, *SHAPE)
@@ -162,9 +163,12 @@ _CONVERT = textwrap.dedent('''
     import json, sys
     from pathlib import Path
     import numpy as np
-    from pipeline import convert, inspect_tflite, preprocessing, quiet
-    from pipeline.onnx_export import OnnxArtifact
-    from pipeline.runtime import TfliteRunner
+    from pipeline import quiet
+    from pipeline.conversion import get_converter
+    from pipeline.tflite import inspect as inspect_tflite
+    from pipeline.inputs import preprocessing
+    from pipeline.conversion.onnx_export import OnnxArtifact
+    from pipeline.runtime.litert import TfliteRunner
     quiet.configure(False)
     x = np.load(sys.argv[1])
     c, h, w = x.shape[1:]
@@ -177,7 +181,7 @@ _CONVERT = textwrap.dedent('''
         out = p.with_suffix(".tflite")
         res = {"onnx": str(p)}
         try:
-            t = convert.get_converter("onnx2tf").convert(art, x, pre, per_channel=True, out_path=out)
+            t = get_converter("onnx2tf").convert(art, x, pre, per_channel=True, out_path=out)
         except Exception as e:
             res["error"] = f"{type(e).__name__}: {e}"[:400]
             print(json.dumps(res), flush=True)

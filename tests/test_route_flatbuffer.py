@@ -10,11 +10,15 @@ import pytest
 import torch
 import torch.nn as nn
 
-from pipeline import inspect_tflite, models, preprocessing
+from pipeline.tflite import inspect as inspect_tflite
+
+from pipeline.inputs import models
+
+from pipeline.inputs import preprocessing
 from pipeline.conversion import onnx2tf_flatbuffer as fb
 from pipeline.errors import ConversionError
-from pipeline.onnx_export import export_onnx
-from pipeline.runtime import TfliteRunner
+from pipeline.conversion.onnx_export import export_onnx
+from pipeline.runtime.litert import TfliteRunner
 
 PRE = preprocessing.Preprocessing(input_shape=(1, 12, 12), source_layout="NHW", source_dtype="uint8",
                                   scale=1 / 255, mean=(0.5,), std=(0.25,))
@@ -186,7 +190,7 @@ def test_a_failure_is_one_line_naming_the_cause_and_a_hang_is_killed(tiny, tmp_p
 def test_an_op_without_builtin_is_one_line_naming_the_node(tmp_path, own_tmpdir):
     import onnx
     from onnx import TensorProto, helper
-    from pipeline.onnx_export import OnnxArtifact
+    from pipeline.conversion.onnx_export import OnnxArtifact
     g = helper.make_graph([helper.make_node("Relu", ["input"], ["r"], name="relu0"),
                            helper.make_node("Det", ["r"], ["logits"], name="my_det")], "g",
                           [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1, 4, 4])],

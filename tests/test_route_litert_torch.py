@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from pipeline.errors import ConversionError
-from pipeline.inspect_tflite import check_precision, inspect
-from pipeline.preprocessing import Preprocessing
-from pipeline.runtime import TfliteRunner
+from pipeline.tflite.inspect import check_precision, inspect
+from pipeline.inputs.preprocessing import Preprocessing
+from pipeline.runtime.litert import TfliteRunner
 
 SIZE = 12
 PRE = Preprocessing(input_shape=(1, SIZE, SIZE), source_layout="NHW", source_dtype="uint8", scale=1 / 255,

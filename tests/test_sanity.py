@@ -6,9 +6,11 @@ import dataclasses
 import numpy as np
 import pytest
 
-from pipeline import models, preprocessing, sanity
+from pipeline.inputs import models
 
+from pipeline.inputs import preprocessing
 
+from pipeline.reliability import sanity
 def test_near_chance_limit_follows_the_documented_rule():
     assert sanity.near_chance_limit(0.1) == pytest.approx(0.2)  # 10 balanced classes: twice chance
     assert sanity.near_chance_limit(0.5) == pytest.approx(0.625)  # 2 classes: a quarter of the way to 100%

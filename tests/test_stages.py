@@ -6,11 +6,16 @@ import pytest
 import torch
 import torch.nn as nn
 
-from calib_data import CalibContext, build
-from pipeline import convert, inspect_tflite, metrics, models, preprocessing
+from pipeline.conversion import get_converter
+from pipeline.calib_data import CalibContext, build
+from pipeline.conversion import onnx2tf_tflite as convert
+from pipeline.tflite import inspect as inspect_tflite
+from pipeline.reliability import metrics
+from pipeline.inputs import models
+from pipeline.inputs import preprocessing
 from pipeline.errors import CalibrationError, ExportError
-from pipeline.onnx_export import export_onnx
-from pipeline.runtime import TfliteRunner
+from pipeline.conversion.onnx_export import export_onnx
+from pipeline.runtime.litert import TfliteRunner
 
 
 def _tiny_cnn():
@@ -39,7 +44,7 @@ def converted(tmp_path_factory, raw_images):
     model = models.LoadedModel(spec="tiny", kind="factory", module=_tiny_cnn(), input_shape=(1, 12, 12))
     x = preprocessing.apply(raw_images, PRE)
     onnx_art = export_onnx(model, x[:16], d / "model.onnx")
-    tfl = convert.get_converter("onnx2tf").convert(onnx_art, x[:200], PRE, per_channel=True,
+    tfl = get_converter("onnx2tf").convert(onnx_art, x[:200], PRE, per_channel=True,
                                                   out_path=d / "model_int8.tflite")
     return model, x, onnx_art, tfl
 
@@ -186,7 +191,7 @@ def test_calibration_sources_are_balanced_seeded_and_from_train():
 
 def test_conversion_in_the_worker_process_gives_the_same_bytes(converted, tmp_path):
     """The export's worker process (imports overlapped with setup) converts exactly as in-process."""
-    from pipeline.convert_process import ConverterProcess
+    from pipeline.conversion.worker import ConverterProcess
     _, x, onnx_art, tfl = converted
     art = ConverterProcess("onnx2tf").convert(onnx_art, x[:200], PRE, per_channel=True,
                                               out_path=tmp_path / "w.tflite")
@@ -203,7 +208,7 @@ def test_conversion_in_the_worker_process_gives_the_same_bytes(converted, tmp_pa
 def test_a_dead_conversion_worker_is_a_clear_error(converted, tmp_path):
     import os
     import signal
-    from pipeline.convert_process import ConverterProcess
+    from pipeline.conversion.worker import ConverterProcess
     _, x, onnx_art, _ = converted
     proc = ConverterProcess("onnx2tf")
     os.kill(proc._proc.pid, signal.SIGKILL)
@@ -216,12 +221,12 @@ def test_a_dead_conversion_worker_is_a_clear_error(converted, tmp_path):
 def test_unknown_converter_is_a_usage_error():
     from pipeline.errors import UsageError
     with pytest.raises(UsageError, match="unknown converter 'nope'; choose auto or one of onnx2tf, litert-torch, onnx2tf-flatbuffer"):
-        convert.get_converter("nope")
+        get_converter("nope")
 
 
 def test_converter_errors_are_cut_to_the_line_that_says_what_failed(tmp_path):
     """Keras call failures start with 'in user code:' and a traceback; TFLiteConverter puts its reason late."""
-    from pipeline.convert import _describe_failure, _short
+    from pipeline.conversion.onnx2tf_tflite import _describe_failure, _short
     keras = ValueError("in user code:\n\n    File \"/x/convert.py\", line 126, in None  *\n        lambda x: keras_model(x)\n\n"
                        "    ValueError: Exception encountered when calling layer 'tf.math.multiply_6' (type TFOpLambda).\n"
                        "    \n    Dimensions must be equal, but are 8 and 64 for '{{node model_2/tf.math.multiply_6/Mul}} "

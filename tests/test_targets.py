@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import targets
-from pipeline import micro
+from pipeline import targets
+from pipeline.runtime import micro
 from pipeline.export import ExportConfig, export, main
-from pipeline.inspect_tflite import PRECISION_RULES, check_precision, inspect
+from pipeline.tflite.inspect import PRECISION_RULES, check_precision, inspect
 
 ALL_TARGETS = targets.list_targets()
 MICRO_TARGETS = [n for n in ALL_TARGETS if targets.get_target(n).is_micro]
@@ -303,7 +303,7 @@ def test_budget_check_applies_the_margin():
 @pytest.mark.slow
 def test_precision_study_prints_one_row_per_rung(tmp_path, tinynet_dir, tiny_npz, in_dir, capsys):
     from pipeline import study
-    from pipeline.calibration_metrics import ece, softmax
+    from pipeline.reliability.confidence import ece, softmax
     in_dir(tinynet_dir)
     out = tmp_path / "ladder"
     a = _export_args(tinynet_dir, tiny_npz)

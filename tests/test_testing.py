@@ -46,10 +46,10 @@ def _toy_inputs(n: int, seed: int) -> np.ndarray:
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     """The tiny model converted once to full int8 (onnx2tf + TFLiteConverter, 200 calibration samples)."""
-    from pipeline.convert import get_converter
-    from pipeline.models import LoadedModel
-    from pipeline.onnx_export import export_onnx
-    from pipeline.preprocessing import Preprocessing
+    from pipeline.conversion import get_converter
+    from pipeline.inputs.models import LoadedModel
+    from pipeline.conversion.onnx_export import export_onnx
+    from pipeline.inputs.preprocessing import Preprocessing
 
     d = tmp_path_factory.mktemp("testing")
     model = _tiny_model()
@@ -63,7 +63,7 @@ def converted(tmp_path_factory):
 
 
 def _interpreter_outputs(path, x_nchw: np.ndarray) -> tuple[np.ndarray, float]:
-    """Dequantized outputs from a plain LiteRT Interpreter, one sample at a time (independent of pipeline.runtime)."""
+    """Dequantized outputs from a plain LiteRT Interpreter, one sample at a time (independent of pipeline.runtime.litert)."""
     from ai_edge_litert.interpreter import Interpreter
     interp = Interpreter(model_path=str(path), num_threads=1)
     inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
@@ -168,7 +168,7 @@ def test_training_mode_missing_file_and_negative_limit_are_refused(converted, tm
 
 
 def test_float_output_model_is_refused(converted):
-    from pipeline.convert import get_converter
+    from pipeline.conversion import get_converter
     model, _, onnx, pre, d = converted
     fp32 = get_converter("onnx2tf").convert(onnx, _toy_inputs(8, 1), pre, per_channel=True,
                                             out_path=d / "model_fp32.tflite", precision="fp32")

@@ -1,4 +1,4 @@
-"""The deployment record embedded in a .tflite as model metadata (pipeline/tflite_metadata.py).
+"""The deployment record embedded in a .tflite as model metadata (pipeline/tflite/metadata.py).
 
 Subjects: the committed golden models (real fully-int8 conversions of zoo models, with their golden inputs)
 and one tiny seeded CNN converted here once per module, as an export would.
@@ -14,8 +14,9 @@ import flatbuffers
 import numpy as np
 import pytest
 
-from pipeline import preprocessing
-from pipeline import tflite_metadata as tm
+from pipeline.conversion import get_converter
+from pipeline.inputs import preprocessing
+from pipeline.tflite import metadata as tm
 from pipeline.errors import ModelError, PipelineError
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
@@ -199,8 +200,9 @@ def fresh(tmp_path_factory):
     """A tiny seeded CNN exported to ONNX and converted to fully-int8 TFLite, as the export does (once)."""
     import torch
     import torch.nn as nn
-    from pipeline import convert, models
-    from pipeline.onnx_export import export_onnx
+    from pipeline.conversion import onnx2tf_tflite as convert
+    from pipeline.inputs import models
+    from pipeline.conversion.onnx_export import export_onnx
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
                         nn.Linear(4 * 4 * 4, 10)).eval()
@@ -208,7 +210,7 @@ def fresh(tmp_path_factory):
     raw = np.random.default_rng(0).integers(0, 256, (64, 1, 8, 8)).astype(np.uint8)
     x = preprocessing.apply(raw, PRE)
     lm = models.LoadedModel(spec="tiny", kind="factory", module=net, input_shape=(1, 8, 8))
-    art = convert.get_converter("onnx2tf").convert(export_onnx(lm, x[:8], d / "m.onnx"), x[:32], PRE,
+    art = get_converter("onnx2tf").convert(export_onnx(lm, x[:8], d / "m.onnx"), x[:32], PRE,
                                                   per_channel=True, out_path=d / "m.tflite")
     return art.path.read_bytes(), x
 

@@ -115,7 +115,6 @@ def test_train_writes_the_deployed_form_of_a_model_trained_in_another_form(tmp_p
     from conftest import make_tiny_npz
     from pipeline import train as train_mod
     from pipeline import zoo
-
     data = make_tiny_npz(tmp_path / "tiny28.npz", n_train=256, n_test=64, size=28, classes=4)
     threads_before = torch.get_num_threads()
     rec = train_mod.train("mobileone", str(data), None, epochs=1, seed=0, batch_size=128, lr=3e-3,
@@ -157,11 +156,13 @@ def test_channel_parity_slices_convert_on_the_channel_axis(tmp_path):
     """ShuffleNetV2's split is x[:, 0::2] / x[:, 1::2]; onnx2tf must slice the NHWC channel axis, not H."""
     import onnx
 
-    from pipeline.convert import constants_as_initializers, get_converter
-    from pipeline.inspect_tflite import inspect
-    from pipeline.models import LoadedModel
-    from pipeline.onnx_export import export_onnx
-    from pipeline.preprocessing import Preprocessing
+    from pipeline.conversion import get_converter
+
+    from pipeline.conversion.onnx2tf_tflite import constants_as_initializers
+    from pipeline.tflite.inspect import inspect
+    from pipeline.inputs.models import LoadedModel
+    from pipeline.conversion.onnx_export import export_onnx
+    from pipeline.inputs.preprocessing import Preprocessing
     from pipeline.testing import assert_tflite_matches_torch
 
     class SplitUnit(nn.Module):

@@ -48,7 +48,8 @@ MODELS = zoo.list_models()
 
 def fixed_inputs(entry) -> np.ndarray:
     """The first PER_CLASS test images of each class, preprocessed as the model takes them (float32 NCHW)."""
-    from pipeline import data, preprocessing
+    from pipeline.inputs import data
+    from pipeline.inputs import preprocessing
     ds = data.load(entry.dataset, None, entry.input_shape)
     idx = np.concatenate([np.flatnonzero(ds.y_test == c)[:PER_CLASS] for c in range(entry.num_classes)])
     pre = preprocessing.Preprocessing(input_shape=entry.input_shape, source_layout=ds.source_layout,
@@ -84,8 +85,8 @@ class ZooExport:
 
 @pytest.fixture(scope="module", params=MODELS)
 def exported(request, tmp_path_factory) -> ZooExport:
-    import targets
-    from pipeline import models
+    from pipeline import targets
+    from pipeline.inputs import models
     name = request.param
     _, out, report = export_zoo_model(name, tmp_path_factory.mktemp(name) / "out")
     return ZooExport(name=name, entry=zoo.get_entry(name), module=models.load(f"zoo:{name}").module,
@@ -168,9 +169,12 @@ def test_zoo_table_cli_refuses_unknown_models(capsys):
 @pytest.mark.slow
 def test_full_test_split_drop_and_agreement(exported):
     """The export's gates on all 10,000 test images, with the shared conversion (no second conversion)."""
-    from pipeline import data, metrics, models, preprocessing
+    from pipeline.inputs import data
+    from pipeline.reliability import metrics
+    from pipeline.inputs import models
+    from pipeline.inputs import preprocessing
     from pipeline.export import ExportConfig
-    from pipeline.runtime import TfliteRunner
+    from pipeline.runtime.litert import TfliteRunner
     rep, t = exported.report, exported.target
     pre = preprocessing.Preprocessing.from_dict(rep.preprocessing)
     ds = data.load(exported.entry.dataset, None, exported.entry.input_shape)
@@ -199,7 +203,7 @@ def _load(z: ZooExport):
 def regenerate(names: list[str]) -> None:
     import tempfile
 
-    import targets
+    from pipeline import targets
     from pipeline import quiet
     from pipeline.testing import write_golden
     quiet.configure(False)

@@ -39,10 +39,10 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import quiet
-from pipeline.convert import TfliteArtifact
+from pipeline.conversion import TfliteArtifact
 from pipeline.errors import ConversionError
 from pipeline.precisions import get_precision
-from pipeline.preprocessing import Preprocessing
+from pipeline.inputs.preprocessing import Preprocessing
 
 # precision -> what ai-edge-quantizer is asked to do (quoted in conversion errors)
 RECIPES = {

@@ -54,11 +54,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..convert import TfliteArtifact
-from ..errors import ConversionError
-from ..onnx_export import OnnxArtifact
-from ..precisions import get_precision
-from ..preprocessing import Preprocessing
+from pipeline.conversion import TfliteArtifact
+from pipeline.errors import ConversionError
+from pipeline.conversion.onnx_export import OnnxArtifact
+from pipeline.precisions import get_precision
+from pipeline.inputs.preprocessing import Preprocessing
 
 ONNX2TF_VERSION = "2.6.9"
 _REPO = Path(__file__).resolve().parents[2]
@@ -300,7 +300,7 @@ class Onnx2TfFlatbufferConverter:
 
 
 def _input_layout(model: Path, chw: tuple[int, int, int]) -> str:
-    from ..inspect_tflite import inspect
+    from pipeline.tflite.inspect import inspect
     shape = tuple(int(v) for v in inspect(model).inputs[0].shape[1:])
     c, h, w = chw
     if shape == (h, w, c):

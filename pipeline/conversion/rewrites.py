@@ -38,7 +38,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import ConversionError, UsageError
+from pipeline.errors import ConversionError, UsageError
 
 
 class RewriteError(ConversionError):

@@ -1,4 +1,4 @@
-"""Stage ``bundle``: the device bundle, ``bundle/`` and ``bundle.tar.gz`` (the writer: :mod:`pipeline.bundle`):
+"""Stage ``bundle``: the device bundle, ``bundle/`` and ``bundle.tar.gz`` (the writer: :mod:`pipeline.device.bundle`):
 the model, the preprocessing record, sample inputs with the host's outputs, and the Pi script."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 def bundle(work: Path, tflite, preprocessing: dict, inputs, *, model_spec: str):
     """``preprocessing``: the report's preprocessing record (with the TFLite input layout)."""
-    from ..bundle import write_bundle
+    from pipeline.device.bundle import write_bundle
     return write_bundle(work, tflite.path, tflite.input_layout, preprocessing, inputs.raw_test, inputs.x_test,
                         inputs.labels, model_spec=model_spec, target=inputs.target.name,
                         class_names=inputs.dataset.class_names)

@@ -1,5 +1,5 @@
 """Stage ``convert``: ONNX (or the PyTorch model) -> TFLite at the target's precision, calibrated on the
-representative dataset, by one conversion route (:func:`pipeline.convert.routes`) or by ``auto``.
+representative dataset, by one conversion route (:func:`pipeline.conversion.onnx2tf_tflite.routes`) or by ``auto``.
 
 ``--converter auto`` (the default) tries the routes in the registry's order and keeps the first whose model
 1. converts (in its own worker process: a route that aborts or segfaults is one line naming the signal),
@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..convert import AUTO, TfliteArtifact, routes
-from ..errors import ConversionError, PipelineError
-from ..onnx_export import OnnxArtifact
-from ..preprocessing import Preprocessing
-from .reuse import Reuse, conversion_key
+from pipeline.conversion import AUTO, TfliteArtifact, routes
+from pipeline.errors import ConversionError, PipelineError
+from pipeline.conversion.onnx_export import OnnxArtifact
+from pipeline.inputs.preprocessing import Preprocessing
+from pipeline.stages.reuse import Reuse, conversion_key
 
 CHECK_IMAGES = 256
 CHECK_AGREEMENT = 0.90  # a sanity bound for choosing a route; the export's own gates (default 98%) judge it after
@@ -61,8 +61,8 @@ def convert(onnx: OnnxArtifact, representative: np.ndarray, pre: Preprocessing, 
 def _route(name, onnx, representative, pre, source, worker, in_process, kwargs, *, check: Check | None):
     """(TfliteArtifact, outputs on the check inputs or None) from one route: in the early worker when it runs
     this route, in this process when asked, else in a worker process of its own."""
-    from ..convert import get_converter
-    from ..convert_process import ConverterProcess, check_run, torch_module
+    from pipeline.conversion import get_converter
+    from pipeline.conversion.worker import ConverterProcess, check_run, torch_module
     run = (check.inputs, check.kernels, check.batch) if check is not None else None
     if worker is not None and worker.route == name:
         return worker.convert_checked(onnx, representative, pre, source=source, check=run, **kwargs)
@@ -76,7 +76,7 @@ def _route(name, onnx, representative, pre, source, worker, in_process, kwargs, 
 
 
 def _auto(target, check: Check | None, args) -> TfliteArtifact:
-    from .inspect import inspect
+    from pipeline.stages.inspect import inspect
     tried: list[dict] = []
     for name in routes():
         try:
@@ -104,9 +104,9 @@ def _auto(target, check: Check | None, args) -> TfliteArtifact:
 def with_record(art: TfliteArtifact, pre: Preprocessing) -> TfliteArtifact:
     """The deployment record (preprocessing + the model's input layout and quantization) embedded in the .tflite
     as metadata ``preprocessing.METADATA_NAME``, so the file itself says how to feed it."""
-    from ..inspect_tflite import inspect as read
-    from ..preprocessing import METADATA_NAME, InputQuantization
-    from ..tflite_metadata import embed_file
+    from pipeline.tflite.inspect import inspect as read
+    from pipeline.inputs.preprocessing import METADATA_NAME, InputQuantization
+    from pipeline.tflite.metadata import embed_file
     t = read(art.path).inputs[0]
     quant = InputQuantization(dtype=t.dtype, scale=float(t.scale[0]) if t.scale else 0.0,
                               zero_point=int(t.zero_point[0]) if t.zero_point else 0)
@@ -126,7 +126,7 @@ def torch_source(model, spec: str, weights: str | None):
 def check_sample(model, onnx: OnnxArtifact, x_test: np.ndarray, target, cfg) -> Check | None:
     """The quick check of ``auto`` (None for a forced route): the first test inputs and their FP32 outputs, on
     the FP32 side the run stage will use (``cfg``: the ExportConfig)."""
-    from .. import models
+    from pipeline.inputs import models
     if cfg.converter != AUTO:
         return None
     x = x_test[:CHECK_IMAGES]

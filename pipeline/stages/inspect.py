@@ -1,4 +1,4 @@
-"""Stage ``inspect``: read the .tflite flatbuffer (ops, tensor dtypes, quantization; :mod:`pipeline.inspect_tflite`)
+"""Stage ``inspect``: read the .tflite flatbuffer (ops, tensor dtypes, quantization; :mod:`pipeline.tflite.inspect`)
 and hold the model to its precision's contract (:mod:`pipeline.precisions`)."""
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from pathlib import Path
 
 
 def inspect(tflite: Path, target):
-    from ..errors import ConversionError, NotFullyInt8Error
-    from ..inspect_tflite import inspect as read
-    from ..precisions import get_precision
+    from pipeline.errors import ConversionError, NotFullyInt8Error
+    from pipeline.tflite.inspect import inspect as read
+    from pipeline.precisions import get_precision
     precision = get_precision(target.precision)
     insp = read(tflite)
     if target.allow_float_fallback:

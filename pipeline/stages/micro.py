@@ -1,16 +1,16 @@
 """Stage ``micro``: TFLite-Micro targets only: load on TFLite-Micro, measure arena_bytes and flash_bytes
-against the board's budgets, and compare TFLite-Micro's outputs with LiteRT's (:mod:`pipeline.micro`)."""
+against the board's budgets, and compare TFLite-Micro's outputs with LiteRT's (:mod:`pipeline.runtime.micro`)."""
 from __future__ import annotations
 
 import numpy as np
 
-from ..quiet import progress as _progress
+from pipeline.quiet import progress as _progress
 
 
 def micro(tflite, x_test: np.ndarray, litert_raw: np.ndarray, target, *, limit: int, progress: bool):
     if not target.is_micro:
         return None
-    from ..micro import check
+    from pipeline.runtime.micro import check
     n = min(limit, len(x_test))
     with _progress(n, "run TFLite-Micro", progress) as bar:
         return check(tflite.path, x_test[:n], tflite.input_layout, litert_raw[:n], target, limit=n, progress=bar)
@@ -18,7 +18,7 @@ def micro(tflite, x_test: np.ndarray, litert_raw: np.ndarray, target, *, limit: 
 
 def gates(result) -> dict:
     """The three device gates of a TFLite-Micro target."""
-    from ..report import Gate
+    from pipeline.report import Gate
     if result is None:
         return {}
     ram, flash = result.ram, result.flash

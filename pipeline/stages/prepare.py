@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UsageError
-from ..preprocessing import Preprocessing
+from pipeline.errors import UsageError
+from pipeline.inputs.preprocessing import Preprocessing
 
 
 @dataclass(frozen=True)
@@ -40,11 +40,11 @@ class Inputs:
 
 def prepare(cfg, log=print) -> Inputs:
     """``cfg``: the export's ExportConfig."""
-    import targets
-    from calib_data import CalibContext, build
-    from .. import data as data_mod
-    from .. import models, preprocessing
-
+    from pipeline import targets
+    from pipeline.calib_data import CalibContext, build
+    from pipeline.inputs import data as data_mod
+    from pipeline.inputs import models
+    from pipeline.inputs import preprocessing
     target = targets.get_target(cfg.target)
     if cfg.calib_size is not None and cfg.calib_size <= 0:
         raise UsageError(f"--calib-size {cfg.calib_size} gives an empty representative dataset; pass at least 1 "
@@ -68,8 +68,8 @@ def prepare(cfg, log=print) -> Inputs:
     data_mod.check_fits(ds, input_shape, num_classes)
     ds = data_mod.check_class_count(ds, num_classes)
     if cfg.reliability is not None:  # the validation split and the corruption suite must fit the data: say so now
-        from ..corruptions import check_corruptible
-        from ..reliability import resolve_val_size
+        from pipeline.reliability.corruptions import check_corruptible
+        from pipeline.reliability.suite import resolve_val_size
         resolve_val_size(cfg.reliability.val_size, len(ds.y_train))
         if cfg.reliability.corruptions:
             check_corruptible(input_shape)

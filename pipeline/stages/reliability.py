@@ -1,5 +1,5 @@
 """Stage ``reliability`` (``--reliability``): calibration drift, temperature scaling, flips, per-class drops and
-the corruption suite, with two more gates (:mod:`pipeline.reliability`). It reuses the run stage's clean-test
+the corruption suite, with two more gates (:mod:`pipeline.reliability.suite`). It reuses the run stage's clean-test
 logits, so the clean figures are the ones in predictions.npz."""
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 def reliability(rcfg, inputs, tflite, ran, *, model_spec: str, weights: str | None, batch_size: int,
                 fp32_onnx: Path | None, progress: bool):
     """``rcfg``: ReliabilityConfig; ``fp32_onnx``: model.onnx when the FP32 side runs on onnxruntime."""
-    from ..evaluate import held_out_from_training
-    from ..parallel_eval import ModelPair
-    from ..reliability import evaluate
+    from pipeline.evaluate import held_out_from_training
+    from pipeline.reliability.engine import ModelPair
+    from pipeline.reliability.suite import evaluate
     pair = ModelPair(model_spec=model_spec, weights=weights, tflite_path=str(Path(tflite.path).resolve()),
                      input_layout=tflite.input_layout, kernels=inputs.target.run_kernels, preprocessing=inputs.pre,
                      batch_size=batch_size, fp32_onnx=str(fp32_onnx.resolve()) if fp32_onnx else None)

@@ -3,14 +3,14 @@ sanity gate first (when it fails, the gates after it compare two broken models),
 the accuracy gates and, on TFLite-Micro targets, the device gates."""
 from __future__ import annotations
 
-from ..report import Gate, Report
+from pipeline.report import Gate, Report
 
 def build(cfg, inputs, onnx, tflite, insp, ran, micro, cmp, sane, lat, timings: dict, setup_s: float) -> Report:
     """Every argument is a stage's artifact (``cfg``: ExportConfig, ``inputs``: prepare's Inputs)."""
-    from ..jsonio import sha256_file
-    from ..metrics import accuracy_gates
-    from ..precisions import get_precision
-    from .micro import gates as device_gates
+    from pipeline.jsonio import sha256_file
+    from pipeline.reliability.metrics import accuracy_gates
+    from pipeline.precisions import get_precision
+    from pipeline.stages.micro import gates as device_gates
     target, n = inputs.target, inputs.n
     precision = get_precision(target.precision)
     prec = precision.name
@@ -26,7 +26,7 @@ def build(cfg, inputs, onnx, tflite, insp, ran, micro, cmp, sane, lat, timings: 
         **accuracy_gates(cmp, cfg.max_drop_pp, cfg.min_agreement),
         **device_gates(micro),
     }
-    from ..report_figures import confusion_and_flip_examples  # report.html's confusion and flip thumbnails
+    from pipeline.report.figures import confusion_and_flip_examples  # report.html's confusion and flip thumbnails
     measured = ran.tflite.describe()
     tfl_sha256 = sha256_file(tflite.path)
     return Report(

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..quiet import progress as _progress
+from pipeline.quiet import progress as _progress
 
 
 @dataclass(frozen=True)
@@ -22,8 +22,8 @@ class RunOutputs:
 def run(tflite, onnx, model, x_test: np.ndarray, target, *, batch_size: int, fp32_runtime: str,
         progress: bool) -> RunOutputs:
     """``tflite``: TfliteArtifact; ``onnx``: OnnxArtifact; ``model``: models.LoadedModel."""
-    from .. import models
-    from ..runtime import TfliteRunner
+    from pipeline.inputs import models
+    from pipeline.runtime.litert import TfliteRunner
     runner = TfliteRunner(tflite.path, kernels=target.run_kernels, threads=target.threads, batch_size=batch_size,
                           input_layout=tflite.input_layout)
     with _progress(2 * len(x_test), f"run {target.precision} + FP32", progress) as bar:

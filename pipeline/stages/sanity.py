@@ -1,10 +1,10 @@
 """Stage ``sanity``: is the FP32 reference itself sane? FP32 top-1 above chance (a gate, first in the report)
-and the preprocessing probe (:mod:`pipeline.sanity`). A broken FP32 model makes every int8 figure moot."""
+and the preprocessing probe (:mod:`pipeline.reliability.sanity`). A broken FP32 model makes every int8 figure moot."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..report import Gate
+from pipeline.report import Gate
 
 
 @dataclass(frozen=True)
@@ -14,7 +14,7 @@ class SanityCheck:
     weights_missing: bool  # a factory built without --weights: random initialisation
 
     def warnings(self) -> list[str]:
-        from ..sanity import suggestion
+        from pipeline.reliability.sanity import suggestion
         out = []
         if self.weights_missing:
             out.append("the factory was built without --weights: its weights are a random initialisation")
@@ -26,8 +26,8 @@ class SanityCheck:
 def sanity(inputs, ran, cmp, *, batch_size: int, weights_given: bool) -> SanityCheck:
     """``inputs``: prepare's Inputs; ``ran``: RunOutputs (its FP32 model and logits are the probe's 'in use'
     row); ``cmp``: the compare stage's Comparison."""
-    from .. import models
-    from .. import sanity as checks
+    from pipeline.inputs import models
+    from pipeline.reliability import sanity as checks
     probe = checks.probe(lambda x: models.run_fp32(ran.fp32_model, x, batch_size=batch_size), inputs.raw_test,
                          inputs.labels, inputs.pre, inputs.model.mean, inputs.model.std,
                          train_stats=checks.train_statistics(inputs.dataset.x_train, inputs.pre.scale),

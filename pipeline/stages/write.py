@@ -17,8 +17,8 @@ def prediction_arrays(inputs, ran, micro, precision: str) -> dict:
 
 def write(work: Path, report, arrays: dict, writing) -> Path:
     """``writing``: the output folder's context manager that turns a full disk into one OutputError line."""
-    from ..html_report import write as write_html
-    from ..jsonio import sha256_file
+    from pipeline.report.html import write as write_html
+    from pipeline.jsonio import sha256_file
     with writing("predictions.npz"):
         np.savez_compressed(work / "predictions.npz", **arrays)
     report.artifacts["predictions"] = {"path": "predictions.npz", "arrays": list(arrays),

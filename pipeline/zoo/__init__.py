@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch.nn as nn
 
-from ..errors import ModelError
+from pipeline.errors import ModelError
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
@@ -59,6 +59,9 @@ class ZooEntry:
 
 _REGISTRY: dict[str, ZooEntry] = {}
 
+# What every shipped model was trained on: Fashion-MNIST, 1x28x28, ten classes, its training split's statistics.
+FASHION_MNIST = dict(input_shape=(1, 28, 28), num_classes=10, dataset="fashion-mnist", mean=(0.2860,), std=(0.3530,))
+
 
 def register_model(name: str, *, input_shape, num_classes, dataset, mean, std, description,
                    train_factory=None, to_deploy=None, int8_max_steps=None):
@@ -75,7 +78,7 @@ def register_model(name: str, *, input_shape, num_classes, dataset, mean, std, d
 
 
 def _load() -> None:
-    from . import ghostnet, mobilenetv2, mobileone, refcnn, resnet8, shufflenetv2  # noqa: F401
+    from pipeline.zoo import ghostnet, mobilenetv2, mobileone, refcnn, resnet8, shufflenetv2  # noqa: F401
 
 
 def list_models(include_unshipped: bool = False) -> list[str]:

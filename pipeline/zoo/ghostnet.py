@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import register_model
+from pipeline.zoo import FASHION_MNIST, register_model
 
 
 def _make_divisible(v: float, divisor: int = 4) -> int:
@@ -145,11 +145,7 @@ class GhostNet(nn.Module):
 
 @register_model(
     "ghostnet",
-    input_shape=(1, 28, 28),
-    num_classes=10,
-    dataset="fashion-mnist",
-    mean=(0.2860,),
-    std=(0.3530,),
+    **FASHION_MNIST,
     description="GhostNet (ghost modules, ghost bottlenecks, SE with hard sigmoid), width 0.75, 9 bottlenecks",
     # Measured 10.50 steps on the regression suite's fixed inputs on XNNPACK (4 threads; 5.59 on the
     # reference kernels: the two kernel families' raw outputs differ by up to 7 steps here), x1.5.

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from . import register_model
+from pipeline.zoo import FASHION_MNIST, register_model
 
 
 def _make_divisible(v: float, divisor: int = 8) -> int:
@@ -79,11 +79,7 @@ class MobileNetV2(nn.Module):
 
 @register_model(
     "mobilenetv2",
-    input_shape=(1, 28, 28),
-    num_classes=10,
-    dataset="fashion-mnist",
-    mean=(0.2860,),
-    std=(0.3530,),
+    **FASHION_MNIST,
     description="MobileNetV2 (inverted residuals, linear bottlenecks, ReLU6), width 0.5, stride-1 stem",
     int8_max_steps=12,  # measured 7.67 steps on the regression suite's fixed inputs (XNNPACK, 4 threads), x1.5
 )

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import register_model
+from pipeline.zoo import FASHION_MNIST, register_model
 
 
 class ConvBN(nn.Module):
@@ -154,11 +154,7 @@ def mobileone_train() -> MobileOne:
 
 @register_model(
     "mobileone",
-    input_shape=(1, 28, 28),
-    num_classes=10,
-    dataset="fashion-mnist",
-    mean=(0.2860,),
-    std=(0.3530,),
+    **FASHION_MNIST,
     description="MobileOne, re-parameterised (trained with k=4 conv-BN branches + scale + skip BN per block)",
     train_factory=mobileone_train,
     to_deploy=reparameterize,

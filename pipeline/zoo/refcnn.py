@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from . import register_model
+from pipeline.zoo import FASHION_MNIST, register_model
 
 
 def _block(cin: int, cout: int) -> list[nn.Module]:
@@ -34,11 +34,7 @@ class RefCNN(nn.Module):
 
 @register_model(
     "refcnn",
-    input_shape=(1, 28, 28),
-    num_classes=10,
-    dataset="fashion-mnist",
-    mean=(0.2860,),  # Fashion-MNIST training-set mean and std after scaling by 1/255
-    std=(0.3530,),
+    **FASHION_MNIST,  # mean and std: the Fashion-MNIST training split's, after scaling by 1/255
     description="Reference 5-conv CNN for Fashion-MNIST (BN folded, ReLU, GAP, linear head)",
     int8_max_steps=11,  # measured 7.07 steps on the regression suite's fixed inputs (XNNPACK, 4 threads), x1.5
 )

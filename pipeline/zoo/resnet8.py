@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from . import register_model
+from pipeline.zoo import FASHION_MNIST, register_model
 
 
 def conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1) -> nn.Sequential:
@@ -54,11 +54,7 @@ class ResNet8(nn.Module):
 
 @register_model(
     "resnet8",
-    input_shape=(1, 28, 28),
-    num_classes=10,
-    dataset="fashion-mnist",
-    mean=(0.2860,),
-    std=(0.3530,),
+    **FASHION_MNIST,
     description="ResNet-8 (MLPerf Tiny image classification), 1-channel input, global average pool",
     int8_max_steps=5,  # measured 2.98 steps on the regression suite's fixed inputs (XNNPACK, 4 threads), x1.5
 )

@@ -18,7 +18,7 @@ Measured with onnx2tf 1.28.8 on the pipeline's dynamic-batch ONNX: with sizes re
 tensor the reshape targets are computed at run time and a later Conv2D is left with unknown
 channels (TFLiteConverter: "'tf.Conv2D' op is neither a custom op nor a flex op"); with
 constant sizes onnx2tf keeps the 5-D result in NCHW and the next Concat fails. The strided
-slices convert once their Constant operands are initializers, which ``pipeline.convert``
+slices convert once their Constant operands are initializers, which ``pipeline.conversion.onnx2tf_tflite``
 arranges (``constants_as_initializers``).
 
 Adaptation to small inputs (as CIFAR ports of ShuffleNetV2 do): the stem is a stride-1
@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from . import register_model
+from pipeline.zoo import FASHION_MNIST, register_model
 
 
 def conv_bn(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, relu: bool = True) -> nn.Sequential:
@@ -103,11 +103,7 @@ class ShuffleNetV2(nn.Module):
 
 @register_model(
     "shufflenetv2",
-    input_shape=(1, 28, 28),
-    num_classes=10,
-    dataset="fashion-mnist",
-    mean=(0.2860,),
-    std=(0.3530,),
+    **FASHION_MNIST,
     description="ShuffleNetV2 (channel split + shuffle, depthwise units), stride-1 stem for 28x28",
     int8_max_steps=11,  # measured 6.71 steps on the regression suite's fixed inputs (XNNPACK, 4 threads), x1.5
 )

@@ -26,9 +26,10 @@ import time
 
 import numpy as np
 
-from . import errors
-from .convert import TfliteArtifact, _short, get_converter
-from .errors import ConversionError, PipelineError
+from pipeline import errors
+from pipeline.conversion import TfliteArtifact, get_converter
+from pipeline.conversion.onnx2tf_tflite import _short
+from pipeline.errors import ConversionError, PipelineError
 
 
 _PR_SET_PDEATHSIG = 1
@@ -49,7 +50,7 @@ def _serve(name: str, verbose: bool, conn, parent_pid: int | None = None) -> Non
     if parent_pid is not None:
         _die_with_parent(parent_pid)
     try:
-        from . import quiet
+        from pipeline import quiet
         quiet.configure(verbose)
         converter = get_converter(name)
         t0 = time.perf_counter()
@@ -96,7 +97,7 @@ def torch_module(route: str, source):
     initialisation, different in every process)."""
     import torch
 
-    from . import models
+    from pipeline.inputs import models
     if source is None:
         raise ConversionError(f"the {route} route converts the PyTorch model itself; none was given")
     spec, weights, state = source
@@ -111,7 +112,7 @@ def torch_module(route: str, source):
 
 def check_run(art, check) -> np.ndarray:
     """The converted model's float outputs on ``check`` = (inputs N×C×H×W, kernels, batch size)."""
-    from .runtime import TfliteRunner
+    from pipeline.runtime.litert import TfliteRunner
     inputs, kernels, batch = check
     runner = TfliteRunner(art.path, kernels=kernels, threads=1, batch_size=batch, input_layout=art.input_layout)
     return runner.run(inputs).outputs

@@ -12,7 +12,6 @@ meets that precision's contract.
 """
 from __future__ import annotations
 
-import functools
 import os
 import re
 import tempfile
@@ -23,53 +22,12 @@ from typing import Protocol
 
 import numpy as np
 
-from .errors import ConversionError, UsageError
-from .onnx_export import OnnxArtifact
-from .precisions import Precision, get_precision
-from .preprocessing import Preprocessing
-from . import quiet
-
-
-@dataclass(frozen=True)
-class TfliteArtifact:
-    path: Path
-    bytes: int
-    converter: str
-    input_layout: str  # layout of the TFLite input tensor: "NHWC" or "NCHW"
-    calibration_samples: int
-    timings_s: dict = field(default_factory=dict)
-    constant_folded: bool = False  # converted again from a constant-folded graph (the first try broke the batch axis)
-    reused: bool = False  # copied from an earlier target of the same multi-target call (stages/reuse.py)
-    routes_tried: tuple = ()  # --converter auto: one record per route tried, in order (stages/convert.py)
-    preprocessing: Preprocessing | None = None  # the deployment record embedded in the file (stages/convert.py)
-
-    def describe(self) -> dict:
-        d = {"path": self.path.name, "bytes": self.bytes, "converter": self.converter,
-             "input_layout": self.input_layout, "calibration_samples": self.calibration_samples,
-             "timings_s": dict(self.timings_s)}
-        if self.constant_folded:
-            d["constant_folded"] = ("the first conversion applied a computed pad or reshape to the batch axis; "
-                                    "the model was converted again from the ONNX graph with its constant "
-                                    "subgraphs folded by onnxruntime's basic optimizer")
-        if self.routes_tried:
-            d["routes_tried"] = [dict(r) for r in self.routes_tried]
-        if self.reused:
-            from .stages.reuse import Reuse
-            d["reused"] = Reuse.NOTE
-        return d
-
-
-class Converter(Protocol):
-    name: str
-
-    def preload(self, verbose: bool = False) -> None:
-        """Import what ``convert`` needs (the export starts this early, in a worker process)."""
-
-    def convert(self, onnx: OnnxArtifact, representative: np.ndarray, pre: Preprocessing, *,
-                per_channel: bool, out_path: Path, verbose: bool = False,
-                precision: str = "int8") -> TfliteArtifact: ...
-
-
+from pipeline.conversion import TfliteArtifact
+from pipeline.errors import ConversionError
+from pipeline.conversion.onnx_export import OnnxArtifact
+from pipeline.precisions import Precision, get_precision
+from pipeline.inputs.preprocessing import Preprocessing
+from pipeline import quiet
 def _short(e: BaseException) -> str:
     s = str(e).strip()
     if not s:
@@ -249,8 +207,8 @@ def batch_axis_intact(path: Path, input_layout: str, input_chw: tuple[int, int, 
     """Whether a converted model gives one output row per input row, on LiteRT's built-in kernels at batch 2 (or
     its fixed batch): ``TfliteRunner.run`` refuses a model whose output rows do not match, as one whose
     conversion applied a pad or reshape to the batch axis."""
-    from .errors import PipelineError
-    from .runtime import TfliteRunner
+    from pipeline.errors import PipelineError
+    from pipeline.runtime.litert import TfliteRunner
     try:
         runner = TfliteRunner(path, kernels="builtin", threads=1, batch_size=2, input_layout=input_layout)
         runner.run(np.zeros((2, *input_chw), np.float32))
@@ -308,23 +266,3 @@ def _input_layout(keras_shape: tuple, chw: tuple[int, int, int]) -> str:
     if keras_shape == (c, h, w):
         return "NCHW"
     raise ConversionError(f"onnx2tf produced input shape {keras_shape}, which matches neither {chw} (C,H,W) nor its NHWC form")
-
-
-@functools.cache
-def routes() -> dict[str, Converter]:
-    """The conversion routes, in the order ``--converter auto`` tries them (README "Conversion routes"): onnx2tf +
-    TFLiteConverter first (the closest to FP32 on the zoo), then litert-torch + ai-edge-quantizer (no ONNX: takes
-    GELU, LayerNorm and attention fully int8), then onnx2tf 2.x flatbuffer_direct (no TensorFlow)."""
-    from .conversion.litert_torch import LiteRtTorchConverter
-    from .conversion.onnx2tf_flatbuffer import Onnx2TfFlatbufferConverter
-    return {"onnx2tf": Onnx2TfConverter(), "litert-torch": LiteRtTorchConverter(),
-            "onnx2tf-flatbuffer": Onnx2TfFlatbufferConverter()}
-
-
-AUTO = "auto"
-
-
-def get_converter(name: str) -> Converter:
-    if name not in routes():
-        raise UsageError(f"unknown converter {name!r}; choose {AUTO} or one of {', '.join(routes())}")
-    return routes()[name]

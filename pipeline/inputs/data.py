@@ -1,6 +1,6 @@
 """Datasets: Fashion-MNIST from IDX files, or a user's .npz.
 
-Images are kept raw (uint8 or float32) in NCHW order; :mod:`pipeline.preprocessing`
+Images are kept raw (uint8 or float32) in NCHW order; :mod:`pipeline.inputs.preprocessing`
 turns them into model input. The layout the data arrived in is recorded.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError
+from pipeline.errors import DataError
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = (
@@ -138,7 +138,7 @@ _IDX_NDIM = {"x": 3, "y": 1}  # images N x H x W, labels N
 
 def _read_idx(path: Path, ndim: int | None = None) -> np.ndarray:
     """An unsigned-byte IDX file, its header checked against the file's size and the memory before reading."""
-    from .safe_arrays import available_memory, human_bytes
+    from pipeline.inputs.safe_arrays import available_memory, human_bytes
     fix = "reinstall dataset-fashion-mnist or pass --data-dir DIR holding the four IDX files"
     gz = path.suffix == ".gz"
     try:
@@ -271,7 +271,7 @@ def _to_nchw(x: np.ndarray, layout: str) -> np.ndarray:
 
 
 def load_npz(path: Path, expected_chw: tuple[int, int, int] | None = None) -> Dataset:
-    from .safe_arrays import load_npz as safe_load_npz
+    from pipeline.inputs.safe_arrays import load_npz as safe_load_npz
     if not path.exists():
         raise DataError(f"data file {path} does not exist; pass --data path/to/data.npz or --data fashion-mnist")
     arrays = safe_load_npz(path, NPZ_KEYS, what=str(path), error=DataError, optional=(CLASS_NAMES_KEY,))

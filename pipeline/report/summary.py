@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def print_targets() -> None:
-    import targets
+    from pipeline import targets
     def size(b):
         if b is None:
             return "-"
@@ -36,7 +36,7 @@ def summary(report, out: Path) -> str:
     failed = report.failed()
     verdict = "PASS" if report.passed else "FAIL (" + ", ".join(failed) + ")"
     reasons = [f"           {k}: {report.gates[k].reason}" for k in failed if report.gates[k].reason]
-    from .precisions import get_precision
+    from pipeline.precisions import get_precision
     return "\n".join([
         f"model      {report.model['spec']}  ->  target {report.target['name']}",
         f"{p:<10} {get_precision(p).contract_text(q)}"
@@ -126,7 +126,7 @@ def _device_lines(report) -> list[str]:
 
 def targets_table(rows: list[dict], root: Path) -> str:
     """The one summary of a multi-target export: a row per target."""
-    from .precisions import get_precision
+    from pipeline.precisions import get_precision
     head = ("target", "precision", "contract", "FP32", "quantized", "drop pp", "agreement", "TFLite KiB",
             "converted", "verdict")
     table, notes = [head], []

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .preprocessing import Preprocessing
+from pipeline.inputs.preprocessing import Preprocessing
 
 BLOCK = 1000  # images per job; part of the shifted sets' definition (the per-block seed)
 
@@ -86,8 +86,8 @@ def clean_jobs(split: str, n: int) -> list[Job]:
 
 def make_inputs(raw: np.ndarray, job: Job, pre: Preprocessing) -> np.ndarray:
     """Raw images of one block -> (corrupted) -> normalised float32 NCHW model input."""
-    from . import corruptions
-    from .preprocessing import apply
+    from pipeline.reliability import corruptions
+    from pipeline.inputs.preprocessing import apply
     x = raw[job.start:job.stop]
     if job.corruption is None:
         return apply(x, pre)
@@ -107,8 +107,8 @@ class _Worker:
     """Both models in one process; ``loaded_model`` reuses an in-process model instead of reloading."""
 
     def __init__(self, pair: ModelPair, arrays: dict, loaded_model=None, threads: int = 1):
-        from . import models
-        from .runtime import TfliteRunner
+        from pipeline.inputs import models
+        from pipeline.runtime.litert import TfliteRunner
         self.pair, self.arrays = pair, arrays
         if pair.fp32_onnx:
             self.model = models.load(pair.fp32_onnx)
@@ -126,7 +126,7 @@ class _Worker:
                                    batch_size=pair.batch_size, input_layout=pair.input_layout)
 
     def __call__(self, job: Job):
-        from . import models
+        from pipeline.inputs import models
         x = make_inputs(self.arrays[job.split], job, self.pair.preprocessing)
         fp32 = models.run_fp32(self.model, x, batch_size=self.pair.batch_size).astype(np.float32) if job.fp32 else None
         r = self.runner.run(x)
@@ -147,7 +147,7 @@ def _init_worker(pair: ModelPair, arrays: dict) -> None:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     try:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-        from . import quiet
+        from pipeline import quiet
         quiet.configure(False)
         import torch
         torch.set_num_threads(1)
@@ -157,7 +157,7 @@ def _init_worker(pair: ModelPair, arrays: dict) -> None:
 
 
 def _as_pipeline_error(e: BaseException) -> Exception:
-    from .errors import PipelineError, RuntimeStageError
+    from pipeline.errors import PipelineError, RuntimeStageError
     if isinstance(e, PipelineError):
         return e
     return RuntimeStageError(f"a worker process could not build the models: {type(e).__name__}: {e}; "
@@ -171,7 +171,7 @@ def _describe_job(job: Job) -> str:
 
 def _job_error(job: Job, e: Exception) -> Exception:
     """A PipelineError as it is; anything else as a RuntimeStageError naming the job and the failure."""
-    from .errors import PipelineError, RuntimeStageError
+    from pipeline.errors import PipelineError, RuntimeStageError
     if isinstance(e, PipelineError):
         return e
     return RuntimeStageError(f"evaluating {_describe_job(job)} failed: {type(e).__name__}: {e}")
@@ -179,7 +179,7 @@ def _job_error(job: Job, e: Exception) -> Exception:
 
 def _run_job(job: Job):
     if _WORKER is None:
-        from .errors import RuntimeStageError
+        from pipeline.errors import RuntimeStageError
         raise _INIT_ERROR or RuntimeStageError("a worker process has no models (its initializer did not run)")
     try:
         return _WORKER(job)
@@ -306,7 +306,7 @@ class Engine:
                     for f in done:
                         take(f.result())
             except BrokenProcessPool:
-                from .errors import RuntimeStageError
+                from pipeline.errors import RuntimeStageError
                 self.close()
                 raise RuntimeStageError(
                     f"a worker process died during the evaluation (killed, out of memory, or a crash in native "

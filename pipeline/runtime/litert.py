@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ConversionError, RuntimeStageError
+from pipeline.errors import ConversionError, RuntimeStageError
 
 KERNELS = ("xnnpack", "builtin", "ref")
 
@@ -101,7 +101,7 @@ class TfliteRunner:
     def _allocate(self, batch: int) -> None:
         if self._allocated == batch:
             return
-        from .quiet import captured
+        from pipeline.quiet import captured
         try:
             with captured(verbose=False):  # LiteRT prints "Created TensorFlow Lite XNNPACK delegate" natively
                 if self.dynamic:

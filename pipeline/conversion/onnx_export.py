@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ExportError
-from .models import LoadedModel, run_fp32
+from pipeline.errors import ExportError
+from pipeline.inputs.models import LoadedModel, run_fp32
 
 OPSET = 17
 INPUT_NAME = "input"
@@ -31,7 +31,7 @@ class OnnxArtifact:
     reused: bool = False  # copied from an earlier target of the same multi-target call (stages/reuse.py)
 
     def describe(self) -> dict:
-        from .stages.reuse import Reuse
+        from pipeline.stages.reuse import Reuse
         return {"path": self.path.name, "bytes": self.bytes, "opset": self.opset, "input_name": self.input_name,
                 "output_name": self.output_name, "dynamic_batch": self.dynamic_batch,
                 "max_abs_error_vs_pytorch": self.max_abs_error, "tolerance": self.tolerance,

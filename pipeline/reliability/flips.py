@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .calibration_metrics import softmax
+from pipeline.reliability.confidence import softmax
 
 SCORES = ("margin", "entropy", "deepgini", "least_confidence")
 

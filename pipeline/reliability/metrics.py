@@ -26,7 +26,7 @@ class Comparison:
 
 def accuracy_gates(cmp: Comparison, max_drop_pp: float, min_agreement: float) -> dict:
     """The export's two accuracy gates on a comparison: top-1 drop (points) and top-1 agreement."""
-    from .report import Gate
+    from pipeline.report import Gate
     return {
         "max_drop_pp": Gate(passed=cmp.drop_pp <= max_drop_pp, value=cmp.drop_pp, limit=max_drop_pp),
         "min_agreement": Gate(passed=cmp.agreement >= min_agreement, value=cmp.agreement, limit=min_agreement),

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import OutputError
-from .jsonio import sha256_file
+from pipeline.errors import OutputError
+from pipeline.jsonio import sha256_file
 
 BUNDLE_DIR = "bundle"
 BUNDLE_TAR = "bundle.tar.gz"
@@ -42,7 +42,7 @@ SAMPLES = 64
 RECORDED_KERNELS = ("xnnpack", "builtin", "ref")
 REF_SAMPLES = 8
 CHECK_TOLERANCE_STEPS = 1
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "pi_benchmark.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "pi_benchmark.py"
 
 REQUIREMENTS = """\
 # The Pi benchmark needs only numpy and a TFLite interpreter package (no torch, no tensorflow).
@@ -88,7 +88,7 @@ class BundleArtifact:
 
 
 def _host_description() -> str:
-    from .runtime import host_description
+    from pipeline.runtime.litert import host_description
     return host_description()
 
 
@@ -118,7 +118,7 @@ def write_bundle(work: Path, tflite_path: Path, input_layout: str, preprocessing
     script reads them to print a label next to each class index. They live in the manifest itself, so no
     file is added to its ``sha256`` map (which covers every file the script reads besides bundle.json).
     """
-    from .runtime import TfliteRunner
+    from pipeline.runtime.litert import TfliteRunner
     t0 = time.perf_counter()
     n = min(int(n_samples), len(x), len(raw), len(labels))
     if n <= 0:
@@ -224,6 +224,6 @@ _RESOLVERS = {"xnnpack": "BUILTIN", "builtin": "BUILTIN_WITHOUT_DEFAULT_DELEGATE
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    from .report import _clean
+    from pipeline.report import _clean
     path.write_text(json.dumps(_clean(obj), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 

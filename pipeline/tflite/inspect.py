@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 from ai_edge_litert import schema_py_generated as schema
 
-from .errors import ConversionError
-from .precisions import PrecisionCheck, RegistryView, get_precision  # noqa: F401  (PrecisionCheck: re-exported)
+from pipeline.errors import ConversionError
+from pipeline.precisions import PrecisionCheck, RegistryView, get_precision  # noqa: F401  (PrecisionCheck: re-exported)
 
 _TYPE_NAMES = {v: k.lower() for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
 _OP_NAMES = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}

@@ -20,7 +20,7 @@ import io
 
 import numpy as np
 
-from .calibration_metrics import softmax
+from pipeline.reliability.confidence import softmax
 
 THUMB_TARGET_PX = 56
 THUMB_MAX_PX = 64

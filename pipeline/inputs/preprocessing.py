@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .errors import DataError
+from pipeline.errors import DataError
 
 
 RECORD_VERSION = 1  # of the dict form below (report.json "preprocessing", bundle's preprocessing.json, .tflite metadata)
@@ -120,7 +120,7 @@ DTYPES = ("uint8", "float32")
 def from_record(d: dict, where: str, fix: str) -> Preprocessing:
     """A preprocessing record read from a file, every field checked for type and range (DataError naming
     ``preprocessing.<key>`` otherwise)."""
-    from .jsonio import Fields
+    from pipeline.jsonio import Fields
     f = Fields(d, where, fix, "preprocessing.")
     shape = f.numbers("input_shape", 3, 3, 1, MAX_SIDE, required=True, integer=True)
     c, h, w = shape

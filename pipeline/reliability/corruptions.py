@@ -24,7 +24,7 @@ import zlib
 
 import numpy as np
 
-from .errors import DataError
+from pipeline.errors import DataError
 
 SEVERITIES = (1, 2, 3, 4, 5)
 

@@ -7,7 +7,7 @@ vector, a ``name`` plus a ``buffer`` index into ``buffers``, that buffer holding
 
 - :func:`embed` returns a new model holding the record. It goes through the flatbuffers object API of the
   TFLite schema that ``ai_edge_litert`` ships (``ai_edge_litert.schema_py_generated``, the module
-  :mod:`pipeline.inspect_tflite` already reads models with): unpack, change ``metadata`` and ``buffers``,
+  :mod:`pipeline.tflite.inspect` already reads models with): unpack, change ``metadata`` and ``buffers``,
   pack. Everything else (operator codes, subgraphs, tensors, buffers, signature defs, other metadata such as
   ``min_runtime_version`` and ``CONVERSION_METADATA``) is unpacked and packed unchanged and keeps its indices;
   buffer data is packed 16-byte aligned (the TFLite converter's buffer alignment), never less aligned than
@@ -33,7 +33,7 @@ import stat
 import struct
 from pathlib import Path
 
-from .errors import ModelError
+from pipeline.errors import ModelError
 
 MAX_RECORD_BYTES = 64 << 10  # a deployment record is a few hundred bytes
 MAX_RECORD_DEPTH = 16  # a deployment record nests about 3 deep
@@ -55,7 +55,7 @@ class MetadataError(ModelError):
 def encode_record(record: dict) -> bytes:
     """The canonical bytes of ``record``: UTF-8 JSON, sorted keys, compact; refused when :func:`read` would
     refuse it (too large, too deep, NaN/Infinity, not an object)."""
-    from .jsonio import nesting_depth
+    from pipeline.jsonio import nesting_depth
     if not isinstance(record, dict):
         raise MetadataError(f"a metadata record must be a dict, not {type(record).__name__}")
     try:
@@ -313,7 +313,7 @@ def read(path_or_bytes, name: str, max_bytes: int = MAX_RECORD_BYTES, max_depth:
 
     Refused with a one-line :class:`MetadataError`: a corrupt or truncated flatbuffer, a record above
     ``max_bytes``, nested deeper than ``max_depth``, not UTF-8 JSON, or not a JSON object."""
-    from .jsonio import loads_object
+    from pipeline.jsonio import loads_object
     raw = read_bytes(path_or_bytes, name, max_bytes)
     if raw is None:
         return None

@@ -937,7 +937,7 @@ def _provenance_html(report: dict) -> str:
         out.append(f"<li>Shifted sets: {len(sh['corruptions'])} corruptions × severities "
                    f"{_e(', '.join(map(str, sh['severities'])))} of the {_e(sh['images_per_set'])} test images, "
                    f"generated on the fly from the raw pixels with seed {_e(rel.get('seed', 0))} "
-                   "(pipeline/corruptions.py, in the spirit of CIFAR-10-C and MNIST-C; not the published files), each "
+                   "(pipeline/reliability/corruptions.py, in the spirit of CIFAR-10-C and MNIST-C; not the published files), each "
                    "set generated once and fed to both models.</li>")
     ts = _d(report.get("timings_s"))
     if _is_num(ts.get("total")):

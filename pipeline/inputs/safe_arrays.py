@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError, PipelineError
+from pipeline.errors import DataError, PipelineError
 
 NUMERIC_KINDS = "biuf"
 # .npz keys that hold text: a 1-D numpy unicode array (dtype '<U..'), never object dtype (pickles). Bounded so that

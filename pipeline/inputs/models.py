@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ModelError
+from pipeline.errors import ModelError
 
 
 @dataclass
@@ -77,7 +77,7 @@ def load(spec: str, weights: str | None = None) -> LoadedModel:
 # --------------------------------------------------------------------------- zoo
 
 def _load_zoo(name: str, shipped: bool = True) -> LoadedModel:
-    from . import zoo
+    from pipeline import zoo
     entry = zoo.get_entry(name)
     module = entry.factory()
     if shipped:

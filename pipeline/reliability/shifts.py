@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import calibration_metrics as cm
-
+from pipeline.reliability import confidence as cm
 RECORD_KEYS = ("corruption", "severity", "fp32_top1", "int8_top1", "drop_pp", "agreement", "fp32_ece", "int8_ece")
 _NUMERIC = RECORD_KEYS[2:]
 

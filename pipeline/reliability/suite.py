@@ -1,15 +1,15 @@
 """The reliability report: what accuracy alone hides about the int8 model.
 
-Sections written into ``report.json`` (and rendered into ``report.html`` by :mod:`pipeline.html_report`):
+Sections written into ``report.json`` (and rendered into ``report.html`` by :mod:`pipeline.report.html`):
 
 - ``calibration_drift``: top1, ece, ace, mce, nll, brier of FP32 and int8 on the clean test split, and
-  int8 minus FP32 (:mod:`pipeline.calibration_metrics`), plus reliability-diagram and histogram data;
+  int8 minus FP32 (:mod:`pipeline.reliability.confidence`), plus reliability-diagram and histogram data;
 - ``temperature_scaling``: T fitted on a validation split carved from the *training* data, for FP32 and
-  for int8; test metrics before/after; the FP32 temperature applied to int8 (:mod:`pipeline.temperature`);
+  for int8; test metrics before/after; the FP32 temperature applied to int8 (:mod:`pipeline.reliability.temperature`);
 - ``flips``: top-1 disagreements and how well margin/entropy/DeepGini/least confidence flag them
-  (:mod:`pipeline.flips`);
+  (:mod:`pipeline.reliability.flips`);
 - ``per_class``: FP32 and int8 accuracy per class, the drop, the worst class;
-- ``shifts``: the corruption suite (:mod:`pipeline.corruptions`, :mod:`pipeline.shifts`);
+- ``shifts``: the corruption suite (:mod:`pipeline.reliability.corruptions`, :mod:`pipeline.reliability.shifts`);
 - ``reliability``: how all of the above was obtained (kernels, threads, workers, seeds, timings).
 
 Gates: ``max_ece_increase`` (int8 ECE minus FP32 ECE on the clean test split) and ``max_worst_drop_pp``
@@ -25,14 +25,14 @@ from pathlib import Path
 
 import numpy as np
 
-from . import calibration_metrics as cm
-from .corruptions import CORRUPTIONS, SEVERITIES
-from .errors import UsageError
-from .flips import flips_section
-from .parallel_eval import BLOCK, Engine, ModelPair, clean_jobs, default_workers, shift_jobs
-from .quiet import progress as progress_bar
-from .shifts import record, shifts_section
-from .temperature import fit_temperature
+from pipeline.reliability import confidence as cm
+from pipeline.reliability.corruptions import CORRUPTIONS, SEVERITIES
+from pipeline.errors import UsageError
+from pipeline.reliability.flips import flips_section
+from pipeline.reliability.engine import BLOCK, Engine, ModelPair, clean_jobs, default_workers, shift_jobs
+from pipeline.quiet import progress as progress_bar
+from pipeline.reliability.shifts import record, shifts_section
+from pipeline.reliability.temperature import fit_temperature
 
 DEFAULT_VAL_SIZE = 5000
 DEFAULT_MAX_ECE_INCREASE = 0.02
@@ -62,7 +62,7 @@ def parse_corruptions(text: str | None) -> tuple[str, ...]:
     names = tuple(n.strip() for n in text.split(",") if n.strip())
     if not names:
         raise UsageError(f"--corruptions {text!r} is empty; pass all, none or a comma-separated list of names "
-                         "(see pipeline/corruptions.py)")
+                         "(see pipeline/reliability/corruptions.py)")
     import difflib
     for n in names:
         if n not in CORRUPTIONS:
@@ -105,7 +105,7 @@ def describe_val_size(requested: int | None, n_train: int) -> str:
 def validation_indices(y_train: np.ndarray, size: int | None, seed: int) -> np.ndarray:
     """A class-balanced random subset of the training split (never the test split) for fitting T.
     ``size`` None: the default size (:func:`resolve_val_size`)."""
-    from calib_data.real import balanced_indices
+    from pipeline.calib_data.real import balanced_indices
     size = resolve_val_size(size, len(y_train))
     # A seed stream of its own, so the split is not the same draw as a 'balanced' representative dataset.
     stream = int(np.random.default_rng([int(seed), 0x7E3]).integers(2**31))
@@ -224,7 +224,7 @@ def gates(sections: dict, cfg: ReliabilityConfig) -> dict:
         w = sh["worst_by_int8_drop"]
         if w["drop_pp"] > worst["drop_pp"]:
             worst = {"group": f"{w['corruption']} severity {w['severity']}", "drop_pp": w["drop_pp"]}
-    from .report import Gate
+    from pipeline.report import Gate
     return {
         "max_ece_increase": Gate(passed=bool(d <= cfg.max_ece_increase), value=d, limit=cfg.max_ece_increase,
                                  reason=f"int8 ECE minus FP32 ECE on the clean test split: {d:+.4f} "
@@ -315,7 +315,7 @@ def evaluate(pair: ModelPair, dataset, n_test: int, cfg: ReliabilityConfig, *, c
         "shifts": shifts_section(results, y_test, cfg.corruptions, cfg.severities, clean=clean_rec),
     }
     sections["shifts"]["generated"] = (
-        f"on the fly from the raw test pixels by pipeline/corruptions.py (strength tables after CIFAR-10-C and "
+        f"on the fly from the raw test pixels by pipeline/reliability/corruptions.py (strength tables after CIFAR-10-C and "
         f"MNIST-C; not the published files), in blocks of {BLOCK} images seeded by (seed {cfg.seed}, block); each "
         f"shifted set generated once and fed to both models; FP32 on {pair.fp32_runtime}, int8 on LiteRT "
         f"{pair.kernels} kernels")

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import quiet
-from .errors import ConversionError, RuntimeStageError
+from pipeline import quiet
+from pipeline.errors import ConversionError, RuntimeStageError
 
 ALIGNMENT_SLACK = 16  # TFLite-Micro: "the optimal arena size would be arena_used_bytes() + 16" if unaligned
 PROBE_ARENA_BYTES = 16 * 1024 * 1024  # generous arena for the first load, so the need can be measured
@@ -99,7 +99,7 @@ def load(model_path: Path, arena_size: int, model_ops: list[str] | None = None):
     try:
         from tflite_micro import runtime
     except ImportError:
-        from .errors import TargetError
+        from pipeline.errors import TargetError
         raise TargetError("microcontroller targets need the tflite-micro package (x86_64 Linux wheels only): "
                           "pip install -e '.[micro]'") from None
     with quiet.captured(verbose=False) as cap:  # TFLite-Micro logs to the native stdout/stderr
@@ -129,7 +129,7 @@ def _quantize_input(interp, x_model_layout: np.ndarray) -> np.ndarray:
     if not np.issubdtype(dtype, np.integer):
         return np.ascontiguousarray(x_model_layout, dtype)
     q = d["quantization_parameters"]
-    from .runtime import quantize
+    from pipeline.runtime.litert import quantize
     return quantize(x_model_layout, float(q["scales"][0]), int(q["zero_points"][0]), dtype)
 
 
@@ -226,7 +226,7 @@ def check(model_path: Path, x_nchw: np.ndarray, input_layout: str, litert_raw: n
     ``x_nchw`` are normalised float inputs (the preprocessing record's output); ``litert_raw``
     are LiteRT's raw (integer) outputs for the same inputs, in the same order.
     """
-    from .inspect_tflite import inspect
+    from pipeline.tflite.inspect import inspect
     model_path = Path(model_path)
     flash_bytes = model_path.stat().st_size
     model_ops = tuple(inspect(model_path).ops)

@@ -79,7 +79,7 @@ def probe(run_fp32, raw_test_nchw: np.ndarray, labels: np.ndarray, pre, model_me
     ``run_fp32(x)`` returns FP32 logits for float32 NCHW inputs; ``in_use_logits``: logits already computed under
     the preprocessing in use (at least ``n`` rows), not computed again. Returns the record for report.json.
     """
-    from .preprocessing import apply
+    from pipeline.inputs.preprocessing import apply
     raw, y = raw_test_nchw[:n], np.asarray(labels[:n])
     rows, correct = [], {}
     for name, mean, std, rev in candidates(pre, model_mean, model_std, train_stats):
@@ -127,7 +127,7 @@ def suggestion(better: dict | None) -> str:
 
 def fp32_gate(fp32_top1: float, labels: np.ndarray, probe_record: dict | None, weights_missing: bool):
     """The ``fp32_above_chance`` gate (a report.Gate): FP32 top-1 must clear the near-chance limit."""
-    from .report import Gate
+    from pipeline.report import Gate
     chance = chance_level(labels)
     limit = near_chance_limit(chance)
     passed = bool(fp32_top1 > limit)

@@ -1,0 +1,1 @@
+"""What goes to the device: the Raspberry Pi bundle (bundle/, bundle.tar.gz)."""

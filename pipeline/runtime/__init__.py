@@ -1,0 +1,1 @@
+"""Running .tflite models on real kernels: LiteRT (XNNPACK, built-in, reference) and TFLite-Micro."""
