@@ -76,6 +76,13 @@ TINYNET_SRC = textwrap.dedent('''
     class NotCallable:
         pass
 
+    def stemnet():
+        # resnet's stem: a padded MaxPool after ReLU. onnx2tf 1.28 pads it with -3.4e38 (a PADV2 whose int8
+        # scale is ~1e36); the onnx2tf route rewrites it into an explicit zero Pad first (exact after ReLU).
+        return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, stride=2, padding=1),
+                             nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                             nn.Linear(8, 4))
+
     def reflectnet():
         # Reflect padding: PyTorch exports its pads as a computed subgraph, which onnx2tf 1.28 applies to the
         # batch axis of a dynamic-batch model (the converted model returns more rows than it was given).

@@ -424,6 +424,22 @@ def test_onnx2tf_failure_names_the_node(tmp_path, tinynet_dir, tiny_npz, in_dir,
     assert not out.exists()
 
 
+def test_a_padded_maxpool_is_rewritten_and_the_report_says_so(tmp_path, tinynet_dir, tiny_npz, in_dir):
+    """The exact maxpool_pad rewrite runs before every onnx2tf conversion: no PADV2 (whose -3.4e38 pad value got
+    an int8 scale of ~1e36), and conversion.rewrites records it with its measured FP32 difference."""
+    in_dir(tinynet_dir)
+    out = tmp_path / "o"
+    status = main(["--model", "tinynet:stemnet", "--data", str(tiny_npz), "--calib-size", "50", "--out", str(out),
+                   "--converter", "onnx2tf"])
+    r = json.loads((out / "report.json").read_text())
+    rw = r["conversion"]["rewrites"]
+    assert [x["name"] for x in rw] == ["maxpool_pad"] and rw[0]["exact"] and rw[0]["max_abs_diff"] == 0.0, rw
+    q = r["quantization"]
+    assert q["fully_int8"] and "PADV2" not in q["ops"] and status in (0, 1), q["ops"]
+    scales = [s for t in q["tensors"] for s in (t.get("quantization", {}).get("scale") or [])]
+    assert max(scales) < 100, max(scales)
+
+
 def test_auto_falls_back_to_the_next_route_and_records_why(tmp_path, tinynet_dir, tiny_npz, in_dir):
     """The LayerNorm model that onnx2tf 1.28 cannot convert: auto keeps the next route whose model is fully int8
     and agrees with FP32 on the check sample, and the report says why the first failed."""

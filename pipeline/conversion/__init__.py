@@ -34,6 +34,7 @@ class TfliteArtifact:
     timings_s: dict = field(default_factory=dict)
     constant_folded: bool = False  # converted again from a constant-folded graph (the first try broke the batch axis)
     reused: bool = False  # copied from an earlier target of the same multi-target call (stages/reuse.py)
+    rewrites: tuple = ()  # ONNX graph rewrites applied before the conversion (conversion/rewrites.py), as dicts
     routes_tried: tuple = ()  # --converter auto: one record per route tried, in order (stages/convert.py)
     preprocessing: Preprocessing | None = None  # the deployment record embedded in the file (stages/convert.py)
 
@@ -45,6 +46,8 @@ class TfliteArtifact:
             d["constant_folded"] = ("the first conversion applied a computed pad or reshape to the batch axis; "
                                     "the model was converted again from the ONNX graph with its constant "
                                     "subgraphs folded by onnxruntime's basic optimizer")
+        if self.rewrites:
+            d["rewrites"] = [dict(r) for r in self.rewrites]
         if self.routes_tried:
             d["routes_tried"] = [dict(r) for r in self.routes_tried]
         if self.reused:

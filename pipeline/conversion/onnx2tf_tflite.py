@@ -64,6 +64,45 @@ class Onnx2TfConverter:
     def convert(self, onnx: OnnxArtifact, representative: np.ndarray, pre: Preprocessing, *,
                 per_channel: bool = True, out_path: Path, verbose: bool = False,
                 precision: str = "int8") -> TfliteArtifact:
+        """Converts ``onnx`` after the exact rewrites of ``ALWAYS_REWRITES`` (patterns onnx2tf 1.28 turns into
+        wrong or aborting int8 models); when that conversion fails, once more after the other rewrites of
+        :mod:`pipeline.conversion.rewrites` that match. The artifact records every rewrite applied, with its
+        measured effect on the FP32 outputs, and why."""
+        import dataclasses
+
+        from pipeline.conversion.rewrites import ALWAYS_REWRITES, DEFAULT_ORDER, RewriteError, apply_rewrites
+        args = dict(per_channel=per_channel, out_path=out_path, verbose=verbose, precision=precision)
+        check = np.ascontiguousarray(representative[:32], np.float32)
+        with tempfile.TemporaryDirectory(prefix="onnx2tf-rw-") as rw:
+            src, done = onnx.path, []
+            try:
+                first = apply_rewrites(onnx.path, Path(rw) / "first.onnx", ALWAYS_REWRITES, check)
+            except RewriteError:  # the model converts as exported; the error stays with the rewrite's tests
+                first = []
+            if first:
+                src, done = Path(rw) / "first.onnx", [r.describe() | {"why": "always (exact)"} for r in first]
+            try:
+                art = self._convert(src, representative, pre, **args)
+            except ConversionError as failed:
+                rest = tuple(n for n in DEFAULT_ORDER if n not in ALWAYS_REWRITES)
+                try:
+                    more = apply_rewrites(src, Path(rw) / "retry.onnx", rest, check)
+                except RewriteError as e:
+                    raise ConversionError(f"{failed} (a rewrite to get around it failed: {e})") from None
+                if not more:
+                    raise
+                try:
+                    art = self._convert(Path(rw) / "retry.onnx", representative, pre, **args)
+                except ConversionError as again:
+                    raise ConversionError(f"{again} (after rewriting {', '.join(r.name for r in more)} because: "
+                                          f"{str(failed)[:200]})") from None
+                done += [r.describe() | {"why": f"the conversion without it failed: {str(failed)[:200]}"}
+                         for r in more]
+        return dataclasses.replace(art, rewrites=tuple(done))
+
+    def _convert(self, src: Path, representative: np.ndarray, pre: Preprocessing, *,
+                 per_channel: bool, out_path: Path, verbose: bool, precision: str) -> TfliteArtifact:
+        """One conversion of the ONNX graph ``src``."""
         prec = get_precision(precision, error=ConversionError)
         calibrated = prec.representative_dataset
         timings = {}
@@ -127,7 +166,7 @@ class Onnx2TfConverter:
                     check.write_bytes(blob)
                     return batch_axis_intact(check, layout, pre.input_shape)
 
-                blob, layout, samples = attempt(onnx.path, "")
+                blob, layout, samples = attempt(src, "")
                 folded_used = False
                 if not intact(blob, layout, ""):
                     # onnx2tf applied a pad (or reshape) computed by a shape subgraph to the batch axis; with the
@@ -135,7 +174,7 @@ class Onnx2TfConverter:
                     # If the second try fails too, the first model stands and the run stage says what is wrong.
                     t0 = time.perf_counter()
                     try:
-                        folded = fold_constants(onnx.path, Path(work) / "folded.onnx")
+                        folded = fold_constants(src, Path(work) / "folded.onnx")
                         second = attempt(folded, "_folded")
                     except Exception:  # noqa: BLE001
                         second = None
@@ -147,7 +186,7 @@ class Onnx2TfConverter:
             except Exception as e:  # described below, once onnx2tf's captured log (naming the node) is complete
                 failure = e
         if failure is not None:
-            raise ConversionError(_describe_failure(failure, cap.text, onnx.path)) from None
+            raise ConversionError(_describe_failure(failure, cap.text, src)) from None
         tmp = out_path.with_name(out_path.name + ".part")
         tmp.write_bytes(blob)
         os.replace(tmp, out_path)

@@ -855,6 +855,9 @@ register(Rewrite(
 
 # --------------------------------------------------------------------------- applying and measuring
 
+# Applied before every onnx2tf conversion: exact, and without them onnx2tf 1.28 writes a PADV2 whose -3.4e38 pad
+# value gets an int8 scale of ~1e36 (LiteRT aborts on resnet18; googlenet's XNNPACK refuses the model).
+ALWAYS_REWRITES = ("maxpool_pad", "pad_into_conv")
 DEFAULT_ORDER = ("maxpool_pad", "pad_into_conv", "gelu_tanh", "layernorm", "channel_shuffle", "broadcast_rank",
                  "static_reshape")
 
