@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                sections={"calibration_sources": {
                    "method": "pipeline.export.export per (model, source, size, seed); int8 on LiteRT kernels of the "
                              "tflite-int8 target over the test split; build_s with an empty calibration cache",
-                   "rows": rows, "errors": errors, "done_when": checks}}).write(Path(args.json))
+                   "rows": rows, "errors": errors, "done_when": checks}}).write_json(Path(args.json))
     return 0 if not errors and all(c["passed"] for c in checks) else 1
 
 

@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             Report(kind="benchmark", model={"spec": args.model},
                    runtime={"measured_on": host_description()},
-                   sections={"export_vs_onnx2tf": {"rows": rows, "onnxsim_installed": onnxsim_present}}).write(Path(args.json))
+                   sections={"export_vs_onnx2tf": {"rows": rows, "onnxsim_installed": onnxsim_present}}).write_json(Path(args.json))
         return 0
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -135,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
             accuracy={"rows": rows, "between_int8": between,
                       "definitions": {"drop_pp": "FP32 top-1 minus this row's top-1, percentage points",
                                       "agreement_vs_fp32": "share of images whose top-1 equals the FP32 reference's"}},
-            config=vars(args), passed=True,
-        ).write(Path(args.json))
+            config=vars(args),
+        ).write_json(Path(args.json))
         print(f"wrote {args.json}")
         return 0
     finally:

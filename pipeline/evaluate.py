@@ -475,7 +475,7 @@ def _evaluate_export(ecfg: EvaluateConfig, export_dir: Path, log=print):
         fp32_runtime_choice=fp32_choice, command="python -m pipeline.evaluate " + " ".join(sys.argv[1:]),
         config={k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(rcfg).items()})
     report.artifacts["report_html"] = {"path": "report.html"}
-    write_outputs(report, out_dir)
+    report.write(out_dir)
     steps.done("report", f"{out_dir}/report.json and report.html written")
     return report, out_dir
 
@@ -696,7 +696,7 @@ def _export_predictions(predictions: Path, precision: str, n: int):
 
 def _check_writable(out: Path) -> None:
     """Fail early when ``out`` cannot become the output folder. Creates nothing that stays: a probe entry is made
-    and removed in ``out`` (or in its nearest existing parent); write_outputs creates the folder."""
+    and removed in ``out`` (or in its nearest existing parent); Report.write creates the folder."""
     import tempfile
     if out.exists():
         if not out.is_dir():
@@ -714,45 +714,6 @@ def _check_writable(out: Path) -> None:
     except OSError as e:
         what = f"cannot write in {out}" if where == out else f"cannot create {out}: cannot write in {where}"
         raise OutputError(f"{what} ({e.strerror or e}); pass a writable --out") from None
-
-
-def write_outputs(report, out_dir: Path) -> None:
-    """report.json and report.html: rendered first, written to temp files, then renamed into place. The output
-    folder is created here; on failure, the temp files and the folders this call created are removed."""
-    from pipeline.report import html as html_report
-    d = report.to_dict()
-    contents = {"report.html": html_report.render(d), "report.json": json.dumps(d, indent=2) + "\n"}
-    missing = []
-    p = out_dir.absolute()
-    while not p.exists() and p != p.parent:
-        missing.append(p)
-        p = p.parent
-    created: list[Path] = []
-    tmps: list[Path] = []
-    try:
-        for d in reversed(missing):
-            d.mkdir()
-            created.append(d)
-        for name, text in contents.items():
-            tmp = out_dir / f".{name}.{os.getpid()}.part"
-            tmps.append(tmp)
-            tmp.write_text(text, encoding="utf-8")
-        for name, tmp in zip(contents, tmps):
-            os.replace(tmp, out_dir / name)
-    except BaseException as e:
-        for tmp in tmps:
-            try:
-                tmp.unlink(missing_ok=True)
-            except OSError:
-                pass
-        for d in reversed(created):
-            try:
-                d.rmdir()
-            except OSError:
-                pass
-        if isinstance(e, OSError):
-            raise OutputError(f"cannot write the report to {out_dir} ({e.strerror or e}); pass a writable --out") from None
-        raise
 
 
 def summary(report, out_dir: Path) -> str:

@@ -218,22 +218,21 @@ def test_unwritable_out_fails_before_any_work(export_copy, capsys):
     assert time.perf_counter() - t0 < 5
 
 
-def test_write_outputs_removes_what_it_created_on_failure(default_run, tmp_path):
+def test_report_write_removes_what_it_created_on_failure(default_run, tmp_path):
     """A write that fails leaves neither temp files nor the folders this call created."""
     from pipeline.errors import OutputError
-    from pipeline.evaluate import write_outputs
     from pipeline.report import Report
     rep, _ = default_run
     out = tmp_path / "a" / "b"
     with pytest.raises(TypeError):
-        write_outputs(Report.from_dict({**rep, "unserialisable": object()}), out)  # fails while rendering, before anything is written
+        Report.from_dict({**rep, "unserialisable": object()}).write(out)  # fails while rendering, before anything is written
     assert not (tmp_path / "a").exists()
     existing = tmp_path / "existing"
     (existing / "report.json").mkdir(parents=True)  # renaming onto a folder fails
     with pytest.raises(OutputError, match="cannot write the report"):
-        write_outputs(Report.from_dict(rep), existing)
+        Report.from_dict(rep).write(existing)
     assert not [p.name for p in existing.iterdir() if p.name.endswith(".part")]
-    write_outputs(Report.from_dict(rep), out)
+    Report.from_dict(rep).write(out)
     assert sorted(p.name for p in out.iterdir()) == ["report.html", "report.json"]
     assert _report(out)["temperature_scaling"]["validation"]["size"] == rep["temperature_scaling"]["validation"]["size"]
 

@@ -117,10 +117,52 @@ class Report:
         rest = {k: v for k, v in d.items() if k not in own and k not in ("gates", "passed")}
         return cls(**kw, gates=gates, sections=rest)
 
-    def write(self, path: Path) -> None:
+    def write_json(self, path: Path) -> None:
+        """Only the JSON document, to ``path`` (the benchmarks' result files)."""
         tmp = path.with_name(path.name + ".part")
         tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n", encoding="utf-8")
         os.replace(tmp, path)
+
+    def write(self, out_dir: Path) -> None:
+        """The one writer of an export's or evaluate's report: ``out_dir``/report.json and report.html, rendered
+        first, written to temp files, then renamed into place. The folder is created here; on failure, the temp
+        files and the folders this call created are removed, and an OSError is one OutputError line."""
+        from pipeline.errors import OutputError
+        from pipeline.report import html
+        d = self.to_dict()
+        contents = {"report.html": html.render(d), "report.json": json.dumps(d, indent=2) + "\n"}
+        missing = []
+        p = out_dir.absolute()
+        while not p.exists() and p != p.parent:
+            missing.append(p)
+            p = p.parent
+        created: list[Path] = []
+        tmps: list[Path] = []
+        try:
+            for folder in reversed(missing):
+                folder.mkdir()
+                created.append(folder)
+            for name, text in contents.items():
+                tmp = out_dir / f".{name}.{os.getpid()}.part"
+                tmps.append(tmp)
+                tmp.write_text(text, encoding="utf-8")
+            for name, tmp in zip(contents, tmps):
+                os.replace(tmp, out_dir / name)
+        except BaseException as e:
+            for tmp in tmps:
+                try:
+                    tmp.unlink(missing_ok=True)
+                except OSError:
+                    pass
+            for folder in reversed(created):
+                try:
+                    folder.rmdir()
+                except OSError:
+                    pass
+            if isinstance(e, OSError):
+                raise OutputError(f"cannot write the report to {out_dir} ({e.strerror or e}); pass a writable "
+                                  "--out") from None
+            raise
 
 
 def _clean(v):

@@ -17,14 +17,11 @@ def prediction_arrays(inputs, ran, micro, precision: str) -> dict:
 
 def write(work: Path, report, arrays: dict, writing) -> Path:
     """``writing``: the output folder's context manager that turns a full disk into one OutputError line."""
-    from pipeline.report.html import write as write_html
     from pipeline.jsonio import sha256_file
     with writing("predictions.npz"):
         np.savez_compressed(work / "predictions.npz", **arrays)
     report.artifacts["predictions"] = {"path": "predictions.npz", "arrays": list(arrays),
                                        "sha256": sha256_file(work / "predictions.npz")}
-    with writing("report.json"):
-        report.write(work / "report.json")
-    with writing("report.html"):
-        write_html(report.to_dict(), work / "report.html")
+    with writing("report.json and report.html"):
+        report.write(work)
     return work / "report.json"
