@@ -117,6 +117,15 @@ def run_proc(cmd: list[str], cwd: Path, timeout: float, logfile: Path, env: dict
 NOISE = re.compile(r"^(\s*$|\[\d/\d\]|Traceback|  File |    |WARNING: All log messages|I0000|W0000|E0000)")
 
 
+
+def _failure(pr: dict, log, timeout: float, otherwise) -> str:
+    """One line for a run that wrote no model: the signal that killed it, the timeout, or ``otherwise()``."""
+    if pr["signal"]:
+        return f"killed by {pr['signal']}: " + failure_line(log)
+    if pr["timed_out"]:
+        return f"timed out after {timeout:.0f}s"
+    return otherwise()
+
 def failure_line(logfile: Path) -> str:
     """The line that says why a run failed: the pipeline's own one-line error, a signal, or the last message."""
     try:
@@ -302,12 +311,7 @@ def bench_export(name: str, conv: str, weights: str | None, data: Path, args, wo
             row["note"] = "gates failed: " + ",".join(row["gates_failed"])
     else:
         row["fully_int8"] = False
-        if pr["signal"]:
-            row["failure"] = f"killed by {pr['signal']}: " + failure_line(lf)
-        elif pr["timed_out"]:
-            row["failure"] = f"timed out after {args.timeout:.0f}s"
-        else:
-            row["failure"] = with_signal_name(failure_line(lf))
+        row["failure"] = _failure(pr, lf, args.timeout, lambda: with_signal_name(failure_line(lf)))
     return row
 
 
@@ -351,12 +355,8 @@ def bench_peer(name: str, onnx_path: Path, report: Path | None, data: Path, args
     files = [f for f in files if "with_int16_act" not in f.name]
     if not files:
         row["fully_int8"] = False
-        if pr["signal"]:
-            row["failure"] = f"killed by {pr['signal']}: " + failure_line(lf)
-        elif pr["timed_out"]:
-            row["failure"] = f"timed out after {args.timeout:.0f}s"
-        else:
-            row["failure"] = "no *_full_integer_quant.tflite: " + peer_failure_line(lf)
+        row["failure"] = _failure(pr, lf, args.timeout,
+                                  lambda: "no *_full_integer_quant.tflite: " + peer_failure_line(lf))
         return row
     row["tflite"] = str(files[0])
     res_path = pdir / "eval.json"
