@@ -413,7 +413,19 @@ def test_model_returning_a_tuple_exports_its_first_output(tmp_path, tinynet_dir,
     assert np.abs(z["int8_logits"] - z["fp32_logits"]).max() < 0.25 * np.abs(z["fp32_logits"]).max() + 1e-3
 
 
-def test_onnx2tf_failure_names_the_node(tmp_path, tinynet_dir, tiny_npz, in_dir, capsys):
+def _without_retry_rewrites(monkeypatch):
+    """Exports in this process with only the always-on rewrites: the onnx2tf route then fails on LayerNorm as
+    onnx2tf 1.28 itself does (with the retry rewrites it converts: see the test after these)."""
+    import dataclasses
+    from pipeline import export as export_mod
+    from pipeline.conversion import rewrites
+    parse = export_mod.config_from_args
+    monkeypatch.setattr(export_mod, "config_from_args", lambda a: dataclasses.replace(parse(a), convert_in="process"))
+    monkeypatch.setattr(rewrites, "DEFAULT_ORDER", rewrites.ALWAYS_REWRITES)
+
+
+def test_onnx2tf_failure_names_the_node(tmp_path, tinynet_dir, tiny_npz, in_dir, capsys, monkeypatch):
+    _without_retry_rewrites(monkeypatch)
     in_dir(tinynet_dir)
     out = tmp_path / "o"
     status = main(["--model", "tinynet:tokennet", "--data", str(tiny_npz), "--calib-size", "50", "--out", str(out),
@@ -422,6 +434,20 @@ def test_onnx2tf_failure_names_the_node(tmp_path, tinynet_dir, tiny_npz, in_dir,
     assert status == 1 and len(err) == 1, err
     assert "onnx2tf cannot convert the ONNX node" in err[0] and "(LayerNormalization)" in err[0], err[0]
     assert not out.exists()
+
+
+def test_the_onnx2tf_route_converts_layernorm_after_the_retry_rewrites(tmp_path, tinynet_dir, tiny_npz, in_dir):
+    """The same model with the rewrites: converted fully int8, and the report names each rewrite, its measured
+    FP32 difference and the failure that called for it."""
+    in_dir(tinynet_dir)
+    out = tmp_path / "o"
+    status = main(["--model", "tinynet:tokennet", "--data", str(tiny_npz), "--calib-size", "50", "--out", str(out),
+                   "--converter", "onnx2tf"])
+    r = json.loads((out / "report.json").read_text())
+    rw = {x["name"]: x for x in r["conversion"]["rewrites"]}
+    assert "layernorm" in rw and "(LayerNormalization)" in rw["layernorm"]["why"], rw
+    assert rw["layernorm"]["max_abs_diff"] <= rw["layernorm"]["tolerance"]
+    assert r["quantization"]["fully_int8"] and status in (0, 1) and r["accuracy"]["agreement"] >= 0.9, r["accuracy"]
 
 
 def test_a_padded_maxpool_is_rewritten_and_the_report_says_so(tmp_path, tinynet_dir, tiny_npz, in_dir):
@@ -440,9 +466,10 @@ def test_a_padded_maxpool_is_rewritten_and_the_report_says_so(tmp_path, tinynet_
     assert max(scales) < 100, max(scales)
 
 
-def test_auto_falls_back_to_the_next_route_and_records_why(tmp_path, tinynet_dir, tiny_npz, in_dir):
-    """The LayerNorm model that onnx2tf 1.28 cannot convert: auto keeps the next route whose model is fully int8
-    and agrees with FP32 on the check sample, and the report says why the first failed."""
+def test_auto_falls_back_to_the_next_route_and_records_why(tmp_path, tinynet_dir, tiny_npz, in_dir, monkeypatch):
+    """The first route failing (the LayerNorm model without the onnx2tf route's retry rewrites): auto keeps the
+    next route whose model is fully int8 and agrees with FP32 on the check sample, and says why the first failed."""
+    _without_retry_rewrites(monkeypatch)
     in_dir(tinynet_dir)
     out = tmp_path / "o"
     status = main(["--model", "tinynet:tokennet", "--data", str(tiny_npz), "--calib-size", "50", "--out", str(out)])
