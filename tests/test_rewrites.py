@@ -181,7 +181,8 @@ _CONVERT = textwrap.dedent('''
         out = p.with_suffix(".tflite")
         res = {"onnx": str(p)}
         try:
-            t = get_converter("onnx2tf").convert(art, x, pre, per_channel=True, out_path=out)
+            # the bare conversion: the route's own rewrites off, so "before" is onnx2tf 1.28 as it is
+            t = get_converter("onnx2tf").convert(art, x, pre, per_channel=True, out_path=out, rewrite=False)
         except Exception as e:
             res["error"] = f"{type(e).__name__}: {e}"[:400]
             print(json.dumps(res), flush=True)

@@ -63,15 +63,17 @@ class Onnx2TfConverter:
 
     def convert(self, onnx: OnnxArtifact, representative: np.ndarray, pre: Preprocessing, *,
                 per_channel: bool = True, out_path: Path, verbose: bool = False,
-                precision: str = "int8") -> TfliteArtifact:
+                precision: str = "int8", rewrite: bool = True) -> TfliteArtifact:
         """Converts ``onnx`` after the exact rewrites of ``ALWAYS_REWRITES`` (patterns onnx2tf 1.28 turns into
         wrong or aborting int8 models); when that conversion fails, once more after the other rewrites of
         :mod:`pipeline.conversion.rewrites` that match. The artifact records every rewrite applied, with its
-        measured effect on the FP32 outputs, and why."""
+        measured effect on the FP32 outputs, and why. ``rewrite=False``: onnx2tf 1.28 on the graph as it is."""
         import dataclasses
 
         from pipeline.conversion.rewrites import ALWAYS_REWRITES, DEFAULT_ORDER, RewriteError, apply_rewrites
         args = dict(per_channel=per_channel, out_path=out_path, verbose=verbose, precision=precision)
+        if not rewrite:
+            return self._convert(onnx.path, representative, pre, **args)
         check = np.ascontiguousarray(representative[:32], np.float32)
         with tempfile.TemporaryDirectory(prefix="onnx2tf-rw-") as rw:
             src, done = onnx.path, []
