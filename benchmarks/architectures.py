@@ -60,8 +60,7 @@ def log(msg: str) -> None:
 
 def available_converters(repo: Path) -> list[str]:
     """The names ``--converter`` accepts (the pipeline's registry), ``auto`` included when offered."""
-    code = ("import json, pipeline.conversion.onnx2tf_tflite as c; names = list(getattr(c, 'CONVERTERS', {}));"
-            "print(json.dumps(names))")
+    code = "import json; from pipeline.conversion import AUTO, routes; print(json.dumps([AUTO, *routes()]))"
     p = subprocess.run([PY, "-c", code], cwd=repo, capture_output=True, text=True, timeout=120)
     try:
         names = json.loads(p.stdout.strip().splitlines()[-1])

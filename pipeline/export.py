@@ -79,7 +79,7 @@ def line(cfg: ExportConfig, folder, log=print, reuse=None, worker=None):
     tfl = step("convert", convert.convert, onnx, inp.calib.array(), inp.pre, t, converter=cfg.converter,
                source=convert.torch_source(inp.model, cfg.model, cfg.weights), check=convert.check_sample(inp.model, onnx, inp.x_test, t, cfg),
                worker=worker, in_process=cfg.convert_in == "process", work=work, reuse=reuse, verbose=cfg.verbose)
-    insp = step("inspect", inspect.inspect, tfl.path, t)
+    insp = step("inspect", inspect.inspect, tfl.path, t, tfl.converter)
     ran = step("run", run.run, tfl, onnx, inp.model, inp.x_test, t, batch_size=cfg.batch_size,
                fp32_runtime=cfg.fp32_runtime, progress=inp.progress)
     mic = step("micro", micro.micro, tfl, inp.x_test, ran.tflite.raw_outputs, t, limit=cfg.micro_limit,

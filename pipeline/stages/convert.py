@@ -81,7 +81,7 @@ def _auto(target, check: Check | None, args) -> TfliteArtifact:
     for name in routes():
         try:
             art, out = _route(name, *args, check=check)
-            inspect(art.path, target)  # the precision contract, as the inspect stage holds it
+            inspect(art.path, target, art.converter)  # the precision contract, as the inspect stage holds it
             agreement = None
             if check is not None:
                 agreement = float(np.mean(out.argmax(1) == check.fp32.argmax(1)))

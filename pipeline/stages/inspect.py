@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def inspect(tflite: Path, target):
+def inspect(tflite: Path, target, route: str = "the converter"):
+    """The inspection, or the error naming what breaks the target's precision contract (``route``: who converted
+    the model, named in the message)."""
     from pipeline.errors import ConversionError, NotFullyInt8Error
     from pipeline.tflite.inspect import inspect as read
     from pipeline.precisions import get_precision
@@ -15,7 +17,7 @@ def inspect(tflite: Path, target):
         return insp
     if precision.fully_int8_required and not insp.fully_int8:
         shown = "; ".join(insp.offending[:6]) + (f"; and {len(insp.offending) - 6} more" if len(insp.offending) > 6 else "")
-        raise NotFullyInt8Error(f"the converted model is not fully int8: {shown}; TFLiteConverter left these ops in "
+        raise NotFullyInt8Error(f"the converted model is not fully int8: {shown}; {route} left these ops in "
                                 "float (a converter limitation, e.g. for ELU): replace them in the model (e.g. ELU -> "
                                 "LeakyReLU or ReLU) or choose a target that allows float fallback")
     if not precision.fully_int8_required:
