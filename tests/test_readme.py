@@ -31,6 +31,7 @@ NOT_RUN = {
     "ssh pi@raspberrypi.local": "runs on the Raspberry Pi itself (needs the device)",
     "pipeline.evaluate refcnn-int8 --corruptions": "the full corruption suite over the test split, twice (minutes)",
     "pipeline.study precision": "five exports of zoo:refcnn, one per precision (minutes)",
+    "benchmarks/architectures.py --archs all": "39 architectures fine-tuned and exported through every route (hours)",
 }
 # Blocks that run but take more than 10 s: marked slow.
 SLOW = {
