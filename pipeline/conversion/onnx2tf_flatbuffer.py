@@ -79,27 +79,10 @@ _NOT_OFFERED = {
 
 _SITECUSTOMIZE = textwrap.dedent('''
     """Network lock of the onnx2tf-flatbuffer conversion child (pipeline/conversion/onnx2tf_flatbuffer.py)."""
-    import socket as _socket
-
-    _MSG = "network access is blocked in the onnx2tf-flatbuffer conversion child"
-
-    def _refuse(*args, **kwargs):
-        raise OSError(_MSG)
-
-    def _guard(orig):
-        def guarded(self, *args, **kwargs):
-            if self.family in (_socket.AF_INET, _socket.AF_INET6):
-                raise OSError(_MSG)
-            return orig(self, *args, **kwargs)
-        return guarded
-
-    _socket.getaddrinfo = _refuse
-    _socket.gethostbyname = _refuse
-    _socket.gethostbyname_ex = _refuse
-    _socket.create_connection = _refuse
-    for _name in ("connect", "connect_ex", "sendto"):
-        setattr(_socket.socket, _name, _guard(getattr(_socket.socket, _name)))
+    from pipeline.conversion.offline import block_network
+    block_network("network access is blocked in the onnx2tf-flatbuffer conversion child")
 ''')
+
 
 _CHILD = textwrap.dedent('''
     import json, sys, traceback

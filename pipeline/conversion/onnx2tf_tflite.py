@@ -23,6 +23,7 @@ from typing import Protocol
 import numpy as np
 
 from pipeline.conversion import TfliteArtifact
+from pipeline.conversion.offline import onnx2tf_sample_images
 from pipeline.errors import ConversionError
 from pipeline.conversion.onnx_export import OnnxArtifact
 from pipeline.precisions import Precision, get_precision
@@ -110,6 +111,7 @@ class Onnx2TfConverter:
         timings = {}
         failure: Exception | None = None
         with tempfile.TemporaryDirectory(prefix="onnx2tf-") as work, quiet.captured(verbose) as cap:
+            onnx2tf_sample_images(Path(work), representative)
             try:
                 t0 = time.perf_counter()
                 import onnx2tf
@@ -122,15 +124,20 @@ class Onnx2TfConverter:
                     # byte-different file than the CLI would (same numbers, longer tensor names).
                     import tf_keras
                     tf_keras.backend.clear_session()
+                    here, given = os.getcwd(), constants_as_initializers(src, Path(work) / f"in{tag}.onnx")
                     try:
+                        # in the temporary folder, which holds onnx2tf's sample images (conversion/offline.py)
+                        os.chdir(work)
                         keras_model = onnx2tf.convert(
-                            input_onnx_file_path=str(constants_as_initializers(src, Path(work) / f"in{tag}.onnx")),
+                            input_onnx_file_path=str(Path(here) / given),
                             output_folder_path=work,
                             disable_model_save=True, not_use_onnxsim=True, non_verbose=not verbose,
                             verbosity="debug" if verbose else "error",
                         )
                     except SystemExit:
                         raise ConversionError("onnx2tf could not convert the ONNX graph") from None
+                    finally:
+                        os.chdir(here)
                     timings["onnx2tf_s"] = timings.get("onnx2tf_s", 0.0) + time.perf_counter() - t0
                     if keras_model is None or len(keras_model.inputs) != 1:
                         raise ConversionError("onnx2tf returned no single-input model")

@@ -49,6 +49,8 @@ def _die_with_parent(parent_pid: int) -> None:
 def _serve(name: str, verbose: bool, conn, parent_pid: int | None = None) -> None:
     if parent_pid is not None:
         _die_with_parent(parent_pid)
+    from pipeline.conversion.offline import block_network
+    block_network()  # a conversion never touches the network (conversion/offline.py)
     try:
         from pipeline import quiet
         quiet.configure(verbose)
