@@ -135,6 +135,7 @@ class ConverterProcess:
     def __init__(self, name: str, verbose: bool = False):
         self.name = get_converter(name).name  # unknown names fail here, in this process
         self.route = name  # the registry key (routes())
+        self._answered = False
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(target=_serve, args=(name, verbose, child, os.getpid()), name="pipeline-convert",
@@ -143,23 +144,30 @@ class ConverterProcess:
         child.close()
 
     def convert(self, onnx, representative: np.ndarray, pre, **kwargs) -> TfliteArtifact:
-        return self.convert_checked(onnx, representative, pre, **kwargs)[0]
+        try:
+            return self.convert_checked(onnx, representative, pre, **kwargs)[0]
+        finally:
+            self.close()
 
     def convert_checked(self, onnx, representative: np.ndarray, pre, *, source=None, check=None, **kwargs):
         """(TfliteArtifact, outputs on ``check`` or None). ``source``: (model spec, weights) for routes that
-        convert the PyTorch model; ``check``: (inputs, kernels, batch) run on LiteRT in the worker."""
+        convert the PyTorch model; ``check``: (inputs, kernels, batch) run on LiteRT in the worker.
+
+        After an answer the worker exits by itself (its TensorFlow teardown takes about a second and a half):
+        the caller's ``close()``, at the end of the export, reaps it instead of waiting here."""
         try:
             self._conn.send((onnx, np.ascontiguousarray(representative), pre, kwargs, source, check))
             status, payload = self._conn.recv()
+            self._answered = True
         except (EOFError, OSError):
             self._proc.join(10)
-            raise ConversionError(
-                f"the {self.name} conversion process {signal_text(self._proc.exitcode)} while converting "
-                f"{onnx.path.name}; re-run with -v to see its output") from None
-        finally:
+            message = (f"the {self.name} conversion process {signal_text(self._proc.exitcode)} while converting "
+                       f"{onnx.path.name}; re-run with -v to see its output")
             self.close()
+            raise ConversionError(message) from None
         if status == "ok":
             return payload
+        self.close()
         cls_name, message = payload
         cls = getattr(errors, cls_name, None)
         if not (isinstance(cls, type) and issubclass(cls, PipelineError)):
@@ -169,6 +177,8 @@ class ConverterProcess:
     def close(self) -> None:
         if self._proc is None:
             return
+        if self._answered:  # it has sent its result and is exiting: let it finish (its exit handlers release the
+            self._proc.join(30)  # semaphores it made; killed there, the resource tracker reports them leaked)
         if self._proc.is_alive():
             self._proc.terminate()
         self._proc.join(10)

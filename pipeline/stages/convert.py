@@ -67,8 +67,11 @@ def _route(name, onnx, representative, pre, source, worker, in_process, kwargs, 
     if worker is not None and worker.route == name:
         return worker.convert_checked(onnx, representative, pre, source=source, check=run, **kwargs)
     if not in_process:
-        return ConverterProcess(name, kwargs["verbose"]).convert_checked(onnx, representative, pre, source=source,
-                                                                         check=run, **kwargs)
+        proc = ConverterProcess(name, kwargs["verbose"])
+        try:
+            return proc.convert_checked(onnx, representative, pre, source=source, check=run, **kwargs)
+        finally:
+            proc.close()
     route = get_converter(name)
     art = (route.convert_torch(torch_module(name, source), representative, pre, **kwargs)
            if getattr(route, "needs", "onnx") == "torch" else route.convert(onnx, representative, pre, **kwargs))
