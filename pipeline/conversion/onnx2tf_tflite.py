@@ -72,14 +72,16 @@ class Onnx2TfConverter:
         import dataclasses
 
         from pipeline.conversion.rewrites import ALWAYS_REWRITES, DEFAULT_ORDER, RewriteError, apply_rewrites
-        args = dict(per_channel=per_channel, out_path=out_path, verbose=verbose, precision=precision)
+        args = dict(per_channel=per_channel, out_path=out_path, verbose=verbose, precision=precision,
+                    dynamic_batch=onnx.dynamic_batch)
         if not rewrite:
             return self._convert(onnx.path, representative, pre, **args)
         check = np.ascontiguousarray(representative[:32], np.float32)
         with tempfile.TemporaryDirectory(prefix="onnx2tf-rw-") as rw:
             src, done = onnx.path, []
             try:
-                first = apply_rewrites(onnx.path, Path(rw) / "first.onnx", ALWAYS_REWRITES, check)
+                first = apply_rewrites(onnx.path, Path(rw) / "first.onnx", ALWAYS_REWRITES, check,
+                                       copy_unchanged=False)
             except RewriteError:  # the model converts as exported; the error stays with the rewrite's tests
                 first = []
             if first:
@@ -89,7 +91,7 @@ class Onnx2TfConverter:
             except ConversionError as failed:
                 rest = tuple(n for n in DEFAULT_ORDER if n not in ALWAYS_REWRITES)
                 try:
-                    more = apply_rewrites(src, Path(rw) / "retry.onnx", rest, check)
+                    more = apply_rewrites(src, Path(rw) / "retry.onnx", rest, check, copy_unchanged=False)
                 except RewriteError as e:
                     raise ConversionError(f"{failed} (a rewrite to get around it failed: {e})") from None
                 if not more:
@@ -103,15 +105,16 @@ class Onnx2TfConverter:
                          for r in more]
         return dataclasses.replace(art, rewrites=tuple(done))
 
-    def _convert(self, src: Path, representative: np.ndarray, pre: Preprocessing, *,
-                 per_channel: bool, out_path: Path, verbose: bool, precision: str) -> TfliteArtifact:
-        """One conversion of the ONNX graph ``src``."""
+    def _convert(self, src: Path, representative: np.ndarray, pre: Preprocessing, *, per_channel: bool,
+                 out_path: Path, verbose: bool, precision: str, dynamic_batch: bool) -> TfliteArtifact:
+        """One conversion of the ONNX graph ``src`` (``dynamic_batch``: whether its batch axis is dynamic)."""
         prec = get_precision(precision, error=ConversionError)
         calibrated = prec.representative_dataset
         timings = {}
         failure: Exception | None = None
         with tempfile.TemporaryDirectory(prefix="onnx2tf-") as work, quiet.captured(verbose) as cap:
-            onnx2tf_sample_images(Path(work), representative)
+            if not dynamic_batch:  # onnx2tf reads (or else downloads) them only for a fixed batch
+                onnx2tf_sample_images(Path(work), representative)
             try:
                 t0 = time.perf_counter()
                 import onnx2tf

@@ -899,9 +899,10 @@ def compare(before, after, x: np.ndarray) -> tuple[float, float, list[np.ndarray
 
 
 def apply_rewrites(src_path: Path, dst_path: Path, names=None, check_inputs: np.ndarray | None = None,
-                   ) -> list[RewriteRecord]:
+                   copy_unchanged: bool = True) -> list[RewriteRecord]:
     """Apply the named rewrites (default: :data:`DEFAULT_ORDER`) that match ``src_path``, in order; write the
-    result to ``dst_path`` (a copy of the source when none matched) and return one record per applied rewrite.
+    result to ``dst_path`` (a copy of the source when none matched, unless ``copy_unchanged`` is False: then
+    nothing is written) and return one record per applied rewrite.
 
     ``check_inputs`` (real preprocessed inputs, NCHW float32) measure each step: FP32 onnxruntime outputs of the
     graph before vs after it. Raises :class:`RewriteError` when a step breaks onnx.checker, changes the graph's
@@ -934,6 +935,8 @@ def apply_rewrites(src_path: Path, dst_path: Path, names=None, check_inputs: np.
                                      max_abs_diff=diff, top1_agreement=agree, exact=rw.exact, tolerance=tol,
                                      samples=len(x)))
         model = new
+    if not records and not copy_unchanged:
+        return records
     dst_path = Path(dst_path)
     large = model.ByteSize() >= onnx.checker.MAXIMUM_PROTOBUF
     onnx.save(model, str(dst_path), save_as_external_data=large, all_tensors_to_one_file=True,
