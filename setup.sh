@@ -24,6 +24,11 @@ fi
 
 APT_PKGS=()
 [[ -d /usr/share/datasets/fashion-mnist ]] || APT_PKGS+=(dataset-fashion-mnist)
+# Devices before you have one: arm-none-eabi-gcc compiles the microcontroller firmware package's model and
+# constants for the board's -mcpu; qemu-aarch64-static runs the Raspberry Pi bundle's check on the Pi's own
+# aarch64 wheels (python -m pipeline.device_check --emulate).
+command -v arm-none-eabi-gcc >/dev/null 2>&1 || APT_PKGS+=(gcc-arm-none-eabi)
+command -v qemu-aarch64-static >/dev/null 2>&1 || APT_PKGS+=(qemu-user-static)
 if [[ -z "$PY" ]]; then APT_PKGS+=(python3 python3-venv python3-dev); fi
 if [[ -n "$PY" ]] && ! "$PY" -c 'import ensurepip, venv' >/dev/null 2>&1; then APT_PKGS+=(python3-venv); fi
 if (( ${#APT_PKGS[@]} )); then
