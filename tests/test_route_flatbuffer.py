@@ -67,7 +67,10 @@ def test_int8_conversion_is_fully_int8_and_tracks_fp32(tiny, own_tmpdir):
     assert insp.fully_int8, insp.offending
     assert insp.input_dtype == "int8" and insp.output_dtype == "int8"
     assert inspect_tflite.check_precision(insp, "int8").precision_ok
-    assert insp.weights_per_channel and insp.dynamic_batch
+    # the dynamic-batch ONNX is converted at a fixed batch of 1 (flatbuffer_direct pads a dynamic batch with FILL)
+    assert insp.weights_per_channel and not insp.dynamic_batch
+    assert [r["name"] for r in art.rewrites] == ["fixed_batch"] and "FILL" in art.rewrites[0]["why"]
+    assert art.rewrites[0]["max_abs_diff"] <= art.rewrites[0]["tolerance"] and art.rewrites[0]["exact"]
     assert "float32" not in insp.dtype_counts
 
     held_out = x[200:]  # not calibration samples
@@ -229,3 +232,32 @@ def test_custom_op_failure_names_the_onnx_node():
 def test_missing_install_says_to_run_setup(tmp_path):
     with pytest.raises(ConversionError, match=r"not installed in .*; run \./setup\.sh"):
         fb.Onnx2TfFlatbufferConverter(route_dir=tmp_path / "nowhere").preload()
+
+
+def _mobile_block():
+    """What stops onnx2tf 2.6.9 on real CNNs: a padded stride-2 conv under a dynamic batch (a SHAPE/FILL pad), a
+    depthwise conv (its bias got the weights' quantized_dimension 3) and a padded max pool after a ReLU (onnxsim
+    fuses our zero Pad back into the pool, which becomes a -3.4e38 PADV2)."""
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2, padding=1),
+                         nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU6(),
+                         nn.Conv2d(8, 16, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(16, 5)).eval()
+
+
+@needs_route
+def test_strided_depthwise_and_padded_pool_convert_fully_int8(tiny, tmp_path, own_tmpdir):
+    import onnxruntime as ort
+    _, x, _ = tiny
+    model = models.LoadedModel(spec="mobile", kind="factory", module=_mobile_block(), input_shape=(1, 12, 12))
+    onnx_art = export_onnx(model, x[:16], tmp_path / "model.onnx")
+    art = fb.Onnx2TfFlatbufferConverter().convert(onnx_art, x[:200], PRE, out_path=tmp_path / "m.tflite")
+    insp = inspect_tflite.inspect(art.path)
+    assert insp.fully_int8 and insp.ops.get("DEPTHWISE_CONV_2D") == 1 and "PADV2" not in insp.ops, insp.ops
+    assert [r["name"] for r in art.rewrites] == ["fixed_batch", "maxpool_pad"]
+    held_out = x[200:]
+    res = TfliteRunner(art.path, kernels="builtin", threads=1, input_layout=art.input_layout).run(held_out)
+    fp32 = ort.InferenceSession(str(onnx_art.path), providers=["CPUExecutionProvider"]).run(None, {"input": held_out})[0]
+    assert (res.outputs.argmax(1) == fp32.argmax(1)).mean() >= 0.9
+    steps = np.abs(res.outputs - fp32) / insp.outputs[0].scale[0]
+    assert np.median(steps) <= 3 and steps.max() <= 32, (np.median(steps), steps.max())

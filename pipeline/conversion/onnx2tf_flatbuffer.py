@@ -64,6 +64,9 @@ ONNX2TF_VERSION = "2.6.9"
 _REPO = Path(__file__).resolve().parents[2]
 DEFAULT_ROUTE_DIR = _REPO / ".venv" / "routes" / "onnx2tf2"
 DEFAULT_TIMEOUT_S = 30 * 60.0
+FIXED_BATCH_WHY = ("onnx2tf 2.6.9's flatbuffer_direct pads a dynamic-batch input through SHAPE/FILL ops, which strict "
+                   "int8 refuses (FILL); at a fixed batch of 1 it does not: the deployed model takes one image at a "
+                   "time, as devices run it")
 
 # precision -> (what the child asks onnx2tf for, the file of its output folder that is our model)
 _OUTPUTS = {
@@ -95,8 +98,29 @@ _CHILD = textwrap.dedent('''
             sys.exit(3)
         kw = dict(input_onnx_file_path=args["onnx"], output_folder_path=args["out"],
                   tflite_backend="flatbuffer_direct", non_verbose=not args["verbose"],
+                  not_use_onnxsim=not args["simplify"],
                   verbosity="info" if args["verbose"] else "error")
         if args["kind"] == "integer":
+            try:  # two workarounds for onnx2tf 2.6.9 (the pinned version; a test stand-in has no tflite_builder)
+                from onnx2tf import tflite_builder
+                from onnx2tf.tflite_builder import quantization
+            except ImportError:
+                tflite_builder = quantization = None
+            if quantization is not None and hasattr(quantization, "_quantize_bias_tensor"):
+                # it gives an int32 bias its weights' quantized_dimension (3 for a depthwise conv), which LiteRT
+                # rejects ("quantized_dimension must be in range [0, 1)"): a rank-1 bias is quantized along 0
+                quantize_bias = quantization._quantize_bias_tensor
+                def _quantize_bias_tensor(*, tensor, **kw):
+                    quantize_bias(tensor=tensor, **kw)
+                    q = tensor.quantization
+                    if q is not None and not 0 <= q.quantized_dimension < max(1, len(tensor.shape)):
+                        q.quantized_dimension = 0
+                quantization._quantize_bias_tensor = _quantize_bias_tensor
+            if tflite_builder is not None and hasattr(tflite_builder, "strict_int16_activation_skip_reasons"):
+                # the int16-activation variants it also builds are not the model asked for (and their depthwise
+                # biases fail its own validation, "bias->type != kTfLiteInt64")
+                tflite_builder.strict_int16_activation_skip_reasons = (
+                    lambda model_ir: ["not requested: the pipeline asked for the full int8 model"])
             kw.update(output_integer_quantized_tflite=True, quant_type=args["quant_type"],
                       input_quant_dtype="int8", output_quant_dtype="int8",
                       custom_input_op_name_np_data_path=[[args["input_name"], args["calib"], 0.0, 1.0]])
@@ -197,24 +221,25 @@ class Onnx2TfFlatbufferConverter:
                                   f"{'x'.join(map(str, pre.input_shape))} (N x C x H x W)")
         work = Path(tempfile.mkdtemp(prefix="onnx2tf2-"))
         try:
-            # onnx2tf's calibration feeds the samples to the TFLite model it wrote, in that model's input layout:
-            # onnx2tf makes a 4-D image input NHWC, so NHWC goes first; should the model come out NCHW, it is
-            # converted again with NCHW samples (the first model's statistics came from mis-shaped inputs).
-            layout_guess = "NHWC"
-            blob, layout = None, None
-            for attempt in range(2):
-                t0 = time.perf_counter()
-                model = self._run_child(work / f"try{attempt}", onnx, samples, layout_guess, kind, suffix,
-                                        per_channel, verbose)
-                timings["onnx2tf_s"] = timings.get("onnx2tf_s", 0.0) + time.perf_counter() - t0
-                layout = _input_layout(model, pre.input_shape)
-                if samples is None or layout == layout_guess:
-                    blob = model.read_bytes()
-                    break
-                layout_guess = layout
-            if blob is None:
-                raise ConversionError(f"onnx2tf 2.x gave a {layout} input for {layout_guess} calibration samples "
-                                      f"and the other way round converting {onnx.path.name}")
+            src, records = onnx.path, []
+            if kind == "integer" and onnx.dynamic_batch:
+                from pipeline.conversion.rewrites import fixed_batch_record
+                try:
+                    records.append(fixed_batch_record(onnx.path, work / "fixed_batch.onnx", samples[:8],
+                                                      why=FIXED_BATCH_WHY))
+                    src = work / "fixed_batch.onnx"
+                except Exception:  # noqa: BLE001  (onnxruntime cannot run it: onnx2tf gets the graph as it is)
+                    pass
+            from pipeline.conversion.rewrites import convert_with_rewrites
+            (work / "rw").mkdir()
+            (blob, layout), more = convert_with_rewrites(
+                lambda path: self._convert_path(work, path, onnx.input_name, samples, kind, suffix, per_channel,
+                                                verbose, pre, timings, simplify=path == src,
+                                                shown=onnx.path.name),
+                src, np.ascontiguousarray(samples[:8] if samples is not None else np.zeros((1, *pre.input_shape),
+                                                                                          np.float32)),
+                work / "rw")
+            records += more
         finally:
             shutil.rmtree(work, ignore_errors=True)
         tmp = out_path.with_name(out_path.name + ".part")
@@ -222,15 +247,44 @@ class Onnx2TfFlatbufferConverter:
         os.replace(tmp, out_path)
         return TfliteArtifact(path=out_path, bytes=len(blob), converter=self.name, input_layout=layout,
                               calibration_samples=int(len(samples)) if samples is not None else 0,
-                              timings_s={k: round(v, 3) for k, v in timings.items()})
+                              timings_s={k: round(v, 3) for k, v in timings.items()}, rewrites=tuple(records))
 
-    def _run_child(self, d: Path, onnx: OnnxArtifact, samples: np.ndarray | None, layout: str, kind: str,
-                   suffix: str, per_channel: bool, verbose: bool) -> Path:
+    def _convert_path(self, work: Path, src: Path, input_name: str, samples, kind: str, suffix: str,
+                      per_channel: bool, verbose: bool, pre: Preprocessing, timings: dict,
+                      simplify: bool, shown: str) -> tuple[bytes, str]:
+        """One conversion of the ONNX file ``src``: the model's bytes and its input layout. ``simplify=False``
+        (a graph our rewrites changed): onnx2tf skips onnxsim, whose optimizer fuses a Pad back into the next
+        MaxPool and so undoes ``maxpool_pad`` (resnet18 then stops on PADV2 again)."""
+        n = len(list(work.glob("try*")))
+        # onnx2tf's calibration feeds the samples to the TFLite model it wrote, in that model's input layout:
+        # onnx2tf makes a 4-D image input NHWC, so NHWC goes first; should the model come out NCHW, it is
+        # converted again with NCHW samples (the first model's statistics came from mis-shaped inputs).
+        layout_guess = "NHWC"
+        blob, layout = None, None
+        for attempt in range(2):
+            t0 = time.perf_counter()
+            model = self._run_child(work / f"try{n + attempt}", src, input_name, samples, layout_guess, kind,
+                                    suffix, per_channel, verbose, simplify, shown)
+            timings["onnx2tf_s"] = timings.get("onnx2tf_s", 0.0) + time.perf_counter() - t0
+            layout = _input_layout(model, pre.input_shape)
+            if samples is None or layout == layout_guess:
+                blob = model.read_bytes()
+                break
+            layout_guess = layout
+        if blob is None:
+            raise ConversionError(f"onnx2tf 2.x gave a {layout} input for {layout_guess} calibration samples "
+                                  f"and the other way round converting {shown}")
+        return blob, layout
+
+    def _run_child(self, d: Path, onnx_path: Path, input_name: str, samples: np.ndarray | None, layout: str,
+                   kind: str, suffix: str, per_channel: bool, verbose: bool, simplify: bool = True,
+                   shown: str | None = None) -> Path:
+        shown = shown or onnx_path.name  # the file name messages give (the user's, not a rewritten copy's)
         d.mkdir(parents=True)
         (d / "tmp").mkdir()
         src = d / "model.onnx"  # a copy: onnxsim rewrites its input file in place
-        shutil.copyfile(onnx.path, src)
-        ext = onnx.path.with_name(onnx.path.name + ".data")
+        shutil.copyfile(onnx_path, src)
+        ext = onnx_path.with_name(onnx_path.name + ".data")
         if ext.exists():
             shutil.copyfile(ext, d / ext.name)
         calib = None
@@ -238,8 +292,8 @@ class Onnx2TfFlatbufferConverter:
             calib = d / "calibration.npy"
             np.save(calib, np.transpose(samples, (0, 2, 3, 1)) if layout == "NHWC" else samples, allow_pickle=False)
         args = {"onnx": str(src), "out": str(d / "out"), "kind": kind, "verbose": bool(verbose),
-                "quant_type": "per-channel" if per_channel else "per-tensor", "input_name": onnx.input_name,
-                "calib": str(calib) if calib else None}
+                "quant_type": "per-channel" if per_channel else "per-tensor", "input_name": input_name,
+                "calib": str(calib) if calib else None, "simplify": bool(simplify)}
         (d / "args.json").write_text(json.dumps(args))
         (d / "child.py").write_text(_CHILD)
         cmd, env = child_command([str(d / "child.py"), str(d / "args.json")], d / "lock")
@@ -261,7 +315,7 @@ class Onnx2TfFlatbufferConverter:
                     pass
                 proc.wait()
                 if isinstance(sys.exc_info()[1], subprocess.TimeoutExpired):
-                    raise ConversionError(f"onnx2tf 2.x did not finish converting {onnx.path.name} within "
+                    raise ConversionError(f"onnx2tf 2.x did not finish converting {shown} within "
                                           f"{self.timeout_s:.0f} s; it was killed") from None
                 raise
             if rc != 0:  # an onnxsim subprocess left behind by a child that died or failed
@@ -274,11 +328,11 @@ class Onnx2TfFlatbufferConverter:
             sys.stderr.write(text)
         sig = _signal_name(rc)
         if sig:
-            raise ConversionError(f"onnx2tf 2.x died with {sig} while converting {onnx.path.name}; "
+            raise ConversionError(f"onnx2tf 2.x died with {sig} while converting {shown}; "
                                   "re-run with -v to see its output")
         model = d / "out" / f"model_{suffix}.tflite"
         if rc != 0 or not model.is_file():
-            raise ConversionError(describe_failure(text, src if src.exists() else onnx.path, onnx.path.name, rc))
+            raise ConversionError(describe_failure(text, src if src.exists() else onnx_path, shown, rc))
         return model
 
 

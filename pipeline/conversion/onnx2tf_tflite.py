@@ -71,38 +71,15 @@ class Onnx2TfConverter:
         measured effect on the FP32 outputs, and why. ``rewrite=False``: onnx2tf 1.28 on the graph as it is."""
         import dataclasses
 
-        from pipeline.conversion.rewrites import ALWAYS_REWRITES, DEFAULT_ORDER, RewriteError, apply_rewrites
+        from pipeline.conversion.rewrites import convert_with_rewrites
         args = dict(per_channel=per_channel, out_path=out_path, verbose=verbose, precision=precision,
                     dynamic_batch=onnx.dynamic_batch)
         if not rewrite:
             return self._convert(onnx.path, representative, pre, **args)
         check = np.ascontiguousarray(representative[:32], np.float32)
         with tempfile.TemporaryDirectory(prefix="onnx2tf-rw-") as rw:
-            src, done = onnx.path, []
-            try:
-                first = apply_rewrites(onnx.path, Path(rw) / "first.onnx", ALWAYS_REWRITES, check,
-                                       copy_unchanged=False)
-            except RewriteError:  # the model converts as exported; the error stays with the rewrite's tests
-                first = []
-            if first:
-                src, done = Path(rw) / "first.onnx", [r.describe() | {"why": "always (exact)"} for r in first]
-            try:
-                art = self._convert(src, representative, pre, **args)
-            except ConversionError as failed:
-                rest = tuple(n for n in DEFAULT_ORDER if n not in ALWAYS_REWRITES)
-                try:
-                    more = apply_rewrites(src, Path(rw) / "retry.onnx", rest, check, copy_unchanged=False)
-                except RewriteError as e:
-                    raise ConversionError(f"{failed} (a rewrite to get around it failed: {e})") from None
-                if not more:
-                    raise
-                try:
-                    art = self._convert(Path(rw) / "retry.onnx", representative, pre, **args)
-                except ConversionError as again:
-                    raise ConversionError(f"{again} (after rewriting {', '.join(r.name for r in more)} because: "
-                                          f"{str(failed)[:200]})") from None
-                done += [r.describe() | {"why": f"the conversion without it failed: {str(failed)[:200]}"}
-                         for r in more]
+            art, done = convert_with_rewrites(lambda src: self._convert(src, representative, pre, **args),
+                                              onnx.path, check, Path(rw))
         return dataclasses.replace(art, rewrites=tuple(done))
 
     def _convert(self, src: Path, representative: np.ndarray, pre: Preprocessing, *, per_channel: bool,

@@ -986,3 +986,59 @@ def fixed_batch(src_path: Path, dst_path: Path, batch: int = 1) -> Path:
     onnx.checker.check_model(model)
     onnx.save(model, str(dst_path))
     return Path(dst_path)
+
+
+def fixed_batch_record(src_path: Path, dst_path: Path, check: np.ndarray, *, why: str, batch: int = 1) -> dict:
+    """:func:`fixed_batch` plus its record, in the form of a rewrite's (``describe()`` + ``why``): the FP32
+    outputs of the dynamic-batch graph (``check`` in one batch) against the fixed one's (``batch`` rows at a
+    time), onnxruntime. Only float rounding may separate them (batched and one-at-a-time kernels sum in
+    different orders): beyond ``1e-4 + 1e-4 * max|output|`` it is a RewriteError."""
+    import onnx
+    fixed_batch(src_path, dst_path, batch)
+    before, after = onnx.load(str(src_path)), onnx.load(str(dst_path))
+    x = np.ascontiguousarray(check[:max(batch, (len(check) // batch) * batch)], np.float32)
+    a = _run(before.SerializeToString(), x, None)
+    b = _run(after.SerializeToString(), x, batch)
+    diff = max(float(np.abs(p.astype(np.float64) - q).max()) if p.size else 0.0 for p, q in zip(a, b))
+    tol = 1e-4 + 1e-4 * max((float(np.abs(o).max()) for o in a if o.size), default=0.0)
+    if not diff <= tol:
+        raise RewriteError(f"fixing the batch at {batch} moved the FP32 outputs by {diff:.3g} (allowed {tol:.3g})")
+    pa, pb = a[0].reshape(len(x), -1), b[0].reshape(len(x), -1)
+    agree = float((pa.argmax(1) == pb.argmax(1)).mean()) if pa.shape[1] > 1 else 1.0
+    return {"name": "fixed_batch", "batch": batch, "nodes_changed": 0, "node_names": [], "max_abs_diff": diff,
+            "top1_agreement": agree, "exact": True, "tolerance": tol, "samples": len(x), "why": why}
+
+
+# --------------------------------------------------------------------------- the routes' rewrite loop
+
+def convert_with_rewrites(convert: Callable[[Path], "object"], src: Path, check: np.ndarray, work: Path,
+                          *, retry: tuple[str, ...] | None = None) -> tuple[object, list[dict]]:
+    """``convert(path)`` (a route's one conversion, raising ConversionError) after the exact rewrites of
+    ``ALWAYS_REWRITES``; when that fails, once more after the ``retry`` rewrites (default: the others of
+    ``DEFAULT_ORDER``) that match. Returns what ``convert`` returned and the records of every rewrite applied
+    (``describe()`` plus ``why``). Rewritten copies go into ``work``; ``check`` are the real inputs each rewrite
+    is measured on."""
+    done: list[dict] = []
+    try:
+        first = apply_rewrites(src, Path(work) / "first.onnx", ALWAYS_REWRITES, check, copy_unchanged=False)
+    except RewriteError:  # the model converts as exported; the error stays with the rewrite's tests
+        first = []
+    if first:
+        src, done = Path(work) / "first.onnx", [r.describe() | {"why": "always (exact)"} for r in first]
+    try:
+        return convert(src), done
+    except ConversionError as failed:
+        rest = retry if retry is not None else tuple(n for n in DEFAULT_ORDER if n not in ALWAYS_REWRITES)
+        try:
+            more = apply_rewrites(src, Path(work) / "retry.onnx", rest, check, copy_unchanged=False)
+        except RewriteError as e:
+            raise ConversionError(f"{failed} (a rewrite to get around it failed: {e})") from None
+        if not more:
+            raise
+        try:
+            art = convert(Path(work) / "retry.onnx")
+        except ConversionError as again:
+            raise ConversionError(f"{again} (after rewriting {', '.join(r.name for r in more)} because: "
+                                  f"{str(failed)[:200]})") from None
+        return art, done + [r.describe() | {"why": f"the conversion without it failed: {str(failed)[:200]}"}
+                            for r in more]
