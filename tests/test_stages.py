@@ -141,6 +141,30 @@ def test_batched_run_equals_one_at_a_time(converted):
     np.testing.assert_array_equal(batched.raw_outputs, single.raw_outputs)
 
 
+def test_a_batch_the_kernels_refuse_to_prepare_falls_back_to_one_at_a_time(converted, monkeypatch):
+    """googlenet's converted model once failed to prepare on XNNPACK at batch 256 while it ran at batch 1: the
+    evaluation must run it one image at a time (and say so), not fail. The refusal is injected into the real
+    interpreter's allocate_tensors for batches above 1; the run itself is on the real kernels."""
+    from ai_edge_litert import interpreter as litert_interpreter
+    _, x, _, tfl = converted
+    real = litert_interpreter.Interpreter.allocate_tensors
+
+    def refuse_batches(self):
+        if self.get_input_details()[0]["shape"][0] > 1:
+            raise RuntimeError("Failed to prepare for a large batch (injected)\nNode number 3 failed")
+        return real(self)
+
+    monkeypatch.setattr(litert_interpreter.Interpreter, "allocate_tensors", refuse_batches)
+    res = TfliteRunner(tfl.path, kernels="xnnpack", threads=1, batch_size=64).run(x[:70])
+    assert res.batch_size == 1
+    assert res.batch_fallback.startswith("LiteRT cannot prepare the model for a batch of 64: Failed to prepare "
+                                         "for a large batch (injected); ran one image at a time")
+    assert res.describe()["batch_fallback"] == res.batch_fallback
+    monkeypatch.setattr(litert_interpreter.Interpreter, "allocate_tensors", real)
+    np.testing.assert_array_equal(res.raw_outputs,
+                                  TfliteRunner(tfl.path, kernels="xnnpack", threads=1, batch_size=64).run(x[:70]).raw_outputs)
+
+
 def test_reference_kernels_agree_with_xnnpack_within_one_step(converted):
     _, x, _, tfl = converted
     a = TfliteRunner(tfl.path, kernels="xnnpack", threads=1).run(x[:100]).raw_outputs.astype(int)

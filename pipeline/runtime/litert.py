@@ -39,12 +39,14 @@ class RunResult:
     batch_size: int
     kernels: str
     threads: int
+    batch_fallback: str | None = None  # why a dynamic-batch model ran one image at a time (None: it did not)
 
     def describe(self) -> dict:
         return {"runtime": "ai-edge-litert", "kernels": self.kernels, "threads": self.threads,
                 "batch_size": self.batch_size, "images": int(len(self.outputs)),
                 "seconds": round(self.seconds, 4), "images_per_s": round(self.images_per_s, 1),
-                "measured_on": host_description()}
+                "measured_on": host_description(),
+                **({"batch_fallback": self.batch_fallback} if self.batch_fallback else {})}
 
 
 def host_description() -> str:
@@ -80,15 +82,12 @@ class TfliteRunner:
 
     def __init__(self, model_path: Path, kernels: str = "xnnpack", threads: int = 1, batch_size: int = 256,
                  input_layout: str = "NHWC"):
-        from ai_edge_litert.interpreter import Interpreter
         if kernels not in KERNELS:
             raise RuntimeStageError(f"unknown kernels {kernels!r}; choose one of {', '.join(KERNELS)}")
-        try:
-            self.interp = Interpreter(model_path=str(model_path), num_threads=int(threads),
-                                      experimental_op_resolver_type=_resolver(kernels))
-        except Exception as e:
-            raise RuntimeStageError(f"LiteRT cannot load {model_path}: {str(e).strip()[:200]}") from None
+        self.model_path = Path(model_path)
         self.kernels, self.threads, self.input_layout = kernels, int(threads), input_layout
+        self.interp = self._load()
+        self.batch_fallback: str | None = None
         self.inp = self.interp.get_input_details()[0]
         self.out = self.interp.get_output_details()[0]
         sig = self.inp.get("shape_signature", self.inp["shape"])
@@ -97,6 +96,28 @@ class TfliteRunner:
         self._allocated = None
         self.in_scale, self.in_zp = self.inp["quantization"]
         self.out_scale, self.out_zp = self.out["quantization"]
+
+    def _load(self):
+        from ai_edge_litert.interpreter import Interpreter
+        try:
+            return Interpreter(model_path=str(self.model_path), num_threads=self.threads,
+                               experimental_op_resolver_type=_resolver(self.kernels))
+        except Exception as e:
+            raise RuntimeStageError(f"LiteRT cannot load {self.model_path}: {str(e).strip()[:200]}") from None
+
+    def _prepare(self) -> None:
+        """Allocate for ``batch_size``. A dynamic-batch model that the kernels refuse to prepare at that batch
+        (XNNPACK refused some models at 256 that it runs one at a time) runs one image at a time in a fresh
+        interpreter instead; ``batch_fallback`` says why. A model that cannot be prepared at batch 1 either is
+        an error."""
+        try:
+            self._allocate(self.batch_size)
+        except ConversionError as e:
+            if not self.dynamic or self.batch_size == 1:
+                raise
+            self.batch_fallback = f"{e}; ran one image at a time instead"
+            self.interp, self._allocated, self.batch_size = self._load(), None, 1
+            self._allocate(1)
 
     def _allocate(self, batch: int) -> None:
         if self._allocated == batch:
@@ -109,9 +130,8 @@ class TfliteRunner:
                     self.interp.resize_tensor_input(self.inp["index"], shape, strict=True)
                 self.interp.allocate_tensors()
         except Exception as e:
-            raise ConversionError(
-                f"LiteRT cannot prepare the model for a batch of {batch}: {str(e).strip().splitlines()[0][:200]}; "
-                f"{MISCONVERTED_HINT}") from None
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise ConversionError(f"LiteRT cannot prepare the model for a batch of {batch}: {first}") from None
         self._allocated = batch
 
     def to_model_input(self, x_nchw: np.ndarray) -> np.ndarray:
@@ -122,6 +142,7 @@ class TfliteRunner:
 
     def run(self, x_nchw: np.ndarray, progress=None) -> RunResult:
         n = len(x_nchw)
+        self._prepare()
         bs = self.batch_size
         raw = None
         t0 = time.perf_counter()
@@ -155,7 +176,7 @@ class TfliteRunner:
             deq = raw.astype(np.float32)
         return RunResult(outputs=deq.reshape(n, -1), raw_outputs=raw, seconds=seconds,
                          images_per_s=n / seconds if seconds > 0 else float("inf"), batch_size=bs,
-                         kernels=self.kernels, threads=self.threads)
+                         kernels=self.kernels, threads=self.threads, batch_fallback=self.batch_fallback)
 
 
 # --------------------------------------------------------------------------- batch-1 latency on this host

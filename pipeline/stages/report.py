@@ -33,7 +33,8 @@ def build(cfg, inputs, onnx, tflite, insp, ran, micro, cmp, sane, lat, timings: 
         kind="export",
         target=target.to_dict(),
         model=inputs.model.describe() | {"weights_missing": sane.weights_missing},
-        warnings=sane.warnings(),
+        warnings=sane.warnings() + ([f"batched evaluation fell back: {ran.tflite.batch_fallback}"]
+                                    if ran.tflite.batch_fallback else []),
         data={**inputs.dataset.describe(), "evaluated": n, "split": "test"},
         preprocessing=tflite.preprocessing.to_dict(),  # the deployment record, as embedded in the .tflite
         calibration=inputs.calib.describe(),
