@@ -165,7 +165,7 @@ def train(name: str, steps: int, out: Path, batch: int = 32, lr: float = 1e-3, t
                           for i in range(0, len(xt), 250)])
     acc = float((pred.numpy() == yt).mean())
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, out)
+    torch.save(model.state_dict(), out)  # as is: its _metadata holds versions some models check (torchvision mnasnet)
     torch.load(out, weights_only=True)  # loadable without pickles
     return {"arch": name, "steps": steps, "batch": batch, "final_loss": round(loss_v, 4),
             "fp32_top1_first_1000_test": round(acc, 4), "seconds": round(time.perf_counter() - t0, 1),

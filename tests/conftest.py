@@ -83,6 +83,25 @@ TINYNET_SRC = textwrap.dedent('''
                              nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                              nn.Linear(8, 4))
 
+    class Versioned(nn.Module):
+        # checks a version in the state dict's _metadata, as torchvision's MNASNet does
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(144, 4)
+
+        def forward(self, x):
+            return self.fc(x.flatten(1))
+
+        def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args):
+            if local_metadata.get("version") != 2:
+                raise ValueError(f"version should be 2 instead of {local_metadata.get('version')}")
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
+
+        _version = 2
+
+    def versioned():
+        return Versioned()
+
     def reflectnet():
         # Reflect padding: PyTorch exports its pads as a computed subgraph, which onnx2tf 1.28 applies to the
         # batch axis of a dynamic-batch model (the converted model returns more rows than it was given).

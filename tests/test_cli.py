@@ -213,6 +213,18 @@ def test_weights_that_do_not_fit(bad, tmp_path):
     bad("--weights", str(p), needle="do not fit")
 
 
+def test_weights_a_module_refuses_are_one_line(bad, tmp_path, tinynet_dir):
+    """A module's own _load_from_state_dict may raise anything (torchvision's MNASNet: ValueError on a state dict
+    whose _metadata was dropped by copying it into a plain dict)."""
+    import tinynet  # the bad fixture runs in tinynet_dir, on sys.path
+    p = tmp_path / "plain.pt"
+    torch.save(dict(tinynet.versioned().state_dict()), p)  # a plain dict: no _metadata
+    bad("--model", "tinynet:versioned", "--weights", str(p), needle="tinynet:versioned refused the weights")
+    torch.save(tinynet.versioned().state_dict(), p)  # as saved normally: loads
+    from pipeline.inputs.models import load
+    assert load("tinynet:versioned", weights=str(p)).module.fc.weight.shape == (4, 144)
+
+
 def test_weights_not_a_state_dict_are_never_unpickled(bad, tmp_path):
     marker = tmp_path / "pwned"
 

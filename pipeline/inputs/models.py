@@ -189,6 +189,11 @@ def _load_state_dict(module, path: Path, spec: str) -> None:
         detail = " ".join(first[1:3]) if len(first) > 1 else first[0]
         raise ModelError(f"weights {path} do not fit {spec}: {detail[:300]}; pass the weights saved from this "
                          "architecture") from None
+    except Exception as e:  # noqa: BLE001  (a module's own _load_from_state_dict may raise anything)
+        detail = (str(e).strip().splitlines() or [""])[0][:300]
+        raise ModelError(f"{spec} refused the weights {path} ({type(e).__name__}: {detail}); save them with "
+                         "torch.save(model.state_dict(), path), which keeps the state dict's _metadata (versions "
+                         "some modules check)") from None
 
 
 # --------------------------------------------------------------------------- TorchScript
