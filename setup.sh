@@ -3,11 +3,21 @@
 # (zoo:refcnn on Fashion-MNIST -> fully-int8 TFLite, verified on LiteRT's kernels).
 #   ./setup.sh                 install + run `python -m pipeline.export` (extra args are passed to it)
 #   ./setup.sh --install-only  install only (what CI uses before running the tests)
+#   ./setup.sh --with-emulation  also build, once, the aarch64 root that `python -m pipeline.device_check --emulate`
+#                              runs the Pi bundle's check in (Debian arm64 packages and aarch64 wheels, about 50 MB
+#                              of downloads, cached in ~/.cache/edge-int8-pipeline/emulate); combines with the above
 set -euo pipefail
 cd "$(dirname "$0")"
 
 RUN_JOB=1
-if [[ "${1:-}" == "--install-only" ]]; then RUN_JOB=0; shift; fi
+WITH_EMULATION=0
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --install-only) RUN_JOB=0; shift ;;
+    --with-emulation) WITH_EMULATION=1; shift ;;
+    *) break ;;
+  esac
+done
 
 SUDO=""
 if [[ $(id -u) -ne 0 ]] && command -v sudo >/dev/null 2>&1; then SUDO="sudo"; fi
@@ -82,6 +92,13 @@ fi
 if [[ ! -d /usr/share/datasets/fashion-mnist ]]; then
   echo "setup: Fashion-MNIST is not installed. Install the Debian package dataset-fashion-mnist," >&2
   echo "       or pass --data-dir DIR (a folder with the four IDX files) or --data your.npz to the export." >&2
+fi
+
+if (( WITH_EMULATION )); then
+  # The aarch64 root of the emulated Pi check, built once (network: deb.debian.org and PyPI), then offline.
+  echo "setup: building the aarch64 root for python -m pipeline.device_check --emulate (once; cached)" >&2
+  .venv/bin/python -c 'import sys; from pipeline.device.emulate import prepare
+prepare(log=lambda m, file=None: print(m, file=sys.stderr))'
 fi
 
 if (( RUN_JOB )); then

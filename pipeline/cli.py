@@ -1,7 +1,7 @@
 """The CLI kit shared by every ``python -m pipeline.*``: argument types, one parser and one ``main`` wrapper.
 
-- argument types (``floats``, ``shape``, ``finite_float``, ``seed_int``, ``severities``, ``class_names``) refuse a
-  bad value with one line that names it, through argparse;
+- argument types (``floats``, ``shape``, ``finite_float``, ``seed_int``, ``severities``, ``class_names``,
+  ``emulated_device``) refuse a bad value with one line that names it, through argparse;
 - ``Parser`` turns every argparse error into a ``UsageError`` (one line, exit 2, no usage dump) pointing at the
   command's own ``--help`` (a subcommand's parser points at the subcommand's);
 - ``run_main`` runs a command's work and maps what ends it to one ``error:`` line on stderr and an exit status:
@@ -79,6 +79,15 @@ def severities(text: str) -> tuple[int, ...]:
     if not vals or any(v < 1 or v > 5 for v in vals) or len(set(vals)) != len(vals):
         raise argparse.ArgumentTypeError(f"{text!r}: severities must be distinct integers from 1 to 5")
     return tuple(sorted(vals))
+
+
+def emulated_device(text: str) -> str:
+    """argparse type: a device ``--emulate`` knows (pipeline/device/emulate.py), with a "did you mean"."""
+    from pipeline.device.emulate import get_device
+    try:
+        return get_device(text).name
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def class_names(text: str) -> tuple[str, ...]:

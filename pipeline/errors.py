@@ -64,6 +64,11 @@ class RuntimeStageError(PipelineError):
     """The interpreter could not load or run the converted model."""
 
 
+class EmulatorError(PipelineError):
+    """The emulated device (qemu-user with an aarch64 root, pipeline/device/emulate.py) cannot be built or
+    started: a missing tool, no network for the one-time build, a cache folder that cannot be written."""
+
+
 class Terminated(BaseException):
     """SIGTERM (``timeout``, CI, ``docker stop``) turned into an exception, so clean-up code runs."""
 

@@ -11,10 +11,14 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.calib_data import DEFAULT_CACHE_DIR
 from pipeline.errors import UsageError
 from pipeline.reliability.suite import ReliabilityConfig
+
+if TYPE_CHECKING:
+    from pipeline.targets.user import UserBudget
 
 DEFAULT_MODEL = "zoo:refcnn"
 
@@ -36,6 +40,11 @@ class ExportConfig:
     calib_cache: str | None = DEFAULT_CACHE_DIR  # generated calibration sets; None: no cache
     seed: int = 0
     target: str = "tflite-int8"
+    # --ram/--flash over a TFLite-Micro target, or --target-file (a board file): pipeline/targets/user.py
+    user_budget: UserBudget | None = None
+    # --emulate DEVICE (Arm LiteRT targets): the bundle checked on an emulated Arm CPU (pipeline/stages/emulate.py)
+    emulate: str | None = None
+    emulate_cache: str = "~/.cache/edge-int8-pipeline/emulate"
     out: str | None = None
     overwrite: bool = False  # replace an earlier export in --out as a whole (pipeline/outdir.py)
     max_drop_pp: float = 1.0
@@ -63,13 +72,13 @@ class ExportConfig:
 
 
 STEPS = ("prepare", "export_onnx", "convert", "inspect", "run", "micro", "compare", "sanity", "latency", "report",
-         "bundle", "reliability", "write")
+         "bundle", "firmware", "emulate", "reliability", "write")
 
 
 def line(cfg: ExportConfig, folder, log=print, reuse=None, worker=None):
     """The export, step by step, into ``folder`` (an outdir.OutputFolder's staging area). Returns the Report."""
-    from pipeline.stages import (bundle, compare, convert, export_onnx, inspect, latency, micro, prepare, reliability,
-                         report, run, sanity, write)
+    from pipeline.stages import (bundle, compare, convert, emulate, export_onnx, firmware, inspect, latency, micro,
+                                 prepare, reliability, report, run, sanity, write)
     from pipeline.stages.runner import Steps
     t_start, work, fp32_onnx = time.perf_counter(), folder.work, cfg.fp32_runtime == "onnxruntime"
     step = Steps(STEPS, log, folder.writing)
@@ -91,6 +100,11 @@ def line(cfg: ExportConfig, folder, log=print, reuse=None, worker=None):
                setup_s=step.timings["prepare"])
     rep.artifacts["bundle"] = step("bundle", bundle.bundle, work, tfl, rep.preprocessing, inp,
                                    model_spec=cfg.model).describe()
+    fw = step("firmware", firmware.firmware, work, tfl, insp, mic, rep.preprocessing, inp, model_spec=cfg.model)
+    firmware.attach(rep, fw)
+    emu = (step("emulate", emulate.emulate, cfg.emulate, work / "bundle", t, cache_dir=cfg.emulate_cache, log=log)
+           if cfg.emulate is not None else step.skip("emulate", "no --emulate"))
+    emulate.attach(rep, emu)
     rel = (step("reliability", reliability.reliability, cfg.reliability, inp, tfl, ran, model_spec=cfg.model,
                 weights=cfg.weights, batch_size=cfg.batch_size, fp32_onnx=work / "model.onnx"
                 if fp32_onnx and inp.model.kind != "onnx" else None, progress=inp.progress)
@@ -111,7 +125,7 @@ def export(cfg: ExportConfig, log=print, reuse=None) -> tuple[int, Path, object]
     from pipeline.outdir import OutputFolder, default_out_name
     from pipeline.stages.reuse import conversion_key
     quiet.configure(cfg.verbose)
-    target = targets.get_target(cfg.target)
+    target = targets.get_target(cfg.target, cfg.user_budget)
     out = Path(cfg.out) if cfg.out else Path(default_out_name(cfg.model, target.name, cfg.weights))
     with OutputFolder.claim(out, cfg.overwrite) as folder, folder.temp_files_inside():
         converted = reuse is not None and conversion_key(cfg.converter, target) in reuse.items
@@ -144,7 +158,7 @@ def _start_worker(cfg: ExportConfig):
 # --------------------------------------------------------------------------- CLI
 
 def build_parser() -> argparse.ArgumentParser:
-    from pipeline.cli import Parser, class_names, finite_float, floats, seed_int, shape
+    from pipeline.cli import Parser, class_names, emulated_device, finite_float, floats, seed_int, shape
     p = Parser(prog="python -m pipeline.export",
                description="PyTorch -> ONNX -> fully-int8 TFLite, run on real TFLite kernels and checked "
                            "against the FP32 model.")
@@ -166,9 +180,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--std", type=floats, help="per-channel std after scaling (default: the model's, else 1)")
     g.add_argument("--eval-limit", type=int, help="evaluate on the first N test images only (default: all)")
     g = p.add_argument_group("Target")
-    g.add_argument("--target", default="tflite-int8", help="target profile (see --list-targets), or several separated "
-                                                          "by commas: one export folder each under --out, converting "
-                                                          "once per precision")
+    g.add_argument("--target", help="target profile (see --list-targets; default tflite-int8), or several separated by "
+                                    "commas: one export folder each under --out, converting once per precision")
+    g.add_argument("--ram", metavar="SIZE", help="TFLite-Micro targets: the RAM budget of your board instead of the "
+                                                 "profile's, e.g. 256KiB, 1MB or bytes (checked with the margin)")
+    g.add_argument("--flash", metavar="SIZE", help="TFLite-Micro targets: the flash budget of your board, e.g. 1MiB")
+    g.add_argument("--target-file", metavar="BOARD.toml",
+                   help="your own microcontroller board (TOML, or JSON for a .json name): name, core, ram, flash, "
+                        "clock_mhz, arena_margin, flash_margin, kernels (README 'Your own board')")
+    g.add_argument("--emulate", metavar="DEVICE", type=emulated_device,
+                   help="also run the device bundle's check on an emulated Arm CPU with the device's own aarch64 "
+                        "wheels (rpi4, rpi5, android-arm64; Arm LiteRT targets only; builds an aarch64 root once, "
+                        "with network): a gate, outputs only, no timings (README 'Check on an emulated Raspberry Pi')")
+    g.add_argument("--emulate-cache", metavar="DIR", default=ExportConfig.emulate_cache,
+                   help="where --emulate keeps the aarch64 root (default %(default)s)")
     g.add_argument("--list-targets", action="store_true", help="print the target registry and exit")
     from pipeline.conversion import AUTO, routes
     g.add_argument("--converter", default=AUTO, choices=(AUTO, *routes()),
@@ -222,6 +247,13 @@ def config_from_args(args: argparse.Namespace) -> ExportConfig:
         raise UsageError(f"--calib-size {args.calib_size} gives an empty representative dataset; pass at least 1 "
                          "(100-500 recommended), or leave it out for 500")
     corruptions = parse_corruptions(args.corruptions)  # a typo fails at once, --reliability or not
+    from pipeline.targets.user import from_flags
+    target, user_budget = from_flags(args.target, args.ram, args.flash, args.target_file, ExportConfig.target)
+    if args.emulate is not None:
+        from pipeline.stages.emulate import check_target
+        for name in target.split(","):
+            if name.strip():
+                check_target(args.emulate, name.strip())
     rel = None
     if args.reliability:
         if (args.val_size is not None and args.val_size <= 0) or args.workers < 0:
@@ -233,9 +265,10 @@ def config_from_args(args: argparse.Namespace) -> ExportConfig:
         model=args.model, weights=args.weights, input_shape=args.input_shape, data=args.data,
         data_dir=args.data_dir, class_names=args.class_names, mean=args.mean, std=args.std, calib=args.calib,
         calib_size=args.calib_size, calib_cache=None if args.calib_cache in ("off", "") else args.calib_cache,
-        seed=args.seed, target=args.target, out=args.out, overwrite=args.overwrite, max_drop_pp=args.max_drop_pp,
-        min_agreement=args.min_agreement, converter=args.converter, batch_size=args.batch_size,
-        eval_limit=args.eval_limit, micro_limit=args.micro_limit, verbose=args.verbose, reliability=rel,
+        seed=args.seed, target=target, user_budget=user_budget, emulate=args.emulate,
+        emulate_cache=args.emulate_cache, out=args.out, overwrite=args.overwrite,
+        max_drop_pp=args.max_drop_pp, min_agreement=args.min_agreement, converter=args.converter,
+        batch_size=args.batch_size, eval_limit=args.eval_limit, micro_limit=args.micro_limit, verbose=args.verbose, reliability=rel,
         # --fp32-runtime also picks the FP32 side of the run stage: it counts with or without --reliability
         fp32_runtime=args.fp32_runtime)
 

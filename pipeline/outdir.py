@@ -43,14 +43,20 @@ from pathlib import Path, PurePosixPath
 
 from pipeline.errors import OutputError
 
-# What an export writes at the top of --out (model_*.tflite besides, one per precision).
+# What an export writes at the top of --out (model_*.tflite besides, one per precision). model.onnx.data: a given
+# ONNX model over 2 GB keeps its tensors there; firmware/ and firmware.zip: TFLite-Micro targets only.
 EXPORT_ARTIFACTS = ("model.onnx", "model.onnx.data", "report.json", "report.html", "predictions.npz", "bundle",
-                    "bundle.tar.gz")  # model.onnx.data: a given ONNX model over 2 GB keeps its tensors there
+                    "bundle.tar.gz", "firmware", "firmware.zip")
 # What pipeline/device/bundle.py writes into bundle/ (model_*.tflite besides): tests/test_out_folder.py checks this
 # list against a real export.
 BUNDLE_FILES = ("preprocessing.json", "samples.npz", "expected_outputs.npz", "requirements.txt", "README.txt",
                 "bundle.json", "pi_benchmark.py")
 _MODEL = re.compile(r"model_[A-Za-z0-9]+\.tflite")
+# What pipeline/device/firmware.py writes into firmware/ (tests/test_firmware.py checks it against a real export).
+FIRMWARE_FILES = ("model_data.h", "model_data.cc", "op_resolver.h", "model_settings.h", "sample_data.h", "main.cc",
+                  "README.txt")
+_FOLDERS = {"bundle": lambda n: n in BUNDLE_FILES or bool(_MODEL.fullmatch(n)),
+            "firmware": lambda n: n in FIRMWARE_FILES}
 
 
 def export_writes(rel: PurePosixPath, is_dir: bool) -> bool:
@@ -58,11 +64,11 @@ def export_writes(rel: PurePosixPath, is_dir: bool) -> bool:
     parts = rel.parts
     if len(parts) == 1:
         name = parts[0]
-        if name == "bundle":
+        if name in _FOLDERS:
             return is_dir
         return not is_dir and (name in EXPORT_ARTIFACTS or bool(_MODEL.fullmatch(name)))
-    if len(parts) == 2 and parts[0] == "bundle":
-        return not is_dir and (parts[1] in BUNDLE_FILES or bool(_MODEL.fullmatch(parts[1])))
+    if len(parts) == 2 and parts[0] in _FOLDERS:
+        return not is_dir and _FOLDERS[parts[0]](parts[1])
     return False
 
 
@@ -435,5 +441,5 @@ def default_out_name(model_spec: str, target: str, weights: str | None = None) -
 
 def _out_path(cfg: ExportConfig) -> Path:
     from pipeline import targets
-    return Path(cfg.out) if cfg.out else Path(_default_out_name(cfg.model, targets.get_target(cfg.target).name,
-                                                                  cfg.weights))
+    return Path(cfg.out) if cfg.out else Path(_default_out_name(
+        cfg.model, targets.get_target(cfg.target, cfg.user_budget).name, cfg.weights))

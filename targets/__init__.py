@@ -45,6 +45,15 @@ class Target:
     # Published figures for this device class with their source, as "figure: source" lines.
     # They are shown for context, never as a measurement of the exported model.
     published: tuple[str, ...] = field(default_factory=tuple)
+    # Microcontroller targets: the Arm core (a key of CORES: the firmware package's compiler flags) and the
+    # TFLite-Micro kernels its firmware is built with ("cmsis-nn" or "reference"; the host always measures with
+    # the tflite-micro wheel's reference kernels, see ``kernels``).
+    core: str | None = None
+    firmware_kernels: str | None = None
+    # Where ram_bytes/flash_bytes come from: "profile" (this registry entry and its references) or "user"
+    # (--ram/--flash or --target-file, pipeline/targets/user.py); ``budget_given_by`` then says how.
+    budget_source: str = "profile"
+    budget_given_by: str | None = None
 
     @property
     def input_dtype(self) -> str:
@@ -74,6 +83,34 @@ class Target:
         return d
 
 
+@dataclass(frozen=True)
+class Core:
+    """An Arm Cortex-M core a microcontroller target names: how arm-none-eabi-gcc compiles for it and the
+    TARGET_ARCH of TFLite-Micro's cortex_m_generic Makefile (tensorflow/lite/micro/tools/make/targets/
+    cortex_m_generic_makefile.inc)."""
+
+    name: str
+    gcc_flags: tuple[str, ...]
+    tflm_target_arch: str
+    fpu: str  # in words, for the firmware README
+
+
+# The cores a board may name. The FPU flags are the usual parts' (an M7 with a double-precision FPU, as the
+# STM32H7; an M33 or M4 with a single-precision one); a core without an FPU builds soft-float.
+CORES: dict[str, Core] = {c.name: c for c in (
+    Core("cortex-m0plus", ("-mcpu=cortex-m0plus", "-mthumb", "-mfloat-abi=soft"), "cortex-m0plus", "no FPU"),
+    Core("cortex-m3", ("-mcpu=cortex-m3", "-mthumb", "-mfloat-abi=soft"), "cortex-m3", "no FPU"),
+    Core("cortex-m4", ("-mcpu=cortex-m4", "-mthumb", "-mfloat-abi=hard", "-mfpu=fpv4-sp-d16"), "cortex-m4+fp",
+         "single-precision FPU (FPv4-SP)"),
+    Core("cortex-m7", ("-mcpu=cortex-m7", "-mthumb", "-mfloat-abi=hard", "-mfpu=fpv5-d16"), "cortex-m7+fp",
+         "double-precision FPU (FPv5)"),
+    Core("cortex-m33", ("-mcpu=cortex-m33", "-mthumb", "-mfloat-abi=hard", "-mfpu=fpv5-sp-d16"), "cortex-m33",
+         "single-precision FPU (FPv5-SP)"),
+    Core("cortex-m55", ("-mcpu=cortex-m55", "-mthumb", "-mfloat-abi=hard", "-mfpu=auto"), "cortex-m55",
+         "FPU and Helium (MVE)"),
+)}
+FIRMWARE_KERNELS = ("cmsis-nn", "reference")
+
 # The precision ladder, widest first, is the registry of pipeline/precisions.py (PRECISIONS: name ->
 # Precision). "dynamic" = int8 weights with float32 activations (dynamic-range quantization);
 # "int16x8" = int16 activations with int8 weights.
@@ -85,14 +122,25 @@ _REGISTRY: dict[str, Target] = {}
 def register_target(target: Target) -> Target:
     if target.name in _REGISTRY:
         raise ValueError(f"target {target.name!r} is registered twice")
+    _check(target)
+    _REGISTRY[target.name] = target
+    return target
+
+
+def _check(target: Target) -> None:
+    """The rules every target meets, registered or a user's board (ValueError: a programming error)."""
     if target.precision not in PRECISIONS:
         raise ValueError(f"target {target.name!r}: precision {target.precision!r} is not one of {tuple(PRECISIONS)}")
     if target.runtime not in RUNTIMES:
         raise ValueError(f"target {target.name!r}: runtime {target.runtime!r} is not one of {RUNTIMES}")
-    if target.runtime == "tflite-micro" and not get_precision(target.precision).fully_int8_required:
-        raise ValueError(f"target {target.name!r}: TFLite-Micro targets are int8 (no hybrid or float16 kernels)")
-    _REGISTRY[target.name] = target
-    return target
+    if target.runtime == "tflite-micro":
+        if not get_precision(target.precision).fully_int8_required:
+            raise ValueError(f"target {target.name!r}: TFLite-Micro targets are int8 (no hybrid or float16 kernels)")
+        if target.core not in CORES or target.firmware_kernels not in FIRMWARE_KERNELS:
+            raise ValueError(f"target {target.name!r}: a TFLite-Micro target names its core (one of {tuple(CORES)}) "
+                             f"and firmware kernels (one of {FIRMWARE_KERNELS})")
+    if target.budget_source not in ("profile", "user"):
+        raise ValueError(f"target {target.name!r}: budget_source {target.budget_source!r} is not profile or user")
 
 
 def list_targets() -> list[str]:
@@ -100,8 +148,13 @@ def list_targets() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_target(name: str) -> Target:
+def get_target(name: str, user=None) -> Target:
+    """The registered target ``name``; with ``user`` (a :class:`pipeline.targets.user.UserBudget`, from --ram,
+    --flash or --target-file), that target with the user's budgets, or the user's own board."""
     _load()
+    if user is not None:
+        from pipeline.targets.user import apply
+        return apply(name, user, _REGISTRY.get(name))
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.5)
         hint = f"did you mean {' or '.join(close)}?" if close else f"choose one of {', '.join(sorted(_REGISTRY))}"

@@ -31,11 +31,15 @@ NOT_RUN = {
     "ssh pi@raspberrypi.local": "runs on the Raspberry Pi itself (needs the device)",
     "pipeline.evaluate refcnn-int8 --corruptions": "the full corruption suite over the test split, twice (minutes)",
     "pipeline.study precision": "five exports of zoo:refcnn, one per precision (minutes)",
+    "pipeline.device_check refcnn-tflite-int8 --emulate rpi4": "needs the export ./setup.sh writes and builds the "
+                                                                "aarch64 root; tests/test_emulate.py runs the same "
+                                                                "commands on a small export",
     "benchmarks/architectures.py --archs all": "39 architectures fine-tuned and exported through every route (hours)",
 }
 # Blocks that run but take more than 10 s: marked slow.
 SLOW = {
     "--calib balanced --calib-size 500 --seed 0": "a full zoo:refcnn export over the 10k test split (~10-30 s)",
+    "--target-file myboard.toml": "a zoo:refcnn export to a board file, 500 test images (~10-40 s)",
 }
 
 

@@ -56,8 +56,7 @@ numpy==2.2.6; python_version < "3.11"
 
 README = """\
 Device bundle for {model_spec} (target {target}), made by python -m pipeline.export.
-
-On the device (Raspberry Pi OS 64-bit, Python 3.10-3.13):
+{where}:
 
     tar xzf bundle.tar.gz && cd bundle
     python3 -m venv .venv && . .venv/bin/activate
@@ -68,6 +67,11 @@ On the device (Raspberry Pi OS 64-bit, Python 3.10-3.13):
 --check runs the {n} bundled samples and compares the outputs with the ones recorded on the host
 ({host}), kernel by kernel; it exits 1 when they differ beyond {tol} quantization step(s).
 """
+WHERE_PI = "\nOn the device (Raspberry Pi OS 64-bit, Python 3.10-3.13)"
+WHERE_MICRO = """
+{target} is a microcontroller: what goes on the board is the firmware package, {firmware}/ and {firmware}.zip
+beside this bundle (its README.txt says how to build it into a TFLite-Micro project). This bundle checks the
+same model with LiteRT on a Linux machine (a Raspberry Pi or any 64-bit Linux host, Python 3.10-3.13)"""
 
 
 @dataclass(frozen=True)
@@ -109,7 +113,7 @@ def _tensor(d: dict) -> dict:
 def write_bundle(work: Path, tflite_path: Path, input_layout: str, preprocessing: dict, raw: np.ndarray,
                  x: np.ndarray, labels: np.ndarray, *, model_spec: str, target: str,
                  n_samples: int = SAMPLES, ref_samples: int = REF_SAMPLES,
-                 class_names=None) -> BundleArtifact:
+                 class_names=None, firmware: str | None = None) -> BundleArtifact:
     """Write ``work/bundle/`` and ``work/bundle.tar.gz``.
 
     ``raw`` are the images as read (N×C×H×W, before preprocessing), ``x`` the same images as
@@ -117,6 +121,8 @@ def write_bundle(work: Path, tflite_path: Path, input_layout: str, preprocessing
     ``class_names`` (one per model output, index order; None: unknown) go into bundle.json, where the Pi
     script reads them to print a label next to each class index. They live in the manifest itself, so no
     file is added to its ``sha256`` map (which covers every file the script reads besides bundle.json).
+    ``firmware``: the firmware package's folder name when the target is a microcontroller (the README then sends
+    the reader there for the board, and keeps this bundle for a Linux check).
     """
     from pipeline.runtime.litert import TfliteRunner
     t0 = time.perf_counter()
@@ -161,8 +167,9 @@ def write_bundle(work: Path, tflite_path: Path, input_layout: str, preprocessing
         np.savez_compressed(folder / "expected_outputs.npz", **expected)
         (folder / "requirements.txt").write_text(REQUIREMENTS, encoding="utf-8")
         host = _host_description()
+        where = WHERE_MICRO.format(target=target, firmware=firmware) if firmware else WHERE_PI
         (folder / "README.txt").write_text(README.format(model_spec=model_spec, target=target, n=n, host=host,
-                                                         tol=CHECK_TOLERANCE_STEPS), encoding="utf-8")
+                                                         tol=CHECK_TOLERANCE_STEPS, where=where), encoding="utf-8")
         manifest = {
             "kind": "device_bundle",
             "schema_version": SCHEMA_VERSION,

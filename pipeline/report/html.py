@@ -359,6 +359,8 @@ def render(report: dict) -> str:
            ("latency", "Latency (host)")]
     if _d(_d(report.get("device")).get("tflite_micro")):
         nav.append(("device", "Microcontroller budget"))
+    if _d(report.get("firmware")):
+        nav.append(("firmware", "Firmware package"))
     if rel:
         nav += [("calibration", "Calibration drift"), ("temperature", "Temperature"), ("flips", "Flip flags"),
                 ("shifts", "Distribution shift"), ("per-class", "Per class")]
@@ -371,6 +373,7 @@ def render(report: dict) -> str:
     out.append(_guard("Calibration set", _calibration_set_html, report))
     out.append(_guard("Latency", _latency_html, report))
     out.append(_guard("Device", _device_html, report))
+    out.append(_guard("Firmware package", _firmware_html, report))
     if rel:
         out.append(_guard("Calibration drift", _calibration_html, report))
         out.append(_guard("Temperature scaling", _temperature_html, report))
@@ -414,7 +417,9 @@ def _intro(report: dict) -> str:
         sentences.append(f"On the board: arena {_bytes(mic.get('arena_bytes'))} "
                          f"({'fits' if rc.get('fits') else 'does NOT fit'} {_bytes(rc.get('budget_bytes'))} RAM), "
                          f"flash {_bytes(mic.get('flash_bytes'))} ({'fits' if fc.get('fits') else 'does NOT fit'} "
-                         f"{_bytes(fc.get('budget_bytes'))}), both with a {pct(rc.get('margin'), 0)} margin.")
+                         f"{_bytes(fc.get('budget_bytes'))}), both with a {pct(rc.get('margin'), 0)} margin"
+                         + (f" (budget given by you: {_e(t.get('budget_given_by') or '')})"
+                            if (t := _d(report.get("target"))).get("budget_source") == "user" else "") + ".")
     if "calibration_drift" in report:
         sentences += _reliability_sentences(report)
     out.append(f'<div class="verdict {"pass" if passed else "fail"}"><div class="big">{"PASS" if passed else "FAIL"}</div>'
@@ -803,6 +808,7 @@ def _device_html(report: dict) -> str:
     out = [f"<h2 id='device'>Microcontroller budget: {_e(dev.get('device', ''))}</h2>",
            f"<p>TFLite-Micro runs the model in one tensor arena; the .tflite flatbuffer sits in flash. Measured with "
            f"{_e(m.get('runtime', 'TFLite-Micro'))}; both are checked against the board's budget with a margin.</p>",
+           _budget_source_html(_d(report.get("target"))),
            svg_budget([("arena → RAM", m["arena_bytes"], rc["required_bytes"], rc["budget_bytes"],
                         f"arena {_bytes(m['arena_bytes'])} + {pct(rc.get('margin'), 0)} margin of {_bytes(rc['budget_bytes'])} RAM"),
                        ("model → flash", m["flash_bytes"], fc["required_bytes"], fc["budget_bytes"],
@@ -826,6 +832,47 @@ def _device_html(report: dict) -> str:
         out.append("<details><summary>Published figures for reference models on this board</summary><ul>"
                    + "".join(f"<li>{_e(p)}</li>" for p in pub) + "</ul></details>")
     return "\n".join(out)
+
+
+def _budget_source_html(t: dict) -> str:
+    """Where the RAM and flash budgets come from: the target profile, or the user (flags or a board file)."""
+    if t.get("budget_source") == "user":
+        return (f"<p><b>Budget given by you</b>: <code>{_e(t.get('budget_given_by') or '')}</code> (RAM "
+                f"{_bytes(t.get('ram_bytes'))}, flash {_bytes(t.get('flash_bytes'))}, core "
+                f"{_e(t.get('core') or 'n/a')}); not checked against a datasheet.</p>")
+    return (f"<p class='muted'>Budget from the {_e(t.get('name', ''))} profile (its sources are listed in report.json "
+            "target.references).</p>")
+
+
+def _firmware_html(report: dict) -> str:
+    fw = _d(report.get("firmware"))
+    if not fw:
+        return ""
+    ar, fl, op, sm = (_d(fw.get(k)) for k in ("arena", "flash", "op_resolver", "sample"))
+    rows = [("files", f"<code>{_e(fw.get('path', ''))}</code> and <code>{_e(fw.get('zip', ''))}</code> "
+                      f"({_bytes(fw.get('zip_bytes'))}): " + ", ".join(f"<code>{_e(k)}</code>" for k in _d(fw.get('files')))),
+            ("core", f"{_e(fw.get('core', ''))} (<code>{_e(' '.join(fw.get('gcc_flags') or []))}</code>), TFLite-Micro "
+                     f"TARGET_ARCH={_e(fw.get('tflm_target_arch', ''))}, kernels {_e(fw.get('firmware_kernels', ''))}"),
+            ("op resolver", f"MicroMutableOpResolver&lt;{_e(op.get('op_count', ''))}&gt;: "
+                            + ", ".join(f"<code>{_e(m)}</code>" for m in op.get("methods") or [])),
+            ("tensor arena", f"{ar.get('tensor_arena_size', 0):,} B: {_e(ar.get('how', ''))}")]
+    if fl.get("measured"):
+        rows.append(("model in flash", f"{fl.get('model_section_bytes', 0):,} B in <code>{_e(fl.get('model_section', ''))}"
+                                       f"</code>, compiled with {_e(fl.get('toolchain', ''))}: <code>"
+                                       f"{_e((fl.get('commands') or [''])[0])}</code>"))
+        rows.append(("preprocessing + sample", f"{fl.get('preprocess_and_sample_bytes', 0):,} B (C99, -Os)"))
+    else:
+        rows.append(("model in flash", f"not measured: {_e(fl.get('reason', ''))}"))
+    rows.append(("sample check", f"main.cc runs test image {_e(sm.get('index', ''))} (label {_e(sm.get('label', ''))}) "
+                                 f"and passes when within {_e(sm.get('tolerance_steps', ''))} step of "
+                                 f"{_e(sm.get('expected_output_from', ''))}"))
+    return "\n".join([
+        "<h2 id='firmware'>Firmware package</h2>",
+        "<p>What a TFLite-Micro project needs to run this model on the board: the model as a C array, its op "
+        "resolver, the settings and the preprocessing as C (bit-identical to the host's), one sample and a main that "
+        "checks it (README.txt inside says how to build it).</p>",
+        _kv_table(rows),
+        f"<p class='muted'>{_e(fw.get('tflm_headers', ''))}.</p>"])
 
 
 # --------------------------------------------------------------------------- reliability sections

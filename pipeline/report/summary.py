@@ -3,6 +3,7 @@ registry (``--list-targets``)."""
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 
@@ -59,7 +60,7 @@ def summary(report, out: Path) -> str:
         *reasons,
         *_reliability_lines(report),
         f"files      {out}/ (model.onnx, {art['tflite']['path']}, report.json, report.html, predictions.npz, bundle/, "
-        "bundle.tar.gz)",
+        "bundle.tar.gz" + (", firmware/, firmware.zip)" if "firmware" in art else ")"),
     ])
 
 
@@ -121,7 +122,32 @@ def _device_lines(report) -> list[str]:
                      f"(margins: arena +{m['ram_check']['margin']:.0%}, flash +{m['flash_check']['margin']:.0%})")
         lines.append(f"tflm/LiteRT top-1 agreement {c['top1_agreement']:.2%}, max diff {c['max_diff_steps']} step(s) "
                      f"on the first {c['images']} test inputs (TFLite-Micro reference kernels on this host)")
+        t = report.target
+        if t.get("budget_source") == "user":
+            lines.append(f"budget     given by you: {t.get('budget_given_by')} (RAM {t.get('ram_bytes'):,} B, flash "
+                         f"{t.get('flash_bytes'):,} B, core {t.get('core')})")
+    fw = report.sections.get("firmware")
+    if fw:
+        fl = fw["flash"]
+        tool = re.sub(r"^(\S+) \(.*\) (\S+).*$", r"\1 \2", fl.get("toolchain") or "")  # arm-none-eabi-g++ 12.2.1
+        flash = (f"model {fl['model_section_bytes']:,} B in {fl['model_section']} ({tool}, {fw['core']})"
+                 if fl.get("measured") else f"model flash not measured ({fl['reason']})")
+        lines.append(f"firmware   {fw['path']} + {fw['zip']}: {flash}; MicroMutableOpResolver<"
+                     f"{fw['op_resolver']['op_count']}>; tensor arena {fw['arena']['tensor_arena_size']:,} B "
+                     f"(measured {fw['arena']['measured_bytes']:,} B + {fw['arena']['margin']:.0%}, 16-byte rounded)")
+    em = report.sections.get("emulation")
+    if em:
+        dev, emu, rt = em["device"], em["emulator"], em["runtime"]
+        lines.append(f"emulated   {dev['name']} (qemu -cpu {emu.get('cpu')}, {rt.get('runtime')} "
+                     f"{rt.get('runtime_version')} aarch64, Python {rt.get('python')}): "
+                     + ", ".join(f"{k['kernels']} top-1 {_pct(k['top1_agreement'])} max {k['max_diff_steps']} step(s)"
+                                 for k in em["kernels"])
+                     + f" vs the host's outputs: {'PASS' if em['passed'] else 'FAIL'} (outputs only, no timings)")
     return lines
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None else f"{100.0 * v:.2f}%"
 
 
 def targets_table(rows: list[dict], root: Path) -> str:

@@ -14,6 +14,7 @@ that calls them in order (:func:`pipeline.export.line`) and :class:`pipeline.sta
     latency      LiteRT targets: batch-1 host latency                              -> dict | None
     report       the typed Report with its gates                                   -> Report
     bundle       the device bundle (bundle/, bundle.tar.gz)                        -> BundleArtifact
+    firmware     TFLite-Micro targets: the firmware package (firmware/, .zip)     -> FirmwareArtifact | None
     reliability  --reliability: calibration drift, flips, shifts and two gates     -> ReliabilityResult | None
     write        report.json, report.html, predictions.npz                        -> None
 """
