@@ -45,6 +45,7 @@ class ExportConfig:
     # --emulate DEVICE (Arm LiteRT targets): the bundle checked on an emulated Arm CPU (pipeline/stages/emulate.py)
     emulate: str | None = None
     emulate_cache: str = "~/.cache/edge-int8-pipeline/emulate"
+    per_tensor: bool = False  # --per-tensor: one weight scale per tensor instead of per output channel
     out: str | None = None
     overwrite: bool = False  # replace an earlier export in --out as a whole (pipeline/outdir.py)
     max_drop_pp: float = 1.0
@@ -69,6 +70,23 @@ class ExportConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def export_target(cfg: ExportConfig):
+    """The target this export builds for: the registry's (or the user's board), with ``--per-tensor`` applied."""
+    import dataclasses
+
+    from pipeline import targets
+    t = targets.get_target(cfg.target, cfg.user_budget)
+    return dataclasses.replace(t, per_channel_weights=False) if cfg.per_tensor else t
+
+
+def out_path(cfg: ExportConfig, target) -> Path:
+    """``--out``, or the default folder: MODEL-TARGET, with ``-per-tensor`` after it with --per-tensor."""
+    from pipeline.outdir import default_out_name
+    if cfg.out:
+        return Path(cfg.out)
+    return Path(default_out_name(cfg.model, target.name + ("-per-tensor" if cfg.per_tensor else ""), cfg.weights))
 
 
 STEPS = ("prepare", "export_onnx", "convert", "inspect", "run", "micro", "compare", "sanity", "latency", "report",
@@ -120,13 +138,12 @@ def export(cfg: ExportConfig, log=print, reuse=None) -> tuple[int, Path, object]
 
     ``--out`` is checked and locked before anything else (pipeline/outdir.py); the export is built in a staging
     folder beside it, whose ``tmp/`` is TMPDIR meanwhile, and moved in whole at the end, or not at all."""
-    from pipeline import targets
     from pipeline import quiet
-    from pipeline.outdir import OutputFolder, default_out_name
+    from pipeline.outdir import OutputFolder
     from pipeline.stages.reuse import conversion_key
     quiet.configure(cfg.verbose)
-    target = targets.get_target(cfg.target, cfg.user_budget)
-    out = Path(cfg.out) if cfg.out else Path(default_out_name(cfg.model, target.name, cfg.weights))
+    target = export_target(cfg)
+    out = out_path(cfg, target)
     with OutputFolder.claim(out, cfg.overwrite) as folder, folder.temp_files_inside():
         converted = reuse is not None and conversion_key(cfg.converter, target) in reuse.items
         # The worker inherits TMPDIR (the staging folder's tmp/); none is needed when the conversion is reused.
@@ -194,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "with network): a gate, outputs only, no timings (README 'Check on an emulated Raspberry Pi')")
     g.add_argument("--emulate-cache", metavar="DIR", default=ExportConfig.emulate_cache,
                    help="where --emulate keeps the aarch64 root (default %(default)s)")
+    g.add_argument("--per-tensor", action="store_true",
+                   help="one weight scale per tensor instead of one per output channel (what many NPUs and some MCU "
+                        "kernels want; depthwise convolutions usually lose accuracy: README 'When int8 hurts')")
     g.add_argument("--list-targets", action="store_true", help="print the target registry and exit")
     from pipeline.conversion import AUTO, routes
     g.add_argument("--converter", default=AUTO, choices=(AUTO, *routes()),
@@ -266,7 +286,7 @@ def config_from_args(args: argparse.Namespace) -> ExportConfig:
         data_dir=args.data_dir, class_names=args.class_names, mean=args.mean, std=args.std, calib=args.calib,
         calib_size=args.calib_size, calib_cache=None if args.calib_cache in ("off", "") else args.calib_cache,
         seed=args.seed, target=target, user_budget=user_budget, emulate=args.emulate,
-        emulate_cache=args.emulate_cache, out=args.out, overwrite=args.overwrite,
+        emulate_cache=args.emulate_cache, per_tensor=args.per_tensor, out=args.out, overwrite=args.overwrite,
         max_drop_pp=args.max_drop_pp, min_agreement=args.min_agreement, converter=args.converter,
         batch_size=args.batch_size, eval_limit=args.eval_limit, micro_limit=args.micro_limit, verbose=args.verbose, reliability=rel,
         # --fp32-runtime also picks the FP32 side of the run stage: it counts with or without --reliability

@@ -438,8 +438,3 @@ def default_out_name(model_spec: str, target: str, weights: str | None = None) -
     clean = ["".join(c if c.isalnum() or c in "-_." else "_" for c in part).strip(".") for part in parts]
     return "-".join([c for c in clean if c] or ["model"]) + f"-{target}"
 
-
-def _out_path(cfg: ExportConfig) -> Path:
-    from pipeline import targets
-    return Path(cfg.out) if cfg.out else Path(_default_out_name(
-        cfg.model, targets.get_target(cfg.target, cfg.user_budget).name, cfg.weights))

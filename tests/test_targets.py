@@ -329,3 +329,28 @@ def test_precision_study_refuses_an_unknown_target(capsys):
     from pipeline import study
     assert study.main(["precision", "--targets", "tflite-fp33"]) == 2
     assert "did you mean tflite-fp32" in capsys.readouterr().err
+
+
+def test_per_tensor_flag_gives_one_weight_scale_per_tensor(tmp_path, tinynet_dir, tiny_npz, in_dir, exported):
+    """--per-tensor: the file itself holds one scale per weight tensor (read back from the .tflite, not from the
+    config), the report says so, and the default folder name says so too."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from pipeline.export import build_parser, config_from_args, export_target, out_path
+    in_dir(tinynet_dir)
+    a = _export_args(tinynet_dir, tiny_npz)
+    args = ["--model", a["model"], "--weights", a["weights"], "--data", a["data"], "--calib-size", "100"]
+    cfg = config_from_args(build_parser().parse_args([*args, "--per-tensor"]))
+    assert cfg.per_tensor and out_path(cfg, export_target(cfg)).name == "tinynet-tinynet-tinynet-tflite-int8-per-tensor"
+    out = tmp_path / "pt"
+    assert main([*args, "--per-tensor", "--out", str(out)]) == 0
+    r = json.loads((out / "report.json").read_text())
+    assert r["quantization"]["weights_per_channel"] is False and r["target"]["per_channel_weights"] is False
+
+    def weight_scales(path):
+        det = Interpreter(model_path=str(path)).get_tensor_details()
+        return [len(d["quantization_parameters"]["scales"]) for d in det
+                if d["dtype"] == np.int8 and len(d["shape"]) == 4 and d["shape"][0] > 1]
+    assert weight_scales(out / "model_int8.tflite") and max(weight_scales(out / "model_int8.tflite")) == 1
+    _, pc_out, pc = exported("tflite-int8")  # the same model per channel: several scales per conv weight
+    assert pc["quantization"]["weights_per_channel"] is True and max(weight_scales(pc_out / "model_int8.tflite")) > 1

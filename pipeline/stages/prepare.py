@@ -45,7 +45,8 @@ def prepare(cfg, log=print) -> Inputs:
     from pipeline.inputs import data as data_mod
     from pipeline.inputs import models
     from pipeline.inputs import preprocessing
-    target = targets.get_target(cfg.target, cfg.user_budget)  # with --ram/--flash/--target-file: the user's
+    from pipeline.export import export_target
+    target = export_target(cfg)  # with --ram/--flash/--target-file: the user's; --per-tensor applied
     if cfg.calib_size is not None and cfg.calib_size <= 0:
         raise UsageError(f"--calib-size {cfg.calib_size} gives an empty representative dataset; pass at least 1 "
                          "(100-500 recommended)")
