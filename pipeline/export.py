@@ -46,6 +46,8 @@ class ExportConfig:
     emulate: str | None = None
     emulate_cache: str = "~/.cache/edge-int8-pipeline/emulate"
     per_tensor: bool = False  # --per-tensor: one weight scale per tensor instead of per output channel
+    debug_layers: bool = False  # --debug-layers: the layer-wise error always (else only when an accuracy gate fails)
+    recover: str = "none"  # --recover: none, auto or tools (pipeline/stages/recover.py)
     out: str | None = None
     overwrite: bool = False  # replace an earlier export in --out as a whole (pipeline/outdir.py)
     max_drop_pp: float = 1.0
@@ -89,14 +91,15 @@ def out_path(cfg: ExportConfig, target) -> Path:
     return Path(default_out_name(cfg.model, target.name + ("-per-tensor" if cfg.per_tensor else ""), cfg.weights))
 
 
-STEPS = ("prepare", "export_onnx", "convert", "inspect", "run", "micro", "compare", "sanity", "latency", "report",
+STEPS = ("prepare", "export_onnx", "convert", "inspect", "run", "micro", "compare", "debug_layers", "recover", "sanity",
+         "latency", "report",
          "bundle", "firmware", "emulate", "reliability", "write")
 
 
 def line(cfg: ExportConfig, folder, log=print, reuse=None, worker=None):
     """The export, step by step, into ``folder`` (an outdir.OutputFolder's staging area). Returns the Report."""
-    from pipeline.stages import (bundle, compare, convert, emulate, export_onnx, firmware, inspect, latency, micro,
-                                 prepare, reliability, report, run, sanity, write)
+    from pipeline.stages import (bundle, compare, convert, debug_layers, emulate, export_onnx, firmware, inspect, latency,
+                                 micro, prepare, recover, reliability, report, run, sanity, write)
     from pipeline.stages.runner import Steps
     t_start, work, fp32_onnx = time.perf_counter(), folder.work, cfg.fp32_runtime == "onnxruntime"
     step = Steps(STEPS, log, folder.writing)
@@ -112,10 +115,26 @@ def line(cfg: ExportConfig, folder, log=print, reuse=None, worker=None):
     mic = step("micro", micro.micro, tfl, inp.x_test, ran.tflite.raw_outputs, t, limit=cfg.micro_limit,
                progress=inp.progress)
     cmp = step("compare", compare.compare, ran, insp, inp.labels)
+    source = convert.torch_source(inp.model, cfg.model, cfg.weights)
+    why = debug_layers.needed(cfg.debug_layers, cmp, cfg.max_drop_pp, cfg.min_agreement)
+    layers = (step("debug_layers", _soft, debug_layers.debug_layers, why, onnx, tfl, inp.calib.array(), inp.pre,
+                   inp.x_test, source=source, in_process=cfg.convert_in == "process", verbose=cfg.verbose)
+              if why else step.skip("debug_layers", "the accuracy gates pass; --debug-layers asks for it"))
+    first_cmp, rec = cmp, None
+    if cfg.recover != recover.NONE and recover.failing(cmp, cfg.max_drop_pp, cfg.min_agreement):
+        rec = step("recover", recover.recover, cfg.recover, cmp, onnx, tfl, ran, inp, t, work=work,
+                   max_drop_pp=cfg.max_drop_pp, min_agreement=cfg.min_agreement, per_tensor_asked=cfg.per_tensor,
+                   in_process=cfg.convert_in == "process", verbose=cfg.verbose, log=log)
+        if rec.kept:
+            tfl, insp, ran, cmp = rec.tflite, rec.insp, rec.ran, rec.cmp
+    else:
+        step.skip("recover", "--recover none" if cfg.recover == recover.NONE else "the accuracy gates pass")
     sane = step("sanity", sanity.sanity, inp, ran, cmp, batch_size=cfg.batch_size, weights_given=bool(cfg.weights))
     lat = step("latency", latency.latency, tfl, inp.x_test, t)
     rep = step("report", report.build, cfg, inp, onnx, tfl, insp, ran, mic, cmp, sane, lat, step.timings,
                setup_s=step.timings["prepare"])
+    debug_layers.attach(rep, layers, recovered=bool(rec and rec.kept))
+    recover.attach(rep, rec, first_cmp)
     rep.artifacts["bundle"] = step("bundle", bundle.bundle, work, tfl, rep.preprocessing, inp,
                                    model_spec=cfg.model).describe()
     fw = step("firmware", firmware.firmware, work, tfl, insp, mic, rep.preprocessing, inp, model_spec=cfg.model)
@@ -131,6 +150,15 @@ def line(cfg: ExportConfig, folder, log=print, reuse=None, worker=None):
     rep.timings_s.update(step.timings, total=round(time.perf_counter() - t_start, 3))
     step("write", write.write, work, rep, write.prediction_arrays(inp, ran, mic, precision), folder.writing)
     return rep
+
+
+def _soft(fn, *args, **kwargs):
+    """The layer-wise debugger never fails an export: its failure is the section's ``error``."""
+    from pipeline.errors import PipelineError
+    try:
+        return fn(*args, **kwargs)
+    except (PipelineError, ValueError, OSError) as e:
+        return {"error": str(e).splitlines()[0][:300] if str(e) else type(e).__name__, "ran_because": args[0]}
 
 
 def export(cfg: ExportConfig, log=print, reuse=None) -> tuple[int, Path, object]:
@@ -174,6 +202,14 @@ def _start_worker(cfg: ExportConfig):
 
 # --------------------------------------------------------------------------- CLI
 
+def _recover_mode(text: str) -> str:
+    from pipeline.stages.recover import parse
+    try:
+        return parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pipeline.cli import Parser, class_names, emulated_device, finite_float, floats, seed_int, shape
     p = Parser(prog="python -m pipeline.export",
@@ -214,6 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--per-tensor", action="store_true",
                    help="one weight scale per tensor instead of one per output channel (what many NPUs and some MCU "
                         "kernels want; depthwise convolutions usually lose accuracy: README 'When int8 hurts')")
+    g.add_argument("--debug-layers", action="store_true",
+                   help="compare every layer of the int8 model with the float reference (SQNR, error in steps, "
+                        "clipping, error growth; named by ONNX node); runs by itself when an accuracy gate fails")
+    g.add_argument("--recover", default="none", type=_recover_mode, metavar="auto|none|TOOLS",
+                   help="when an accuracy gate fails, repair the FP32 graph and convert again: auto tries cle, "
+                        "bias_correction, clip_percentile (cumulatively) until the gates pass; or name tools "
+                        "(default: none, README 'When int8 hurts')")
     g.add_argument("--list-targets", action="store_true", help="print the target registry and exit")
     from pipeline.conversion import AUTO, routes
     g.add_argument("--converter", default=AUTO, choices=(AUTO, *routes()),
@@ -286,7 +329,8 @@ def config_from_args(args: argparse.Namespace) -> ExportConfig:
         data_dir=args.data_dir, class_names=args.class_names, mean=args.mean, std=args.std, calib=args.calib,
         calib_size=args.calib_size, calib_cache=None if args.calib_cache in ("off", "") else args.calib_cache,
         seed=args.seed, target=target, user_budget=user_budget, emulate=args.emulate,
-        emulate_cache=args.emulate_cache, per_tensor=args.per_tensor, out=args.out, overwrite=args.overwrite,
+        emulate_cache=args.emulate_cache, per_tensor=args.per_tensor, debug_layers=args.debug_layers,
+        recover=args.recover, out=args.out, overwrite=args.overwrite,
         max_drop_pp=args.max_drop_pp, min_agreement=args.min_agreement, converter=args.converter,
         batch_size=args.batch_size, eval_limit=args.eval_limit, micro_limit=args.micro_limit, verbose=args.verbose, reliability=rel,
         # --fp32-runtime also picks the FP32 side of the run stage: it counts with or without --reliability

@@ -44,8 +44,9 @@ from pathlib import Path, PurePosixPath
 from pipeline.errors import OutputError
 
 # What an export writes at the top of --out (model_*.tflite besides, one per precision). model.onnx.data: a given
-# ONNX model over 2 GB keeps its tensors there; firmware/ and firmware.zip: TFLite-Micro targets only.
-EXPORT_ARTIFACTS = ("model.onnx", "model.onnx.data", "report.json", "report.html", "predictions.npz", "bundle",
+# ONNX model over 2 GB keeps its tensors there; model_recovered.onnx: the graph --recover repaired; firmware/ and firmware.zip: TFLite-Micro targets only.
+EXPORT_ARTIFACTS = ("model.onnx", "model.onnx.data", "model_recovered.onnx", "report.json", "report.html",
+                    "predictions.npz", "bundle",
                     "bundle.tar.gz", "firmware", "firmware.zip")
 # What pipeline/device/bundle.py writes into bundle/ (model_*.tflite besides): tests/test_out_folder.py checks this
 # list against a real export.

@@ -361,6 +361,10 @@ def render(report: dict) -> str:
         nav.append(("device", "Microcontroller budget"))
     if _d(report.get("firmware")):
         nav.append(("firmware", "Firmware package"))
+    if _d(report.get("layer_errors")):
+        nav.append(("layers", "Layer-wise error"))
+    if _d(report.get("recovery")):
+        nav.append(("recovery", "Recovery"))
     if rel:
         nav += [("calibration", "Calibration drift"), ("temperature", "Temperature"), ("flips", "Flip flags"),
                 ("shifts", "Distribution shift"), ("per-class", "Per class")]
@@ -374,6 +378,9 @@ def render(report: dict) -> str:
     out.append(_guard("Latency", _latency_html, report))
     out.append(_guard("Device", _device_html, report))
     out.append(_guard("Firmware package", _firmware_html, report))
+    from pipeline.report.layers_html import layers_html
+    out.append(_guard("Layer-wise error", layers_html, report))
+    out.append(_guard("Recovery", _recovery_html, report))
     if rel:
         out.append(_guard("Calibration drift", _calibration_html, report))
         out.append(_guard("Temperature scaling", _temperature_html, report))
@@ -832,6 +839,37 @@ def _device_html(report: dict) -> str:
         out.append("<details><summary>Published figures for reference models on this board</summary><ul>"
                    + "".join(f"<li>{_e(p)}</li>" for p in pub) + "</ul></details>")
     return "\n".join(out)
+
+
+def _recovery_html(report: dict) -> str:
+    rc = _d(report.get("recovery"))
+    if not rc:
+        return ""
+    b = _d(rc.get("before"))
+    rows = ["<tr><th>attempt</th><th>int8 top-1</th><th>drop (pp)</th><th>agreement</th><th>FP32 change (max rel)</th>"
+            "<th>seconds</th><th>gates</th></tr>",
+            f"<tr><td>as first converted</td><td>{pct(b.get('int8_top1'))}</td><td>{_e(b.get('drop_pp'))}</td>"
+            f"<td>{pct(b.get('agreement'))}</td><td>-</td><td>-</td><td>FAIL</td></tr>"]
+    for a in rc.get("attempts") or []:
+        rec = _d(a.get("record"))
+        if a.get("converted"):
+            rows.append(f"<tr><td>{_e(a.get('attempt'))}</td><td>{pct(a.get('int8_top1'))}</td>"
+                        f"<td>{_e(a.get('drop_pp'))}</td><td>{pct(a.get('agreement'))}</td>"
+                        f"<td>{_e(rec.get('fp32_max_rel_diff'))}</td><td>{_e(a.get('seconds'))}</td>"
+                        f"<td>{'pass' if a.get('passed_gates') else 'FAIL'}</td></tr>")
+        else:
+            rows.append(f"<tr><td>{_e(a.get('attempt'))}</td><td colspan='6'>"
+                        f"{_e(a.get('error') or a.get('note') or 'not converted')}</td></tr>")
+    nt = "".join(f"<li>{_e(n.get('tool'))}: {_e(n.get('why'))}</li>" for n in rc.get("not_tried") or [])
+    kept = rc.get("kept")
+    return "\n".join([
+        "<h2 id='recovery'>Recovery (--recover)</h2>",
+        f"<p>Tools applied {_e(rc.get('applied', ''))}; each attempt converted again and compared with "
+        f"{_e(rc.get('compared_with', ''))}. "
+        + (f"<b>Kept: {_e(kept)}</b> (its graph is model_recovered.onnx)." if kept else
+           "<b>No attempt passed the gates</b>; the first model is kept.") + "</p>",
+        "<table>" + "".join(rows) + "</table>",
+        f"<p>Not tried:</p><ul>{nt}</ul>" if nt else ""])
 
 
 def _budget_source_html(t: dict) -> str:

@@ -59,7 +59,7 @@ def summary(report, out: Path) -> str:
         f"verdict    {verdict}  in {report.timings_s['total']:.1f}s",
         *reasons,
         *_reliability_lines(report),
-        f"files      {out}/ (model.onnx, {art['tflite']['path']}, report.json, report.html, predictions.npz, bundle/, "
+        f"files      {out}/ (model.onnx, {'model_recovered.onnx, ' if (report.sections.get('recovery') or {}).get('kept') else ''}{art['tflite']['path']}, report.json, report.html, predictions.npz, bundle/, "
         "bundle.tar.gz" + (", firmware/, firmware.zip)" if "firmware" in art else ")"),
     ])
 
@@ -135,6 +135,21 @@ def _device_lines(report) -> list[str]:
         lines.append(f"firmware   {fw['path']} + {fw['zip']}: {flash}; MicroMutableOpResolver<"
                      f"{fw['op_resolver']['op_count']}>; tensor arena {fw['arena']['tensor_arena_size']:,} B "
                      f"(measured {fw['arena']['measured_bytes']:,} B + {fw['arena']['margin']:.0%}, 16-byte rounded)")
+    le = report.sections.get("layer_errors")
+    if le:
+        if le.get("error"):
+            lines.append(f"layers     not measured ({le['ran_because']}): {le['error']}")
+        else:
+            from pipeline.debug.layers import summary_line
+            lines.append(summary_line(le) + f"  ({le['ran_because']}; report.html 'Layer-wise error')")
+    rc = report.sections.get("recovery")
+    if rc:
+        b = rc.get("before") or {}
+        tries = "; ".join(f"{a['attempt']}: " + (f"drop {a['drop_pp']:+.2f} pp, agreement {a['agreement']:.2%}"
+                                                 if a.get("converted") else a.get("error") or a.get("note", "-"))
+                          for a in rc["attempts"])
+        lines.append(f"recover    before: drop {b.get('drop_pp', float('nan')):+.2f} pp, agreement "
+                     f"{b.get('agreement', float('nan')):.2%}; {tries or 'no attempt'}; kept: {rc['kept'] or 'none'}")
     em = report.sections.get("emulation")
     if em:
         dev, emu, rt = em["device"], em["emulator"], em["runtime"]
