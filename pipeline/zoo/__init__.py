@@ -39,6 +39,9 @@ class ZooEntry:
     # The regression suite's bound on |int8 - FP32| per output, in output quantization steps, on
     # fixed test inputs (tests/test_zoo_regression.py); set from the measured value with headroom.
     int8_max_steps: float | None = None
+    # A hard case of README "When int8 hurts": what makes int8 hurt it, in words. Hard cases are zoo models
+    # (zoo:NAME works everywhere) that the zoo's lists, table and regression suite leave out: they are meant to fail.
+    hard_case: str | None = None
 
     def build_for_training(self) -> nn.Module:
         return (self.train_factory or self.factory)()
@@ -64,7 +67,7 @@ FASHION_MNIST = dict(input_shape=(1, 28, 28), num_classes=10, dataset="fashion-m
 
 
 def register_model(name: str, *, input_shape, num_classes, dataset, mean, std, description,
-                   train_factory=None, to_deploy=None, int8_max_steps=None):
+                   train_factory=None, to_deploy=None, int8_max_steps=None, hard_case=None):
     def deco(factory):
         if name in _REGISTRY:
             raise ValueError(f"zoo model {name!r} is registered twice")
@@ -72,23 +75,26 @@ def register_model(name: str, *, input_shape, num_classes, dataset, mean, std, d
             name=name, factory=factory, input_shape=tuple(input_shape), num_classes=num_classes,
             dataset=dataset, mean=tuple(mean), std=tuple(std), description=description,
             train_factory=train_factory, to_deploy=to_deploy, int8_max_steps=int8_max_steps,
+            hard_case=hard_case,
         )
         return factory
     return deco
 
 
 def _load() -> None:
-    from pipeline.zoo import ghostnet, mobilenetv2, mobileone, refcnn, resnet8, shufflenetv2  # noqa: F401
+    from pipeline.zoo import ghostnet, hard, mobilenetv2, mobileone, refcnn, resnet8, shufflenetv2  # noqa: F401
 
 
-def list_models(include_unshipped: bool = False) -> list[str]:
+def list_models(include_unshipped: bool = False, hard_cases: bool = False) -> list[str]:
     """The zoo: registered models whose trained weights ship with the project.
 
     An architecture registered without weights yet (imported by its own tests, or being trained) is listed
     only with ``include_unshipped=True``, so what the zoo lists never depends on what was imported first.
+    The hard cases of "When int8 hurts" are listed only with ``hard_cases=True`` (then only they are).
     """
     _load()
-    return sorted(n for n, e in _REGISTRY.items() if include_unshipped or e.weights_path.is_file())
+    return sorted(n for n, e in _REGISTRY.items() if (include_unshipped or e.weights_path.is_file())
+                  and bool(e.hard_case) == hard_cases)
 
 
 def get_entry(name: str) -> ZooEntry:

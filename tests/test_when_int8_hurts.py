@@ -1,0 +1,77 @@
+"""When int8 hurts: the shipped hard case collapses with per-tensor weights, the layer-wise debugger names its
+depthwise layers, and ``--recover auto`` brings it back within the default gates (real conversions, real LiteRT
+kernels; README "When int8 hurts")."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+
+from pipeline import zoo
+
+ROOT = Path(__file__).resolve().parents[1]
+CASE = "mobilenetv2-deadch"
+EVAL = "1000"
+
+
+def _export(out: Path, *flags: str) -> tuple[subprocess.CompletedProcess, dict]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.run([sys.executable, "-m", "pipeline.export", "--model", f"zoo:{CASE}", "--per-tensor",
+                        "--eval-limit", EVAL, "--out", str(out), *flags], cwd=out.parent, env=env,
+                       capture_output=True, text=True, timeout=1800)
+    rep = json.loads((out / "report.json").read_text()) if (out / "report.json").is_file() else {}
+    return p, rep
+
+
+@pytest.fixture(scope="module")
+def collapsed(tmp_path_factory):
+    return _export(tmp_path_factory.mktemp("hurt") / "out")
+
+
+@pytest.fixture(scope="module")
+def recovered(tmp_path_factory):
+    return _export(tmp_path_factory.mktemp("recovered") / "out", "--recover", "auto")
+
+
+def test_hard_cases_are_zoo_models_left_out_of_the_zoo_lists():
+    assert CASE not in zoo.list_models() and CASE in zoo.list_models(hard_cases=True)
+    e = zoo.get_entry(CASE)
+    assert e.hard_case and e.weights_path.is_file()
+    rec = json.loads(e.record_path.read_text())
+    assert rec["initial_weights"] == "zoo:mobilenetv2" and rec["fp32_test_top1"]["final"] > 0.80
+
+
+@pytest.mark.slow
+def test_per_tensor_weights_collapse_and_the_debugger_names_depthwise_layers(collapsed):
+    p, rep = collapsed
+    assert p.returncode == 1, p.stderr[-2000:]
+    assert rep["quantization"]["weights_per_channel"] is False
+    assert rep["accuracy"]["drop_pp"] > 30 and not rep["gates"]["max_drop_pp"]["passed"]
+    le = rep["layer_errors"]  # ran by itself: a gate failed
+    assert "gate" in le["ran_because"] and le["counts"]["onnx_named"] >= 20
+    model = onnx.load(str(p.args[p.args.index("--out") + 1]) + "/model.onnx")
+    groups = {n.name: next((a.i for a in n.attribute if a.name == "group"), 1) for n in model.graph.node
+              if n.op_type == "Conv"}
+    worst = le["worst"]["lowest_sqnr"][:5] + le["worst"]["largest_growth"][:5]
+    assert any(groups.get(w["layer"], 1) > 1 for w in worst), worst  # a depthwise conv among the worst
+    assert "worst SQNR" in p.stdout and "layer_errors" in rep
+
+
+@pytest.mark.slow
+def test_recover_auto_passes_the_default_gates_with_cle(recovered, collapsed):
+    p, rep = recovered
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
+    rc = rep["recovery"]
+    assert rc["kept"] == "cle" and rc["attempts"][0]["passed_gates"] is True
+    assert rc["attempts"][0]["record"]["fp32_max_rel_diff"] < 1e-4  # equalization kept the FP32 model
+    assert rep["accuracy"]["drop_pp"] <= 1.0 and rep["accuracy"]["agreement"] >= 0.98
+    assert rep["quantization"]["weights_per_channel"] is False and rep["quantization"]["fully_int8"] is True
+    assert rc["before"]["drop_pp"] == collapsed[1]["accuracy"]["drop_pp"]
+    out = Path(p.args[p.args.index("--out") + 1])
+    assert (out / "model_recovered.onnx").is_file()
+    assert any(n["tool"] == "int16x8 activations" for n in rc["not_tried"])
