@@ -164,3 +164,21 @@ def test_without_a_copy_of_the_float_model_it_says_so(pair, tmp_path):
     shutil.copy(int8_path, tmp_path / "a.tflite")
     with pytest.raises(RuntimeStageError, match="does not exist"):
         layer_errors(tmp_path / "a.tflite", tmp_path / "missing.tflite", onnx_path, x)
+
+
+def test_the_export_step_pairs_a_renaming_route_in_execution_order(tmp_path, tinynet_dir, tiny_npz):
+    """onnx2tf-flatbuffer names tensors differently in its int8 (fixed batch 1) and float conversions: the export's
+    debug_layers step pairs them in execution order by op and shape, and the ONNX names confirm each pair."""
+    from pipeline.export import main
+    out = tmp_path / "fb"
+    with contextlib.chdir(tinynet_dir):
+        status = main(["--model", "tinynet:tinynet", "--weights", str(tinynet_dir / "tinynet.pt"), "--data",
+                       str(tiny_npz), "--calib-size", "100", "--converter", "onnx2tf-flatbuffer", "--debug-layers",
+                       "--out", str(out)])
+    assert status == 0
+    le = json.loads((out / "report.json").read_text())["layer_errors"]
+    assert "error" not in le, le.get("error")
+    c = le["counts"]
+    assert c["unmatched"]["paired_in_order"] >= 2 and c["unmatched"]["int8_only"] == 0
+    assert c["compared"] >= 3 and c["not_onnx_named"] == 0
+    assert {r["layer"] for r in le["rows"]} >= {"/0/Conv", "/4/Conv"}

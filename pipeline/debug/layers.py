@@ -40,9 +40,10 @@ from pipeline.errors import ConversionError, RuntimeStageError
 SQNR_CAP_DB = 99.0
 MATCH_REL_ERROR = 1e-3
 KERNELS_NOTE = "LiteRT builtin reference-quality kernels, no delegate, preserve_all_tensors"
-UNMATCHED_NOTE = ("int8 tensors are matched to the float model's by name; tensors with no float activation of the "
-                  "same name and shape are not compared and are counted by reason: 'constant' (weights, biases, "
-                  "shape operands: not produced by an op), 'int8_only' (outputs of ops the float model does not "
+UNMATCHED_NOTE = ("int8 tensors are matched to the float model's by name, then the rest in execution order where "
+                  "the producing op and the shape agree ('paired_in_order': a route that renames tensors between "
+                  "its conversions); tensors left are not compared and are counted by reason: 'constant' "
+                  "(weights, biases, shape operands: not produced by an op), 'int8_only' (outputs of ops the float model does not "
                   "have, e.g. QUANTIZE/DEQUANTIZE), 'not_quantized' (no scale: int32 shapes, float tensors), "
                   "'shape_differs'; 'float_only' counts float activations with no int8 counterpart")
 ONNX_NOTE = (f"each float activation is matched to an ONNX node output by content (same element count, rank-4 NHWC "
@@ -233,10 +234,18 @@ def _run_both(int8_path: Path, float_path: Path, x: np.ndarray, layout: str,
     """Both models on the same inputs in the same batches: the whole set in one invoke when both have a dynamic
     batch (one input at a time when the kernels refuse that batch), else the models' fixed batch."""
     b8, bf = _batch_of(int8_path), _batch_of(float_path)
-    if b8 != bf:
+    if b8 != bf and -1 not in (b8, bf):
         raise RuntimeStageError(f"the int8 model's batch ({b8}) and the float model's ({bf}) differ: "
                                 f"convert both from the same ONNX by the same route")
     n = len(x)
+    if b8 != bf:  # one fixed (a route that converts at a fixed batch for int8), one dynamic: both at the fixed one
+        b = max(b8, bf)
+        used = max(b, n - n % b)
+        xs = np.resize(x, (used, *x.shape[1:])) if used > n else x[:used]
+        try:
+            return _run(int8_path, xs, layout, b, b8 == -1), _run(float_path, xs, layout, b, bf == -1), b, used
+        except ConversionError as e:
+            raise RuntimeStageError(str(e)) from None
     if b8 == -1:
         first = min(n, max(1, int(batch))) if batch else n
         for b in ((first, 1) if first > 1 else (1,)):
@@ -379,6 +388,31 @@ def _fused(value: str, stops: set, producer: dict, nodes: list, float_values: di
 
 # --------------------------------------------------------------------------- the comparison
 
+def _pair_in_order(q: "_Run", f: "_Run", matched: dict) -> dict:
+    """int8 and float activations the names did not pair (a route that renames tensors between its int8 and float
+    conversions: onnx2tf-flatbuffer), paired in execution order when the producing builtin op and the shapes agree.
+    QUANTIZE/DEQUANTIZE outputs of the int8 model are never paired."""
+    taken = set(matched.values())
+    f_prod = [(int(o), str(op["op_name"])) for op in f.ops for o in op["outputs"]
+              if int(o) >= 0 and int(o) not in taken]
+    out, k = {}, 0
+    for op in q.ops:
+        name = str(op["op_name"])
+        for o in (int(v) for v in op["outputs"]):
+            d = q.details.get(o)
+            if o < 0 or o in matched or name in ("QUANTIZE", "DEQUANTIZE") or d is None:
+                continue
+            if not np.issubdtype(d["dtype"], np.integer) or not d["quantization"][0]:
+                continue
+            shapes = [a.shape for a in q.values.get(o, [])]
+            for m in range(k, len(f_prod)):
+                j, fname = f_prod[m]
+                if fname == name and [a.shape for a in f.values.get(j, [])] == shapes:
+                    out[o], k = j, m + 1
+                    break
+    return out
+
+
 def layer_errors(int8_path, float_path, onnx_path, x_nchw: np.ndarray, *, input_layout: str = "NHWC",
                  samples: int = 64, batch: int | None = None) -> LayerErrors:
     """Compare every activation of ``int8_path`` with ``float_path`` (a float32 .tflite converted from
@@ -418,6 +452,11 @@ def layer_errors(int8_path, float_path, onnx_path, x_nchw: np.ndarray, *, input_
             matched[i] = j
     q_names = {d["name"] for i, d in q.details.items() if i in q_acts}
     unmatched["float_only"] = sum(f.details[j]["name"] not in q_names for j in f_acts)
+    by_order = _pair_in_order(q, f, matched)
+    matched.update(by_order)
+    unmatched["int8_only"] -= len(by_order)
+    unmatched["float_only"] -= len(by_order)
+    unmatched["paired_in_order"] = len(by_order)
 
     # ONNX names by content, on the first invoke's inputs
     values, producer, nodes, sources = _onnx_values(onnx_path, x[:batch])
