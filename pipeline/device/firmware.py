@@ -337,7 +337,7 @@ def measure_flash(folder: Path, core) -> dict:
         "preprocess_and_sample_bytes": sum(v for k, v in check_sections.items() if _loaded(k)),
         "sections": {k: v for k, v in model_sections.items() if _loaded(k)},
         "toolchain": version,
-        "commands": [shown(cxx), f"arm-none-eabi-size -A -d model_data.o", shown(cc),
+        "commands": [shown(cxx), "arm-none-eabi-size -A -d model_data.o", shown(cc),
                      "arm-none-eabi-size -A -d settings_check.o"],
         "how": f"model_data.cc compiled for {core.name} ({' '.join(flags)}); {MODEL_SECTION} is the array linked "
                "into flash as is. preprocess_and_sample_bytes: model_preprocess() and sample_data.h compiled as C99 "

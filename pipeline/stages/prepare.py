@@ -40,7 +40,6 @@ class Inputs:
 
 def prepare(cfg, log=print) -> Inputs:
     """``cfg``: the export's ExportConfig."""
-    from pipeline import targets
     from pipeline.calib_data import CalibContext, build
     from pipeline.inputs import data as data_mod
     from pipeline.inputs import models
