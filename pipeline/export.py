@@ -153,12 +153,13 @@ def line(cfg: ExportConfig, folder, log=print, reuse=None, worker=None):
 
 
 def _soft(fn, *args, **kwargs):
-    """The layer-wise debugger never fails an export: its failure is the section's ``error``."""
-    from pipeline.errors import PipelineError
+    """The layer-wise debugger never fails an export (it runs by itself on a failing one, whose report matters
+    more): any failure of it is the section's ``error``, one line."""
     try:
         return fn(*args, **kwargs)
-    except (PipelineError, ValueError, OSError) as e:
-        return {"error": str(e).splitlines()[0][:300] if str(e) else type(e).__name__, "ran_because": args[0]}
+    except Exception as e:  # noqa: BLE001 - a diagnosis that fails must not take the report with it
+        text = str(e).splitlines()[0][:300] if str(e).strip() else ""
+        return {"error": f"{type(e).__name__}: {text}" if text else type(e).__name__, "ran_because": args[0]}
 
 
 def export(cfg: ExportConfig, log=print, reuse=None) -> tuple[int, Path, object]:

@@ -841,6 +841,10 @@ def _device_html(report: dict) -> str:
     return "\n".join(out)
 
 
+def _g(v) -> str:
+    return f"{v:.2g}" if _is_num(v) else _e(v if v is not None else "-")
+
+
 def _recovery_html(report: dict) -> str:
     rc = _d(report.get("recovery"))
     if not rc:
@@ -855,7 +859,7 @@ def _recovery_html(report: dict) -> str:
         if a.get("converted"):
             rows.append(f"<tr><td>{_e(a.get('attempt'))}</td><td>{pct(a.get('int8_top1'))}</td>"
                         f"<td>{_e(a.get('drop_pp'))}</td><td>{pct(a.get('agreement'))}</td>"
-                        f"<td>{_e(rec.get('fp32_max_rel_diff'))}</td><td>{_e(a.get('seconds'))}</td>"
+                        f"<td>{_g(rec.get('fp32_max_rel_diff'))}</td><td>{_e(a.get('seconds'))}</td>"
                         f"<td>{'pass' if a.get('passed_gates') else 'FAIL'}</td></tr>")
         else:
             rows.append(f"<tr><td>{_e(a.get('attempt'))}</td><td colspan='6'>"

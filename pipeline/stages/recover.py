@@ -113,8 +113,9 @@ def recover(mode: str, cmp, onnx, tfl, ran, inp, target, *, work: Path, max_drop
             try:
                 new, rec = apply(tool, model, calib, **({"per_channel": target.per_channel_weights}
                                                         if tool == "bias_correction" else OPTIONS.get(tool, {})))
-            except (ValueError, RuntimeError) as e:
-                attempts.append({"attempt": name, "tool": tool, "error": str(e).splitlines()[0][:300],
+            except Exception as e:  # noqa: BLE001 - a tool that cannot handle this graph is one attempt's record
+                attempts.append({"attempt": name, "tool": tool,
+                                 "error": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}",
                                  "seconds": round(time.perf_counter() - t0, 3)})
                 continue
             rec = {k: v for k, v in rec.items() if k != "nodes"} | {"nodes": list(rec.get("nodes", []))[:20]}
