@@ -98,6 +98,27 @@ TFLITE_INT8 = register_target(Target(
     ),
 ))
 
+# One weight scale per tensor: what kernels without per-axis support take. NNAPI gained per-channel symmetric
+# weights (ANEURALNETWORKS_TENSOR_QUANT8_SYMM_PER_CHANNEL) only in Android 10 (API level 29); older NNAPI drivers
+# and several NPU toolchains take per-tensor weights only. Same as tflite-int8 otherwise (`--per-tensor` gives the
+# same weights on any target). Depthwise convolutions are where it hurts: README "When int8 hurts".
+TFLITE_INT8_PER_TENSOR = register_target(Target(
+    name="tflite-int8-per-tensor",
+    description="Fully-int8 TFLite with one weight scale per tensor (kernels and accelerators without per-axis "
+                "weights), LiteRT, XNNPACK, 4 threads",
+    precision="int8",
+    threads=4,
+    allow_float_fallback=False,
+    per_channel_weights=False,
+    min_calibration_samples=100,
+    references=(
+        "TFLite int8 quantization spec: weights per channel or per tensor (zero point 0), int8 activations per "
+        "tensor; this target uses per-tensor weights",
+        "Android NNAPI: ANEURALNETWORKS_TENSOR_QUANT8_SYMM_PER_CHANNEL was added in API level 29 (Android 10); "
+        "drivers of earlier releases take per-tensor quantized weights only",
+    ),
+))
+
 # --------------------------------------------------------------------------- application processors (LiteRT)
 
 RPI4 = register_target(Target(

@@ -75,7 +75,9 @@ def not_tried(target, per_tensor_asked: bool) -> list[dict]:
     if per_tensor_asked:
         out.append({"tool": "per-channel weights", "why": "--per-tensor was asked: the kernels you target want one "
                     "weight scale per tensor"})
-    elif target.per_channel_weights:
+    elif not target.per_channel_weights:
+        out.append({"tool": "per-channel weights", "why": f"target {target.name} takes one weight scale per tensor"})
+    else:
         out.append({"tool": "per-channel weights", "why": "already per channel"})
     return out
 
