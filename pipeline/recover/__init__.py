@@ -15,7 +15,6 @@ three tool modules; the modules import this package, never each other.
 from __future__ import annotations
 
 import copy
-import importlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,7 +29,11 @@ class Tool:
 
     @property
     def fn(self):
-        return getattr(importlib.import_module(f"pipeline.recover.{self.module}"), self.function)
+        """The tool's function, its module imported on first use (a fixed name of this package, never one read from
+        a file)."""
+        from pipeline.recover import bias_correction, cle, clipping
+        return getattr({"cle": cle, "bias_correction": bias_correction, "clipping": clipping}[self.module],
+                       self.function)
 
 
 TOOLS: dict[str, Tool] = {t.name: t for t in (

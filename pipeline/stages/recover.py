@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -155,7 +156,7 @@ def recover(mode: str, cmp, onnx, tfl, ran, inp, target, *, work: Path, max_drop
                              "seconds": round(time.perf_counter() - t0, 3)})
             if log is not None:
                 log(f"recover: {name}: drop {cmp2.drop_pp:+.2f} pp, agreement {cmp2.agreement:.2%}"
-                    + (" (gates pass)" if passed else ""), file=__import__("sys").stderr)
+                    + (" (gates pass)" if passed else ""), file=sys.stderr)
             if passed:
                 final = work / f"model_{target.precision}.tflite"
                 shutil.copy2(art.path, final)
