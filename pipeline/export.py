@@ -124,7 +124,7 @@ def line(cfg: ExportConfig, folder, log=print, reuse=None, worker=None):
     if cfg.recover != recover.NONE and recover.failing(cmp, cfg.max_drop_pp, cfg.min_agreement):
         rec = step("recover", recover.recover, cfg.recover, cmp, onnx, tfl, ran, inp, t, work=work,
                    max_drop_pp=cfg.max_drop_pp, min_agreement=cfg.min_agreement, per_tensor_asked=cfg.per_tensor,
-                   in_process=cfg.convert_in == "process", verbose=cfg.verbose, log=log)
+                   in_process=cfg.convert_in == "process", verbose=cfg.verbose, batch_size=cfg.batch_size, log=log)
         if rec.kept:
             tfl, insp, ran, cmp = rec.tflite, rec.insp, rec.ran, rec.cmp
     else:

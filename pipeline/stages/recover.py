@@ -88,7 +88,7 @@ def failing(cmp, max_drop_pp: float, min_agreement: float) -> bool:
 
 
 def recover(mode: str, cmp, onnx, tfl, ran, inp, target, *, work: Path, max_drop_pp: float, min_agreement: float,
-            per_tensor_asked: bool, in_process: bool, verbose: bool, log=None) -> Recovery:
+            per_tensor_asked: bool, in_process: bool, verbose: bool, batch_size: int = 256, log=None) -> Recovery:
     import onnx as onnx_lib
 
     from pipeline.recover import apply
@@ -141,7 +141,7 @@ def recover(mode: str, cmp, onnx, tfl, ran, inp, target, *, work: Path, max_drop
                 if need_int8 and not insp.fully_int8:
                     raise ValueError("the recovered model is not fully int8")
                 runner = TfliteRunner(art.path, kernels=target.run_kernels, threads=target.threads,
-                                      batch_size=256, input_layout=art.input_layout)
+                                      batch_size=batch_size, input_layout=art.input_layout)
                 ran2 = dataclasses.replace(ran, tflite=runner.run(inp.x_test))
                 cmp2 = compare_stage.compare(ran2, insp, inp.labels)
             except Exception as e:  # noqa: BLE001 - one attempt's failure is recorded, the next one runs
