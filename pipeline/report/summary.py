@@ -152,6 +152,7 @@ def _device_lines(report) -> list[str]:
                      f"{b.get('agreement', float('nan')):.2%}; {tries or 'no attempt'}; kept: {rc['kept'] or 'none'}")
     em = report.sections.get("emulation")
     if em:
+        from pipeline.device_check import _pct
         dev, emu, rt = em["device"], em["emulator"], em["runtime"]
         lines.append(f"emulated   {dev['name']} (qemu -cpu {emu.get('cpu')}, {rt.get('runtime')} "
                      f"{rt.get('runtime_version')} aarch64, Python {rt.get('python')}): "
@@ -160,9 +161,6 @@ def _device_lines(report) -> list[str]:
                      + f" vs the host's outputs: {'PASS' if em['passed'] else 'FAIL'} (outputs only, no timings)")
     return lines
 
-
-def _pct(v) -> str:
-    return "n/a" if v is None else f"{100.0 * v:.2f}%"
 
 
 def targets_table(rows: list[dict], root: Path) -> str:

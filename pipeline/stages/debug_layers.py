@@ -35,10 +35,10 @@ def float_reference(route: str, onnx, representative, pre, *, source, in_process
 
 def needed(asked: bool, cmp, max_drop_pp: float, min_agreement: float) -> str | None:
     """Why the stage runs (None: it does not)."""
+    from pipeline.reliability.metrics import accuracy_gates
     if asked:
         return "asked (--debug-layers)"
-    failed = [n for n, bad in (("max_drop_pp", cmp.drop_pp > max_drop_pp),
-                               ("min_agreement", cmp.agreement < min_agreement)) if bad]
+    failed = [n for n, g in accuracy_gates(cmp, max_drop_pp, min_agreement).items() if not g.passed]
     return (f"the {' and '.join(failed)} gate{'s' if len(failed) > 1 else ''} failed") if failed else None
 
 

@@ -84,7 +84,9 @@ def not_tried(target, per_tensor_asked: bool) -> list[dict]:
 
 
 def failing(cmp, max_drop_pp: float, min_agreement: float) -> bool:
-    return cmp.drop_pp > max_drop_pp or cmp.agreement < min_agreement
+    """Whether the export's accuracy gates (the report's own rule) fail on this comparison."""
+    from pipeline.reliability.metrics import accuracy_gates
+    return not all(g.passed for g in accuracy_gates(cmp, max_drop_pp, min_agreement).values())
 
 
 def recover(mode: str, cmp, onnx, tfl, ran, inp, target, *, work: Path, max_drop_pp: float, min_agreement: float,
