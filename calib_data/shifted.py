@@ -2,7 +2,7 @@
 
 The training images are drawn class-balanced (as ``balanced``, same seed), scaled from the data's raw
 range to [0, 1], corrupted with :func:`pipeline.reliability.corruptions.corrupt` (the same functions as the
-evaluation's shift suite; names in :data:`pipeline.reliability.corruptions.CORRUPTIONS`, severity 1..5, default
+evaluation's shift suite; names in :data:`pipeline.reliability.corruptions.REGISTERED`, severity 1..5, default
 :data:`DEFAULT_SEVERITY`), mapped back to the raw range and normalised once with the preprocessing
 record. Seeded and cached.
 """
@@ -20,13 +20,13 @@ DEFAULT_SEVERITY = 3
 
 
 def parse(arg: str | None) -> tuple[str, int]:
-    from pipeline.reliability.corruptions import CORRUPTIONS, SEVERITIES
+    from pipeline.reliability.corruptions import REGISTERED, SEVERITIES
     usage = "--calib shifted:CORRUPTION[:SEVERITY], e.g. shifted:gaussian_noise:3"
     if not arg:
-        raise CalibrationError(f"--calib shifted needs a corruption: {usage}; corruptions: {', '.join(CORRUPTIONS)}")
+        raise CalibrationError(f"--calib shifted needs a corruption: {usage}; corruptions: {', '.join(REGISTERED)}")
     name, _, sev = arg.partition(":")
-    if name not in CORRUPTIONS:
-        raise CalibrationError(did_you_mean("corruption", name, CORRUPTIONS) + f" ({usage})")
+    if name not in REGISTERED:
+        raise CalibrationError(did_you_mean("corruption", name, REGISTERED) + f" ({usage})")
     if not sev:
         return name, DEFAULT_SEVERITY
     try:

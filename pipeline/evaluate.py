@@ -30,10 +30,10 @@ def add_reliability_arguments(p: argparse.ArgumentParser, in_export: bool) -> No
     None: ``pipeline.reliability.suite.resolve_val_size(None, n_train)`` = min(5000, training images // 5)."""
     from pipeline.reliability.suite import DEFAULT_MAX_ECE_INCREASE, DEFAULT_MAX_WORST_DROP_PP, DEFAULT_VAL_SIZE
     g = p.add_argument_group("Reliability" + (" (with --reliability)" if in_export else ""))
-    from pipeline.reliability.corruptions import CORRUPTIONS
+    from pipeline.reliability.corruptions import PRESETS, REGISTERED
     g.add_argument("--corruptions", default="all",
-                   help="corruption suite: all (default), none, or a comma-separated list of: "
-                        + ", ".join(CORRUPTIONS))
+                   help="corruption suite: all (default: the 18 of the default suite), none, a preset ("
+                        + ", ".join(PRESETS) + "), or a comma-separated list of: " + ", ".join(REGISTERED))
     g.add_argument("--severities", type=_severities, default=(1, 2, 3, 4, 5), help="severities (default 1,2,3,4,5)")
     g.add_argument("--val-size", type=int, default=None,
                    help=f"training images held for fitting the temperature (default: min({DEFAULT_VAL_SIZE}, "

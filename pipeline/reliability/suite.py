@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.reliability import confidence as cm
-from pipeline.reliability.corruptions import CORRUPTIONS, SEVERITIES
+from pipeline.reliability.corruptions import CORRUPTIONS, PRESETS, REGISTERED, SEVERITIES
 from pipeline.errors import UsageError
 from pipeline.reliability.flips import flips_section
 from pipeline.reliability.engine import BLOCK, Engine, ModelPair, clean_jobs, default_workers, shift_jobs
@@ -54,20 +54,27 @@ MIN_RELIABLE_VAL_SIZE = 100  # below this the fitted temperatures carry a warnin
 
 
 def parse_corruptions(text: str | None) -> tuple[str, ...]:
-    """``--corruptions``: 'all' (default), 'none', or a comma-separated list of suite names."""
+    """``--corruptions``: 'all' (default: the default suite, ``CORRUPTIONS``), 'none', a preset on its own
+    (``PRESETS``, e.g. 'mnist-c'), or a comma-separated list of registered corruption names."""
     if text is None or text.strip() == "all":
         return CORRUPTIONS
     if text.strip() == "none":
         return ()
+    if text.strip() in PRESETS:
+        return PRESETS[text.strip()]
     names = tuple(n.strip() for n in text.split(",") if n.strip())
     if not names:
         raise UsageError(f"--corruptions {text!r} is empty; pass all, none or a comma-separated list of names "
-                         "(see pipeline/reliability/corruptions.py)")
+                         f"(see pipeline/reliability/corruptions.py), or a preset: {', '.join(PRESETS)}")
     import difflib
     for n in names:
-        if n not in CORRUPTIONS:
-            close = difflib.get_close_matches(n, CORRUPTIONS, n=3, cutoff=0.5)
-            hint = f"did you mean {' or '.join(close)}?" if close else f"choose from {', '.join(CORRUPTIONS)}"
+        if n in PRESETS:
+            raise UsageError(f"--corruptions: the preset {n!r} stands alone; pass --corruptions {n}, or list its "
+                             f"corruptions by name: {','.join(PRESETS[n])}")
+        if n not in REGISTERED:
+            close = difflib.get_close_matches(n, REGISTERED + tuple(PRESETS), n=3, cutoff=0.5)
+            hint = (f"did you mean {' or '.join(close)}?" if close
+                    else f"choose from {', '.join(REGISTERED)}, or a preset: {', '.join(PRESETS)}")
             raise UsageError(f"--corruptions: unknown corruption {n!r}; {hint}")
     if len(set(names)) != len(names):
         raise UsageError("--corruptions lists a corruption twice; list each once")
