@@ -66,7 +66,7 @@ if [[ ! -x .venv/bin/python ]]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 echo "setup: installing Python dependencies into .venv (pinned in pyproject.toml)" >&2
-.venv/bin/python -m pip install -q -e ".[dev,bench]"
+.venv/bin/python -m pip install -q -e ".[dev,bench,ray]"
 
 # >>> route onnx2tf-flatbuffer: onnx2tf 2.x (flatbuffer_direct backend) in its own folder >>>
 # onnx2tf 2.x declares Python >= 3.12 and pins exact versions of packages the venv already has (numpy, onnx,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 from typing import Callable, TypeVar
 
@@ -79,6 +80,39 @@ def severities(text: str) -> tuple[int, ...]:
     if not vals or any(v < 1 or v > 5 for v in vals) or len(set(vals)) != len(vals):
         raise argparse.ArgumentTypeError(f"{text!r}: severities must be distinct integers from 1 to 5")
     return tuple(sorted(vals))
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1 (``--workers``)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{v} must be at least 1")
+    return v
+
+
+def retries(text: str) -> int:
+    """argparse type: how often a cell whose worker died is run again, 0..10."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= v <= 10:
+        raise argparse.ArgumentTypeError(f"{v} is out of range; pass 0 to 10")
+    return v
+
+
+_RAY_ADDRESS = re.compile(r"^(ray://)?[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
+
+
+def ray_address(text: str) -> str:
+    """argparse type: ``--ray auto`` (a local Ray instance) or a running cluster's HOST:PORT / ray://HOST:PORT."""
+    if text == "auto" or _RAY_ADDRESS.match(text):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is not a Ray address; pass auto (a local Ray instance) or HOST:PORT "
+                                     "or ray://HOST:PORT of a running cluster's head")
 
 
 def emulated_device(text: str) -> str:

@@ -166,7 +166,8 @@ def test_run_main_installs_the_sigterm_handler():
 @pytest.mark.parametrize("module, note", [
     ("export", "; nothing was written to the output folder"),
     ("evaluate", "; report.json and report.html were not changed"),
-    ("study", ""), ("train", ""), ("zoo_table", ""),
+    ("study", "; cells already done are kept in OUT/cells: run the same command with --resume to continue"),
+    ("train", ""), ("zoo_table", ""),
 ])
 def test_every_main_maps_ctrl_c_with_its_own_note(module, note, monkeypatch, capsys):
     import importlib

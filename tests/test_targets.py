@@ -315,7 +315,10 @@ def test_precision_study_prints_one_row_per_rung(tmp_path, tinynet_dir, tiny_npz
     assert [ln.split(" | ")[1] for ln in rows[1:]] == ["-", "tflite-fp32", "tflite-int8"]  # FP32 reference + 2 rungs
     assert "not device latency" in text
     s = json.loads((out / "study.json").read_text())
-    for row in s["rows"]:
+    assert [m["model"] for m in s["models"]] == [a["model"]]
+    assert s["execution"]["backend"] == "local" and s["execution"]["workers"] == 1  # in this process
+    for row in s["models"][0]["rows"]:
+        assert Path(row["folder"]).parent == out  # one model: OUT/<target>
         z = np.load(Path(row["folder"]) / "predictions.npz")
         logits = z[f"{row['precision']}_logits"]
         assert row["ece"] == pytest.approx(ece(softmax(logits), z["labels"]))
