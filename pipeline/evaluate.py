@@ -20,7 +20,7 @@ from pathlib import Path
 
 # the argument types live in the CLI kit (pipeline/cli.py); these names stay importable from here
 from pipeline.cli import class_names as class_names_arg  # noqa: F401
-from pipeline.cli import finite_float, seed_int  # noqa: F401
+from pipeline.cli import finite_float, ray_address, seed_int  # noqa: F401
 from pipeline.cli import severities as _severities
 from pipeline.errors import DataError, OutputError, UsageError
 
@@ -38,7 +38,12 @@ def add_reliability_arguments(p: argparse.ArgumentParser, in_export: bool) -> No
     g.add_argument("--val-size", type=int, default=None,
                    help=f"training images held for fitting the temperature (default: min({DEFAULT_VAL_SIZE}, "
                         "training images // 5))")
-    g.add_argument("--workers", type=int, default=0, help="worker processes (default: one per core)")
+    g.add_argument("--workers", type=int, default=0, help="worker processes (default: one per core; with --ray: "
+                                                          "every CPU of the Ray instance or cluster)")
+    g.add_argument("--ray", type=ray_address, metavar="auto|ADDRESS", default=None,
+                   help="run the reliability jobs (1000 images of one shifted set each) as Ray tasks: auto starts a "
+                        "local Ray instance, HOST:PORT or ray://HOST:PORT joins a running cluster; the model files "
+                        "and images travel through Ray's object store (pip install '.[ray]'); same figures as without")
     if in_export:
         g.add_argument("--fp32-runtime", choices=("reference", "onnxruntime"), default="onnxruntime",
                        help="FP32 side of the run stage (with or without --reliability) and of the reliability "
@@ -104,6 +109,7 @@ class EvaluateConfig:
     severities: tuple[int, ...] = (1, 2, 3, 4, 5)
     val_size: int | None = None
     workers: int = 0
+    ray: str | None = None
     fp32_runtime: str | None = None
     max_ece_increase: float = 0.02
     max_worst_drop_pp: float = 5.0
@@ -113,7 +119,8 @@ class EvaluateConfig:
     def reliability(self, seed: int):
         from pipeline.reliability.suite import ReliabilityConfig
         return ReliabilityConfig(corruptions=self.corruptions, severities=self.severities, val_size=self.val_size,
-                                 seed=seed, workers=self.workers, max_ece_increase=self.max_ece_increase,
+                                 seed=seed, workers=self.workers, ray=self.ray,
+                                 max_ece_increase=self.max_ece_increase,
                                  max_worst_drop_pp=self.max_worst_drop_pp)
 
 

@@ -318,12 +318,16 @@ def config_from_args(args: argparse.Namespace) -> ExportConfig:
         for name in target.split(","):
             if name.strip():
                 check_target(args.emulate, name.strip())
+    if args.ray is not None and not args.reliability:
+        raise UsageError("--ray runs the reliability jobs on Ray; add --reliability, or drop --ray (to run a study's "
+                         "exports on Ray, use python -m pipeline.study precision --ray)")
     rel = None
     if args.reliability:
         if (args.val_size is not None and args.val_size <= 0) or args.workers < 0:
             raise UsageError("--val-size must be at least 1 and --workers at least 0")
         rel = ReliabilityConfig(corruptions=corruptions, severities=tuple(args.severities), val_size=args.val_size,
-                                seed=args.seed, workers=args.workers, max_ece_increase=args.max_ece_increase,
+                                seed=args.seed, workers=args.workers, ray=args.ray,
+                                max_ece_increase=args.max_ece_increase,
                                 max_worst_drop_pp=args.max_worst_drop_pp)
     return ExportConfig(
         model=args.model, weights=args.weights, input_shape=args.input_shape, data=args.data,

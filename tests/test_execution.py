@@ -285,3 +285,34 @@ def test_a_ray_worker_killed_during_the_study_changes_nothing(local_study, tmp_p
     cells = json.loads((out / "study.json").read_text())["execution"]["cells"]
     retried = [c for c in cells if c["attempts"] == 2]
     assert len(retried) == 1 and "Ray worker died" in retried[0]["lost"][0], cells
+
+
+# --------------------------------------------------------------------------- the reliability jobs on Ray
+
+def test_export_refuses_ray_without_reliability(tmp_path, capsys):
+    from pipeline import export
+    assert export.main(["--ray", "auto", "--out", str(tmp_path / "o")]) == 2
+    assert "add --reliability" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_the_reliability_report_on_ray_equals_the_local_one(tmp_path):
+    """pipeline.evaluate --ray auto: every job (1000 images of one shifted set) a Ray task, the models and images
+    shipped by content hash; the report's figures are those of the local process pool."""
+    import shutil
+    exp = tmp_path / "exp"
+    proc = subprocess.run([sys.executable, "-m", "pipeline.export", "--eval-limit", "2000", "--out", str(exp)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    shutil.copytree(exp, tmp_path / "exp_ray")
+    args = ["--eval-limit", "2000", "--corruptions", "gaussian_noise,rotate", "--severities", "1,3",
+            "--val-size", "1000", "--workers", "2"]
+    for folder, extra in ((exp, []), (tmp_path / "exp_ray", ["--ray", "auto"])):
+        proc = subprocess.run([sys.executable, "-m", "pipeline.evaluate", str(folder), *args, *extra], cwd=ROOT,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode in (0, 1), proc.stderr[-2000:]
+    local, ray = (json.loads((f / "report.json").read_text()) for f in (exp, tmp_path / "exp_ray"))
+    sections = ("calibration_drift", "temperature_scaling", "flips", "per_class", "shifts", "gates")
+    assert {k: local[k] for k in sections} == {k: ray[k] for k in sections}
+    assert local["shifts"]["sets"] == 4 and ray["reliability"]["backend"] == "ray (auto)"
+    assert "2 Ray worker(s)" in ray["reliability"]["how"] and ray["reliability"]["workers"] == 2

@@ -134,11 +134,12 @@ class Progress:
 
 
 def run_cells(cells: list[Cell], backend, store: Store | None = None, resume: bool = False,
-              retries: int = DEFAULT_RETRIES, progress: bool = True, stream=None) -> list[dict]:
+              retries: int = DEFAULT_RETRIES, progress: bool = True, stream=None, on_record=None) -> list[dict]:
     """Run every cell on ``backend``; return one record per cell, in the order of ``cells``.
 
     Each record: key, status (done / failed), result or error, attempts, seconds (inside the worker), wall_seconds
-    (submitted to finished, as the driver saw it), host, pid, resumed, lost (why earlier attempts' workers died)."""
+    (submitted to finished, as the driver saw it), host, pid, resumed, lost (why earlier attempts' workers died).
+    ``on_record(cell, record)`` is called as each cell finishes (a caller's own progress bar)."""
     keys = [c.key for c in cells]
     if len(set(keys)) != len(keys):
         dup = next(k for k in keys if keys.count(k) > 1)
@@ -193,6 +194,8 @@ def run_cells(cells: list[Cell], backend, store: Store | None = None, resume: bo
                 rec = dict(outcome, key=cell.key, attempts=attempts[cell.key], lost=lost[cell.key], resumed=False,
                            wall_seconds=round(time.perf_counter() - t_sub, 3))
                 records[cell.key] = rec
+                if on_record is not None:
+                    on_record(cell, rec)
                 if rec["status"] == "done":
                     prog.done += 1
                     if store is not None:

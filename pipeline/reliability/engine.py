@@ -19,7 +19,6 @@ interpreters reproduce the target's outputs exactly; ``tests/test_reliability.py
 """
 from __future__ import annotations
 
-import contextlib
 import multiprocessing as mp
 import os
 import signal
@@ -187,39 +186,40 @@ def _run_job(job: Job):
         raise _job_error(job, e) from None
 
 
-_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+from pipeline.execution.local import STOP_SIGNALS as _STOP_SIGNALS  # noqa: E402
+from pipeline.execution.local import stop_signals_deferred as _stop_signals_deferred  # noqa: E402
 
 
-@contextlib.contextmanager
-def _stop_signals_deferred():
-    """Hold SIGINT and SIGTERM while worker processes are started, then act on them.
+# --------------------------------------------------------------------------- jobs as cells (Ray)
 
-    A Ctrl-C (sent to the whole process group) or a SIGTERM that comes while a worker is being started would
-    otherwise interrupt ``Process.start`` half-way (a worker ``close`` does not know of, reading from a closed pipe)
-    or the worker's own start-up (a traceback). So: the signals are blocked in this thread, which the workers
-    inherit across fork and exec (``_init_worker`` then ignores SIGINT, handled here, and unblocks both), and a
-    signal that reaches this process meanwhile, through another thread, is only recorded; once every worker is
-    started and registered, the recorded signal is raised here as it would have been (KeyboardInterrupt or
-    ``Terminated``), and ``close`` stops the workers."""
-    import threading
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
-        yield
-        return
-    got: list[int] = []
-    previous = {s: signal.signal(s, lambda signum, frame: got.append(signum)) for s in _STOP_SIGNALS}
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a pending signal is delivered now, and recorded
-        for s, h in previous.items():
-            signal.signal(s, h)
-    if got:
-        handler = previous[got[0]]
-        if callable(handler):
-            handler(got[0], None)  # KeyboardInterrupt, or errors.Terminated from raise_on_sigterm
-        elif handler == signal.SIG_DFL:
-            signal.raise_signal(got[0])
+_CELL_WORKERS: dict = {}  # on a Ray worker: models built for earlier jobs, by the content of their files
+
+
+def job_cell(config: dict, files: dict, seed: int) -> dict:
+    """One job as a cell of the execution layer (``--ray``): the worker rebuilds both models from the shipped
+    files (the .tflite, the FP32 ONNX or the model file and weights, the raw images as an .npz) once per distinct
+    set of files and keeps them for the next jobs; the job's outputs come back as arrays."""
+    import dataclasses
+    pair = config["pair"]
+    swap = {"tflite_path": files["tflite"]}
+    if "fp32_onnx" in files:
+        swap["fp32_onnx"] = files["fp32_onnx"]
+    if "model" in files:
+        swap["model_spec"] = files["model"]
+    if "weights" in files:
+        swap["weights"] = files["weights"]
+    pair = dataclasses.replace(pair, **swap)
+    key = (pair, files["arrays"])
+    worker = _CELL_WORKERS.get(key)
+    if worker is None:
+        import torch
+        torch.set_num_threads(1)
+        with np.load(files["arrays"], allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        _CELL_WORKERS.clear()  # one model pair at a time per worker process
+        worker = _CELL_WORKERS[key] = _Worker(pair, arrays)
+    job, fp32, int8, raw = worker(config["job"])
+    return {"fp32": fp32, "int8": int8, "int8_raw": raw}
 
 
 def default_workers() -> int:
@@ -229,8 +229,10 @@ def default_workers() -> int:
 class Engine:
     """Evaluate jobs on both models; results are gathered per (split, corruption, severity)."""
 
-    def __init__(self, pair: ModelPair, arrays: dict[str, np.ndarray], workers: int = 1, loaded_model=None):
+    def __init__(self, pair: ModelPair, arrays: dict[str, np.ndarray], workers: int = 1, loaded_model=None,
+                 ray: str | None = None):
         self.pair, self.arrays, self.workers = pair, arrays, max(1, int(workers))
+        self.ray = ray  # "auto" or a cluster address: every job a cell on Ray (pipeline/execution)
         self._loaded_model = loaded_model
         self._pool = None
         self._inline: _Worker | None = None
@@ -278,6 +280,8 @@ class Engine:
 
     def run(self, jobs: list[Job], progress=None) -> dict[tuple, dict[str, np.ndarray]]:
         """Run every job; returns {job.key: {"fp32": [N,K], "int8": [N,K] dequantized, "int8_raw": ...}}."""
+        if self.ray is not None:
+            return self._gather(self._run_on_ray(jobs, progress))
         pool = self._ensure()
         parts: dict[tuple, list] = {}
 
@@ -315,6 +319,42 @@ class Engine:
             except BaseException:
                 self.close()
                 raise
+        return self._gather(parts)
+
+    def _run_on_ray(self, jobs: list[Job], progress=None) -> dict[tuple, list]:
+        """Every job a cell on Ray (``--ray``): the model files and the raw images are shipped by content hash."""
+        import tempfile
+        from pipeline.errors import RuntimeStageError
+        from pipeline.execution import Cell, run_cells
+        from pipeline.execution.ray_backend import RayBackend
+        parts: dict[tuple, list] = {}
+        with tempfile.TemporaryDirectory(prefix="reliability-cells-") as tmp:
+            arrays_file = Path(tmp) / "arrays.npz"
+            np.savez(arrays_file, **self.arrays)
+            files = [("tflite", self.pair.tflite_path), ("arrays", str(arrays_file))]
+            if self.pair.fp32_onnx:
+                files.append(("fp32_onnx", self.pair.fp32_onnx))
+            elif Path(self.pair.model_spec).is_file():
+                files.append(("model", self.pair.model_spec))
+            if self.pair.weights and Path(self.pair.weights).is_file():
+                files.append(("weights", self.pair.weights))
+            cells = [Cell(key=f"{j.split}/{j.corruption or 'clean'}/{j.severity}/{j.start}", fn=job_cell,
+                          config={"pair": self.pair, "job": j}, seed=j.seed, files=tuple(files)) for j in jobs]
+            backend = RayBackend(self.ray, None if self.workers <= 0 else self.workers)
+            records = run_cells(cells, backend, progress=False, on_record=lambda cell, rec: (
+                progress(cell.config["job"].stop - cell.config["job"].start) if progress and
+                rec["status"] == "done" else None))
+            self.workers = backend.workers
+        for cell, rec in zip(cells, records):
+            if rec["status"] != "done":
+                raise RuntimeStageError(f"reliability job {cell.key} failed on Ray: {rec['error']}")
+            j = cell.config["job"]
+            r = rec["result"]
+            parts.setdefault(j.key, []).append((j.start, r["fp32"], r["int8"], r["int8_raw"]))
+        return parts
+
+    @staticmethod
+    def _gather(parts: dict[tuple, list]) -> dict[tuple, dict[str, np.ndarray]]:
         out = {}
         for key, items in parts.items():
             items.sort(key=lambda t: t[0])

@@ -45,7 +45,8 @@ class ReliabilityConfig:
     severities: tuple[int, ...] = SEVERITIES
     val_size: int | None = None  # None: the default, resolve_val_size(None, training images)
     seed: int = 0
-    workers: int = 0  # 0: one per available core
+    workers: int = 0  # 0: one per available core (with ray: every CPU of the Ray instance or cluster)
+    ray: str | None = None  # "auto" (a local Ray instance) or a cluster address: the jobs run as Ray tasks
     max_ece_increase: float = DEFAULT_MAX_ECE_INCREASE
     max_worst_drop_pp: float = DEFAULT_MAX_WORST_DROP_PP
 
@@ -271,7 +272,7 @@ def evaluate(pair: ModelPair, dataset, n_test: int, cfg: ReliabilityConfig, *, c
     vidx = validation_indices(dataset.y_train, cfg.val_size, cfg.seed)
     arrays = {"test": np.ascontiguousarray(dataset.x_test[:n_test]),
               "val": np.ascontiguousarray(dataset.x_train[vidx])}
-    workers = cfg.workers or default_workers()
+    workers = cfg.workers or (0 if cfg.ray else default_workers())
     jobs = clean_jobs("val", len(vidx))
     if clean is None:
         jobs += clean_jobs("test", n_test)
@@ -279,10 +280,11 @@ def evaluate(pair: ModelPair, dataset, n_test: int, cfg: ReliabilityConfig, *, c
     total = sum(j.stop - j.start for j in jobs)
     timings = {}
     t0 = time.perf_counter()
-    with progress_bar(total, f"reliability: FP32 ({pair.fp32_runtime}) + int8, {workers} worker"
-                             + ("s" if workers != 1 else ""), progress) as bar, \
-            Engine(pair, arrays, workers=workers, loaded_model=loaded_model) as engine:
+    where = f"on Ray ({cfg.ray})" if cfg.ray else f"{workers} worker" + ("s" if workers != 1 else "")
+    with progress_bar(total, f"reliability: FP32 ({pair.fp32_runtime}) + int8, {where}", progress) as bar, \
+            Engine(pair, arrays, workers=workers, loaded_model=loaded_model, ray=cfg.ray) as engine:
         results = engine.run(jobs, progress=bar)
+        workers = engine.workers
     timings["engine"] = round(time.perf_counter() - t0, 3)
     if clean is None:
         clean = results[("test", None, 0)]
@@ -337,8 +339,11 @@ def evaluate(pair: ModelPair, dataset, n_test: int, cfg: ReliabilityConfig, *, c
                + (f" on the export's ONNX file {Path(pair.fp32_onnx).name}, checked against PyTorch by the export"
                   if pair.fp32_onnx else "")
                + f", 1 intra-op thread per worker) and the deployed TFLite model (LiteRT {pair.kernels} kernels, 1 thread per "
-               f"worker, batch {pair.batch_size}) on the same inputs, {workers} worker process(es) on this host; "
-               "int8 metrics use the dequantized outputs" + (f"; {runtime_note}" if runtime_note else ""),
+               f"worker, batch {pair.batch_size}) on the same inputs, "
+               + (f"{workers} Ray worker(s) ({'a local Ray instance' if cfg.ray == 'auto' else 'cluster ' + cfg.ray}, "
+                  f"one job of {BLOCK} images per task); " if cfg.ray else
+                  f"{workers} worker process(es) on this host; ")
+               + "int8 metrics use the dequantized outputs" + (f"; {runtime_note}" if runtime_note else ""),
         "fp32_runtime": pair.fp32_runtime,
         "outputs": "probabilities (model ends in softmax; log p used as logits)" if probabilities else "logits",
         "test_images": int(n_test),
@@ -348,6 +353,7 @@ def evaluate(pair: ModelPair, dataset, n_test: int, cfg: ReliabilityConfig, *, c
         "images_evaluated": int(images_run),
         "model_runs": int(2 * images_run),
         "workers": workers,
+        "backend": f"ray ({cfg.ray})" if cfg.ray else "local",
         "block": BLOCK,
         "seed": cfg.seed,
         "seconds": timings,
