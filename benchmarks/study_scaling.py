@@ -8,7 +8,8 @@ images, so 6 exports) through ``python -m pipeline.study precision`` as a fresh 
 
 Each row: wall time of the whole command (start-up, Ray's start included), speed-up against the local 1-worker
 run, and efficiency against the ceiling this host allows (min(workers, cores): on 2 cores, 4 workers cannot beat
-2x). Every run's study.json figures are compared with the baseline's (latency and execution details aside):
+2x; and an export that already keeps more than one core busy, converting and evaluating, lowers that ceiling to
+cores / the cores one export keeps busy, measured in the 1-worker run). Every run's study.json figures are compared with the baseline's (latency and execution details aside):
 the script says whether they are identical.
 
 Part 2, overhead: ``--probe-cells`` CPU-bound probe cells (``pipeline.execution.probes.compute_cell`` busy for
@@ -56,8 +57,11 @@ def run_study(args, backend: str, workers: int, work: Path) -> dict:
     if proc.returncode not in (0, 1) or not (out / "study.json").is_file():
         raise SystemExit(f"{backend} x{workers} failed: {proc.stderr[-2000:]}")
     ex = json.loads((out / "study.json").read_text())["execution"]
+    cell_s = sum(c["seconds"] or 0 for c in ex["cells"])
+    cpu_s = sum(c["cpu_seconds"] or 0 for c in ex["cells"])
     return {"backend": backend, "workers": workers, "wall_s": round(wall, 1), "cells": len(ex["cells"]),
-            "cell_s_sum": round(sum(c["seconds"] or 0 for c in ex["cells"]), 1), "out": out}
+            "cell_s_sum": round(cell_s, 1), "cell_cpu_s_sum": round(cpu_s, 1),
+            "cores_busy_per_cell": round(cpu_s / cell_s, 2) if cell_s else None, "out": out}
 
 
 def probe_overhead(cells: int, seconds: float, workers: int) -> dict:
@@ -103,13 +107,17 @@ def main() -> int:
     probe = probe_overhead(args.probe_cells, args.probe_seconds, min(2, cores))
     print(f"\nStudy: precision, --models {args.models} --targets {args.targets} --eval-limit {args.eval_limit} "
           f"({base['cells']} exports); {cores} cores; wall time of the whole command, measured here\n")
+    busy = base["cores_busy_per_cell"] or 1.0
+    print(f"One export alone kept {busy:.2f} cores busy on average (CPU time of the cell and its conversion process "
+          f"over its wall time, local x1), so {cores} cores allow about {max(1.0, cores / busy):.2f}x for exports; "
+          f"the ceiling column is min(workers, cores / {busy:.2f}).\n")
     print("| backend | workers | wall (s) | speed-up vs local x1 | ceiling | efficiency vs ceiling |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
-        ceiling = min(r["workers"], cores)
+        ceiling = round(max(1.0, min(r["workers"], cores / busy)), 2)
         speedup = base["wall_s"] / r["wall_s"]
         r.update(speedup=round(speedup, 2), ceiling=ceiling, efficiency=round(speedup / ceiling, 2))
-        print(f"| {r['backend']} | {r['workers']} | {r['wall_s']:.1f} | {speedup:.2f}x | {ceiling}x | "
+        print(f"| {r['backend']} | {r['workers']} | {r['wall_s']:.1f} | {speedup:.2f}x | {ceiling:.2f}x | "
               f"{speedup / ceiling:.0%} |")
     print("\nfigures identical to local x1 (study.json without latency and execution): "
           + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in same.items()))

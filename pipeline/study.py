@@ -165,8 +165,8 @@ def precision_ladder(base: ExportConfig, out: Path, names: list[str] | None = No
         # how the cells ran: none of the figures above depend on it (latency aside, which is a measurement)
         "execution": {
             **info, "cells_at_once": backend.slots, "wall_seconds": round(wall, 1), "retries": execution.retries,
-            "cells": [{k: r.get(k) for k in ("key", "status", "attempts", "seconds", "wall_seconds", "host", "pid",
-                                             "resumed", "lost")} for r in records],
+            "cells": [{k: r.get(k) for k in ("key", "status", "attempts", "seconds", "cpu_seconds", "wall_seconds",
+                                             "host", "pid", "resumed", "lost")} for r in records],
         },
     }
 

@@ -316,3 +316,33 @@ def test_the_reliability_report_on_ray_equals_the_local_one(tmp_path):
     assert {k: local[k] for k in sections} == {k: ray[k] for k in sections}
     assert local["shifts"]["sets"] == 4 and ray["reliability"]["backend"] == "ray (auto)"
     assert "2 Ray worker(s)" in ray["reliability"]["how"] and ray["reliability"]["workers"] == 2
+
+
+def test_ray_joins_a_running_cluster_by_address(tmp_path):
+    """--ray HOST:PORT: a Ray head started on its own (as `ray start --head` on a cluster's head node) is joined,
+    the cells run there, and leaving it does not stop it."""
+    import socket
+    from pipeline.execution.ray_backend import RayBackend
+    ray_bin = Path(sys.executable).parent / "ray"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+    import tempfile
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit in 107 characters
+    start = subprocess.run([str(ray_bin), "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+                            "--node-ip-address=127.0.0.1", f"--temp-dir={temp}"],
+                           capture_output=True, text=True, env=env, timeout=180)
+    assert start.returncode == 0, start.stderr[-2000:]
+    try:
+        backend = RayBackend(f"127.0.0.1:{port}", workers=None)
+        records = run_cells(_cells(), backend, progress=False)
+        assert _results(records) == _results(run_cells(_cells(), LocalBackend(1), progress=False))
+        assert backend.describe()["cpus"] == 2 and backend.workers == 2  # every CPU of the cluster by default
+        status = subprocess.run([str(ray_bin), "status", f"--address=127.0.0.1:{port}"], capture_output=True,
+                                text=True, env=env, timeout=120)
+        assert status.returncode == 0, status.stderr[-1000:]  # still up after the run left it
+    finally:
+        subprocess.run([str(ray_bin), "stop", "--force"], capture_output=True, env=env, timeout=120)
+        import shutil
+        shutil.rmtree(temp, ignore_errors=True)

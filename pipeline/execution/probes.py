@@ -25,7 +25,7 @@ def compute_cell(config: dict, files: dict, seed: int) -> dict:
     a = rng.standard_normal((n, n), dtype=np.float32)
     value = float(np.linalg.norm(a @ a.T).round(3))
     while time.perf_counter() < t_end:  # CPU work of a known length (overhead measurements)
-        np.sqrt(a)
+        np.tanh(a)
     seen = {role: {"sha256": hashlib.sha256(Path(p).read_bytes()).hexdigest(), "bytes": Path(p).stat().st_size}
             for role, p in sorted(files.items())}
     return {"value": value, "files": seen, "echo": config.get("echo")}
