@@ -254,10 +254,30 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "folder as a whole, as pipeline.export --overwrite)")
     q.add_argument("-v", "--verbose", action="store_true", help="show Ray's own output with --ray")
     add_execution_arguments(q)
+    for module in study_modules():
+        r = sub.add_parser(module.NAME, help=module.HELP)
+        r.add_argument("--models", default="all", help="comma-separated zoo:NAME models, or all (default)")
+        r.add_argument("--out", default=f"study-{module.NAME}",
+                       help=f"output folder (default study-{module.NAME}), as for precision")
+        r.add_argument("--overwrite", action="store_true", help="replace an earlier study in --out")
+        r.add_argument("-v", "--verbose", action="store_true", help="show Ray's own output with --ray")
+        module.add_arguments(r)
+        add_execution_arguments(r)
     return p
 
 
-def _models(text: str) -> list[str]:
+def study_modules() -> list:
+    """The studies of pipeline/studies: every module there that defines ``NAME`` (imported when the parser is
+    built, so their top level stays light), in name order."""
+    import importlib
+    import pkgutil
+    from pipeline import studies
+    mods = [importlib.import_module(f"pipeline.studies.{m.name}") for m in pkgutil.iter_modules(studies.__path__)
+            if not m.name.startswith("_")]
+    return sorted((m for m in mods if hasattr(m, "NAME")), key=lambda m: m.NAME)
+
+
+def parse_models(text: str) -> list[str]:
     from pipeline import zoo
     if text.strip() == "all":
         return [f"zoo:{n}" for n in zoo.list_models()]
@@ -294,6 +314,10 @@ def check_out(out: Path, overwrite: bool, resume: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     def work():
         args = build_parser().parse_args(argv)
+        if args.study != "precision":
+            from pipeline.studies import run_study
+            module = next(m for m in study_modules() if m.NAME == args.study)
+            return run_study(module, args)
         from pipeline import targets
         from pipeline.execution import execution_options
         names = [s.strip() for s in args.targets.split(",")] if args.targets else None
@@ -303,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError("--targets is empty; pass target names separated by commas")
         if names is not None and len(set(names)) != len(names):
             raise UsageError("--targets names a target twice; name each once")
-        models = _models(args.models) if args.models is not None else None
+        models = parse_models(args.models) if args.models is not None else None
         if models and args.weights:
             raise UsageError("--weights applies to one --model, not to --models; pass .pt/.onnx files or zoo names")
         if args.resume and args.overwrite:
@@ -325,6 +349,12 @@ def main(argv: list[str] | None = None) -> int:
         return out, study
 
     def show(result) -> int:
+        if not isinstance(result, tuple):  # a study of pipeline/studies
+            from pipeline.studies import markdown
+            print(markdown(result.study.get("title", result.study["kind"]), result.sections))
+            print(f"files      {result.out}/ (study.json, study.md, study.html, cells/)")
+            failed = [c for c in result.study["execution"]["cells"] if c["status"] != "done"]
+            return 1 if failed else 0
         out, study = result
         table = render(study)
         _write(out / "study.json", json.dumps(study, indent=2) + "\n")

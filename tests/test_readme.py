@@ -30,7 +30,9 @@ NOT_RUN = {
     "scp refcnn-int8/bundle.tar.gz pi@": "copies the bundle to a Raspberry Pi over ssh (needs the device)",
     "ssh pi@raspberrypi.local": "runs on the Raspberry Pi itself (needs the device)",
     "pipeline.evaluate refcnn-int8 --corruptions": "the full corruption suite over the test split, twice (minutes)",
-    "pipeline.study precision": "five exports of zoo:refcnn, one per precision (minutes)",
+    "pipeline.study precision --model zoo:refcnn": "five exports of zoo:refcnn, one per precision (minutes)",
+    "--out s-local": "six exports twice, then the whole reliability suite (minutes); tests/test_execution.py runs "
+                     "the same commands on a quick preset",
     "pipeline.device_check refcnn-tflite-int8 --emulate rpi4": "needs the export ./setup.sh writes and builds the "
                                                                 "aarch64 root; tests/test_emulate.py runs the same "
                                                                 "commands on a small export",

@@ -261,7 +261,8 @@ def svg_budget(rows: list[tuple[str, float, float, float, str]], title: str, w: 
 
 # --------------------------------------------------------------------------- page
 
-_CSS = """
+# the stylesheet of every page the project writes (report.html, study.html)
+CSS = """
 body{font-family:-apple-system,"Segoe UI",Roboto,"DejaVu Sans",Arial,sans-serif;margin:0;color:#222;background:#fafafa}
 main{max-width:1240px;margin:0 auto;padding:18px 24px 60px}
 h1{font-size:22px;margin:6px 0 2px}h2{font-size:18px;margin:30px 0 6px;border-bottom:1px solid #ddd;padding-bottom:4px}
@@ -351,7 +352,7 @@ def render(report: dict) -> str:
     what = "Export and reliability report" if rel else "Export report"
     out = ['<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
            '<meta name="viewport" content="width=device-width, initial-scale=1">',
-           f"<title>{what}: {_e(model)} ({_e(target)})</title><style>{_CSS}</style></head><body><main>",
+           f"<title>{what}: {_e(model)} ({_e(target)})</title><style>{CSS}</style></head><body><main>",
            f"<h1>{_e(model)} &rarr; {_e(target)}: {what.lower()}</h1>",
            _guard("Summary", _intro, report)]
     nav = [("gates", "Gates"), ("accuracy", "FP32 vs int8"), ("model", "Model and sizes"),
