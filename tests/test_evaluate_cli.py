@@ -109,49 +109,22 @@ def _bad_pair(exported: Path, tflite_path):
                      preprocessing=Preprocessing.from_dict(rep["preprocessing"]))
 
 
-@pytest.fixture()
-def reset_worker_state():
-    """_init_worker run in this process: undo what it sets (the worker globals, and SIGINT ignored, which every
-    process started later by the test session would inherit)."""
-    from pipeline.reliability import engine as parallel_eval
-    sigint = signal.getsignal(signal.SIGINT)
-    yield
-    signal.signal(signal.SIGINT, sigint)
-    parallel_eval._WORKER = None
-    parallel_eval._INIT_ERROR = None
-
-
-def test_init_worker_keeps_its_error_for_run_job(exported, tmp_path, reset_worker_state):
-    """The pool initializer never raises; the first job raises what went wrong (a PipelineError keeps its
-    class and message, anything else becomes a RuntimeStageError that names it)."""
-    from pipeline.reliability.engine import Job, _init_worker, _run_job
+def test_a_job_whose_models_cannot_load_fails_with_one_line(exported, tmp_path):
+    """In a worker (a job cell), models that cannot load are one readable error: a PipelineError keeps its class
+    and message, anything else becomes a RuntimeStageError that names the job; as a record, the cell is failed
+    with that line."""
+    from pipeline.execution import Cell, execute
+    from pipeline.reliability.engine import Job, job_cell
     garbage = tmp_path / "garbage.tflite"
     garbage.write_bytes(b"garbage\n")
-    arrays = {"test": np.zeros((4, 12, 12), np.uint8)}
-    _init_worker(_bad_pair(exported, str(garbage)), arrays)  # must not raise
+    arrays = tmp_path / "arrays.npz"
+    np.savez(arrays, test=np.zeros((4, 12, 12), np.uint8))
+    pair = _bad_pair(exported, str(garbage))
+    files = {"tflite": str(garbage), "arrays": str(arrays), "model": str(exported / "model.onnx")}
     with pytest.raises(RuntimeStageError, match="LiteRT cannot load"):
-        _run_job(Job("test", 0, 4))
-    _init_worker(_bad_pair(exported, None), arrays)  # Path(None): a TypeError inside the worker
-    with pytest.raises(RuntimeStageError, match="a worker process could not build the models: TypeError"):
-        _run_job(Job("test", 0, 4))
-
-
-def test_pool_reports_a_failed_initializer_instead_of_respawning(exported, tmp_path):
-    """Real spawn workers whose models cannot load: the parent gets the error from the first job."""
-    import multiprocessing as mp
-    from pipeline.reliability.engine import Job, _init_worker, _run_job
-    garbage = tmp_path / "garbage.tflite"
-    garbage.write_bytes(b"garbage\n")
-    arrays = {"test": np.zeros((4, 12, 12), np.uint8)}
-    pool = mp.get_context("spawn").Pool(2, initializer=_init_worker,
-                                        initargs=(_bad_pair(exported, str(garbage)), arrays))
-    try:
-        res = pool.map_async(_run_job, [Job("test", 0, 2), Job("test", 2, 4)], chunksize=1)
-        with pytest.raises(RuntimeStageError, match="LiteRT cannot load"):
-            res.get(timeout=90)  # a multiprocessing.TimeoutError here means the old endless respawn
-    finally:
-        pool.terminate()
-        pool.join()
+        job_cell({"pair": pair, "job": Job("test", 0, 4)}, files, 0)
+    rec = execute(Cell("j", job_cell, {"pair": pair, "job": Job("test", 0, 4)}), files)
+    assert rec["status"] == "failed" and "LiteRT cannot load" in rec["error"] and "\n" not in rec["error"]
 
 
 def test_engine_with_two_workers_checks_models_in_the_parent(exported, tmp_path):
@@ -165,10 +138,13 @@ def test_engine_with_two_workers_checks_models_in_the_parent(exported, tmp_path)
     previous = signal.signal(signal.SIGALRM, hung)
     signal.alarm(90)
     try:
+        import psutil
+        before = {p.pid for p in psutil.Process().children(recursive=True)}
         with Engine(_bad_pair(exported, str(garbage)), arrays, workers=2) as engine:
             with pytest.raises(RuntimeStageError, match="LiteRT cannot load"):
                 engine.run(clean_jobs("test", 4))
-            assert engine._pool is None  # failed before starting any worker
+        started = {p.pid for p in psutil.Process().children(recursive=True)} - before
+        assert not started  # failed before starting any worker
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
@@ -456,34 +432,44 @@ def test_val_size_defaults_to_the_adaptive_size_in_both_parsers():
 
 # --------------------------------------------------------------------------- a worker that dies
 
-def test_a_worker_killed_mid_run_fails_the_run_instead_of_hanging(exported):
-    """SIGKILL one of two real worker processes after the first result (what the OOM killer does): the run
-    raises a RuntimeStageError that says so, within seconds, and no worker is left behind."""
+def test_a_worker_killed_mid_run_is_replaced_and_the_results_are_unchanged(exported):
+    """SIGKILL one of two real worker processes after the first result (what the OOM killer does): its job runs
+    again in a fresh process, the run completes within seconds with exactly the outputs of the in-process run, and
+    no worker is left behind."""
+    import psutil
     from pipeline.reliability.engine import Engine, shift_jobs
     from tests.test_reliability import _pair_and_data
     _, pair, ds = _pair_and_data(exported)
-    jobs = shift_jobs("test", len(ds.x_test), ["fog", "jpeg", "rotate"], [1, 2, 3, 4, 5], seed=0) * 40
+    jobs = shift_jobs("test", len(ds.x_test), ["fog", "rotate"], [1, 3], seed=0)
+    with Engine(pair, {"test": ds.x_test}, workers=1) as engine:
+        want = engine.run(jobs)
+
     def hung(signum, frame):
         raise TimeoutError("Engine.run hung after a worker died")
 
     previous = signal.signal(signal.SIGALRM, hung)
-    signal.alarm(120)
+    signal.alarm(180)
     killed = []
     try:
         with Engine(pair, {"test": ds.x_test}, workers=2) as engine:
             def progress(n):
                 if not killed:
-                    proc = next(iter(engine._pool._processes.values()))
-                    os.kill(proc.pid, signal.SIGKILL)
-                    killed.append(proc)
-            with pytest.raises(RuntimeStageError, match=r"a worker process died during the evaluation .* jobs left; "
-                                                        r"rerun with fewer --workers"):
-                engine.run(jobs, progress=progress)
-            assert engine._pool is None
+                    worker = next(p for p in psutil.Process().children(recursive=True)
+                                  if "spawn_main" in " ".join(p.cmdline()))
+                    worker.kill()
+                    killed.append(worker)
+            got = engine.run(jobs, progress=progress)
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
-    assert killed and not killed[0].is_alive()
+    assert killed and not killed[0].is_running()
+    assert got.keys() == want.keys()
+    for key in want:
+        for part in ("fp32", "int8", "int8_raw"):
+            np.testing.assert_array_equal(got[key][part], want[key][part])
+    left = [p for p in psutil.Process().children(recursive=True) if "spawn_main" in " ".join(p.cmdline())
+            and p.status() != psutil.STATUS_ZOMBIE]
+    assert not left, left
 
 
 def test_an_unexpected_error_in_a_job_names_the_job(exported, monkeypatch):

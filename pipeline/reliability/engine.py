@@ -6,24 +6,21 @@ preprocessing record's normalisation) and feeds that one array to both models, s
 exactly the same inputs. Blocks are corrupted with a seed derived from (seed, block index), so the
 shifted sets do not depend on the number of workers.
 
-Workers are processes (``spawn``), each holding its own LiteRT interpreter (1 thread, the target's
-kernels, batched) and its own FP32 model (PyTorch with 1 intra-op thread, or onnxruntime). LiteRT's
-``invoke()`` holds the GIL in this build, so threads would not run interpreters in parallel. With
-``workers=1`` everything runs in this process (no start-up cost; what the tests use). The pool is a
-``concurrent.futures.ProcessPoolExecutor``: a worker that dies (killed, out of memory, a crash in native
-code) breaks the pool and the run fails with a clear error instead of waiting forever, as a
-``multiprocessing.Pool`` would.
+With ``workers=1`` everything runs in this process (no start-up cost; what the tests use). Otherwise every job
+is a cell of the execution layer (``pipeline/execution``): on local ``spawn`` worker processes or on Ray
+(``--ray``), each worker holding its own LiteRT interpreter (1 thread, the target's kernels, batched) and its own
+FP32 model (PyTorch with 1 intra-op thread, or onnxruntime), built once from the files and kept for its next
+jobs. LiteRT's ``invoke()`` holds the GIL in this build, so threads would not run interpreters in parallel. A
+worker that dies (killed, out of memory, a crash in native code) is replaced and its job run again, at most
+twice more; then the evaluation fails with the reason, instead of waiting forever as a ``multiprocessing.Pool``
+would.
 
 int8 outputs do not depend on the interpreter's thread count (integer kernels), so the per-worker
 interpreters reproduce the target's outputs exactly; ``tests/test_reliability.py`` checks this.
 """
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
-import signal
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,37 +129,6 @@ class _Worker:
         return job, fp32, r.outputs, r.raw_outputs
 
 
-_WORKER: _Worker | None = None
-_INIT_ERROR: BaseException | None = None
-
-
-def _init_worker(pair: ModelPair, arrays: dict) -> None:
-    """Pool initializer. It must never raise: a pool whose initializer raises respawns the worker forever
-    (the parent never hears of it). A failure is kept and raised by ``_run_job``, so the parent gets it
-    as the first job's exception."""
-    global _WORKER, _INIT_ERROR
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent, which stops the workers
-    if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
-    try:
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-        from pipeline import quiet
-        quiet.configure(False)
-        import torch
-        torch.set_num_threads(1)
-        _WORKER = _Worker(pair, arrays)
-    except (Exception, SystemExit) as e:  # noqa: BLE001 - reported through _run_job
-        _INIT_ERROR = _as_pipeline_error(e)
-
-
-def _as_pipeline_error(e: BaseException) -> Exception:
-    from pipeline.errors import PipelineError, RuntimeStageError
-    if isinstance(e, PipelineError):
-        return e
-    return RuntimeStageError(f"a worker process could not build the models: {type(e).__name__}: {e}; "
-                             "run with --workers 1 to see the failure in this process")
-
-
 def _describe_job(job: Job) -> str:
     shift = f"{job.corruption} severity {job.severity}" if job.corruption else "clean"
     return f"{job.split} images {job.start}-{job.stop - 1} ({shift})"
@@ -176,49 +142,36 @@ def _job_error(job: Job, e: Exception) -> Exception:
     return RuntimeStageError(f"evaluating {_describe_job(job)} failed: {type(e).__name__}: {e}")
 
 
-def _run_job(job: Job):
-    if _WORKER is None:
-        from pipeline.errors import RuntimeStageError
-        raise _INIT_ERROR or RuntimeStageError("a worker process has no models (its initializer did not run)")
-    try:
-        return _WORKER(job)
-    except Exception as e:  # noqa: BLE001 - sent to the parent as one picklable, readable error
-        raise _job_error(job, e) from None
+# --------------------------------------------------------------------------- jobs as cells
 
-
-from pipeline.execution.local import STOP_SIGNALS as _STOP_SIGNALS  # noqa: E402
-from pipeline.execution.local import stop_signals_deferred as _stop_signals_deferred  # noqa: E402
-
-
-# --------------------------------------------------------------------------- jobs as cells (Ray)
-
-_CELL_WORKERS: dict = {}  # on a Ray worker: models built for earlier jobs, by the content of their files
+_CELL_WORKERS: dict = {}  # in a worker process: the models built for earlier jobs, by the files they came from
 
 
 def job_cell(config: dict, files: dict, seed: int) -> dict:
-    """One job as a cell of the execution layer (``--ray``): the worker rebuilds both models from the shipped
-    files (the .tflite, the FP32 ONNX or the model file and weights, the raw images as an .npz) once per distinct
-    set of files and keeps them for the next jobs; the job's outputs come back as arrays."""
+    """One job as a cell of the execution layer (pipeline/execution): the worker process (a local spawn process or
+    a Ray worker) builds both models from the files (the .tflite, the FP32 ONNX or the model file and weights, the
+    raw images as an .npz) once per distinct set of files, keeps them for its next jobs, and returns the job's
+    outputs as arrays (jobs are not stored for resuming, so their records need not be JSON)."""
     import dataclasses
-    pair = config["pair"]
+    pair, job = config["pair"], config["job"]
     swap = {"tflite_path": files["tflite"]}
-    if "fp32_onnx" in files:
-        swap["fp32_onnx"] = files["fp32_onnx"]
-    if "model" in files:
-        swap["model_spec"] = files["model"]
-    if "weights" in files:
-        swap["weights"] = files["weights"]
+    for role, field_name in (("fp32_onnx", "fp32_onnx"), ("model", "model_spec"), ("weights", "weights")):
+        if role in files:
+            swap[field_name] = files[role]
     pair = dataclasses.replace(pair, **swap)
     key = (pair, files["arrays"])
     worker = _CELL_WORKERS.get(key)
-    if worker is None:
-        import torch
-        torch.set_num_threads(1)
-        with np.load(files["arrays"], allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-        _CELL_WORKERS.clear()  # one model pair at a time per worker process
-        worker = _CELL_WORKERS[key] = _Worker(pair, arrays)
-    job, fp32, int8, raw = worker(config["job"])
+    try:
+        if worker is None:
+            import torch
+            torch.set_num_threads(1)
+            with np.load(files["arrays"], allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+            _CELL_WORKERS.clear()  # one model pair at a time per worker process
+            worker = _CELL_WORKERS[key] = _Worker(pair, arrays)
+        _, fp32, int8, raw = worker(job)
+    except Exception as e:  # noqa: BLE001 - a readable one-line error naming the job
+        raise _job_error(job, e) from None
     return {"fp32": fp32, "int8": int8, "int8_raw": raw}
 
 
@@ -227,14 +180,18 @@ def default_workers() -> int:
 
 
 class Engine:
-    """Evaluate jobs on both models; results are gathered per (split, corruption, severity)."""
+    """Evaluate jobs on both models; results are gathered per (split, corruption, severity).
+
+    ``workers=1`` without ``ray``: every job in this process, on the models built (or given) here. Otherwise every
+    job is a cell of the execution layer: on ``workers`` local spawn processes, or on Ray (``ray``: "auto" or a
+    cluster address). A worker that dies under a job is replaced and the job run again (at most twice more); a job
+    that fails for a real reason fails the evaluation with its error."""
 
     def __init__(self, pair: ModelPair, arrays: dict[str, np.ndarray], workers: int = 1, loaded_model=None,
                  ray: str | None = None):
-        self.pair, self.arrays, self.workers = pair, arrays, max(1, int(workers))
-        self.ray = ray  # "auto" or a cluster address: every job a cell on Ray (pipeline/execution)
+        self.pair, self.arrays, self.workers = pair, arrays, max(1, int(workers)) if ray is None else int(workers)
+        self.ray = ray
         self._loaded_model = loaded_model
-        self._pool = None
         self._inline: _Worker | None = None
 
     def __enter__(self):
@@ -245,28 +202,7 @@ class Engine:
         return False
 
     def close(self) -> None:
-        if self._pool is not None:
-            pool, self._pool = self._pool, None
-            # stop at once (an error, Ctrl-C or SIGTERM in the parent): queued jobs are dropped and running
-            # workers killed; concurrent.futures has no public terminate before Python 3.14
-            procs = list((getattr(pool, "_processes", None) or {}).values())
-            pool.shutdown(wait=False, cancel_futures=True)
-            for proc in procs:
-                if proc.is_alive():
-                    proc.kill()  # SIGKILL: a worker still starting has SIGTERM blocked; workers hold nothing to save
-            for proc in procs:
-                proc.join(timeout=10)
-
-    def _ensure(self):
-        if self.workers == 1:
-            if self._inline is None:
-                self._inline = _Worker(self.pair, self.arrays, self._loaded_model)
-            return None
-        if self._pool is None:
-            self._preflight()
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"),
-                                             initializer=_init_worker, initargs=(self.pair, self.arrays))
-        return self._pool
+        self._inline = None  # the worker processes, if any, were stopped when their run ended
 
     def _preflight(self) -> None:
         """Build both models once here, and run one image through them, before starting the workers: a model
@@ -280,53 +216,37 @@ class Engine:
 
     def run(self, jobs: list[Job], progress=None) -> dict[tuple, dict[str, np.ndarray]]:
         """Run every job; returns {job.key: {"fp32": [N,K], "int8": [N,K] dequantized, "int8_raw": ...}}."""
-        if self.ray is not None:
-            return self._gather(self._run_on_ray(jobs, progress))
-        pool = self._ensure()
+        if self.ray is not None or self.workers > 1:
+            return self._gather(self._run_cells(jobs, progress))
+        if self._inline is None:
+            self._inline = _Worker(self.pair, self.arrays, self._loaded_model)
         parts: dict[tuple, list] = {}
-
-        def take(result):
-            job, fp32, int8, raw = result
+        for j in jobs:
+            try:
+                job, fp32, int8, raw = self._inline(j)
+            except Exception as e:  # noqa: BLE001 - a PipelineError passes as it is
+                err = _job_error(j, e)
+                if err is e:
+                    raise
+                raise err from e
             parts.setdefault(job.key, []).append((job.start, fp32, int8, raw))
             if progress:
                 progress(job.stop - job.start)
-
-        if pool is None:
-            for j in jobs:
-                try:
-                    result = self._inline(j)
-                except Exception as e:  # noqa: BLE001 - a PipelineError passes as it is
-                    err = _job_error(j, e)
-                    if err is e:
-                        raise
-                    raise err from e
-                take(result)
-        else:
-            with _stop_signals_deferred():  # the workers start here
-                pending = {pool.submit(_run_job, j) for j in jobs}
-            try:
-                while pending:
-                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    for f in done:
-                        take(f.result())
-            except BrokenProcessPool:
-                from pipeline.errors import RuntimeStageError
-                self.close()
-                raise RuntimeStageError(
-                    f"a worker process died during the evaluation (killed, out of memory, or a crash in native "
-                    f"code) with {len(pending)} of {len(jobs)} jobs left; rerun with fewer --workers (1 runs "
-                    "everything in this process and shows the failure)") from None
-            except BaseException:
-                self.close()
-                raise
         return self._gather(parts)
 
-    def _run_on_ray(self, jobs: list[Job], progress=None) -> dict[tuple, list]:
-        """Every job a cell on Ray (``--ray``): the model files and the raw images are shipped by content hash."""
+    def _run_cells(self, jobs: list[Job], progress=None) -> dict[tuple, list]:
+        """Every job a cell (pipeline/execution) on local worker processes or Ray; the model files and the raw
+        images go to the workers as files (by content hash on Ray)."""
         import tempfile
         from pipeline.errors import RuntimeStageError
         from pipeline.execution import Cell, run_cells
-        from pipeline.execution.ray_backend import RayBackend
+        if self.ray is None:
+            from pipeline.execution.local import LocalBackend
+            self._preflight()
+            backend = LocalBackend(self.workers)
+        else:
+            from pipeline.execution.ray_backend import RayBackend
+            backend = RayBackend(self.ray, self.workers if self.workers > 0 else None)
         parts: dict[tuple, list] = {}
         with tempfile.TemporaryDirectory(prefix="reliability-cells-") as tmp:
             arrays_file = Path(tmp) / "arrays.npz"
@@ -340,16 +260,18 @@ class Engine:
                 files.append(("weights", self.pair.weights))
             cells = [Cell(key=f"{j.split}/{j.corruption or 'clean'}/{j.severity}/{j.start}", fn=job_cell,
                           config={"pair": self.pair, "job": j}, seed=j.seed, files=tuple(files)) for j in jobs]
-            backend = RayBackend(self.ray, None if self.workers <= 0 else self.workers)
-            records = run_cells(cells, backend, progress=False, on_record=lambda cell, rec: (
-                progress(cell.config["job"].stop - cell.config["job"].start) if progress and
-                rec["status"] == "done" else None))
+
+            def done(cell, rec):
+                if rec["status"] != "done":  # stop at the first failure, as the in-process run does
+                    raise RuntimeStageError(f"{rec['error']}" if rec.get("error_kind") != "worker_lost" else
+                                            f"reliability job {cell.key}: {rec['error']}")
+                if progress:
+                    progress(cell.config["job"].stop - cell.config["job"].start)
+
+            records = run_cells(cells, backend, progress=False, on_record=done)
             self.workers = backend.workers
         for cell, rec in zip(cells, records):
-            if rec["status"] != "done":
-                raise RuntimeStageError(f"reliability job {cell.key} failed on Ray: {rec['error']}")
-            j = cell.config["job"]
-            r = rec["result"]
+            j, r = cell.config["job"], rec["result"]
             parts.setdefault(j.key, []).append((j.start, r["fp32"], r["int8"], r["int8_raw"]))
         return parts
 
