@@ -199,6 +199,19 @@ def render_model(study: dict, m: dict) -> list[str]:
     return lines
 
 
+def html_sections(study: dict) -> list:
+    """The same tables and footer as ``render``, as sections of study.html (pipeline.studies.html)."""
+    from pipeline.studies import Section
+    out = []
+    for m in study["models"]:
+        lines = render_model(study, m)
+        table = [ln for ln in lines if ln.startswith("|")]
+        cells = [tuple(c.strip() for c in ln.strip().strip("|").split(" | ")) for ln in table]
+        out.append(Section(title=m["model"], intro=lines[0], header=cells[0], rows=tuple(cells[2:])))
+    out.append(Section("Definitions", notes=tuple(ln[2:] for ln in render(study).splitlines() if ln.startswith("- "))))
+    return out
+
+
 def render(study: dict) -> str:
     """Each model's ladder as one Markdown table, then one footer."""
     lines = []
@@ -359,8 +372,10 @@ def main(argv: list[str] | None = None) -> int:
         table = render(study)
         _write(out / "study.json", json.dumps(study, indent=2) + "\n")
         _write(out / "study.md", table + "\n")
+        from pipeline.studies import html
+        _write(out / "study.html", html("Precision ladder", html_sections(study)))
         print(table)
-        print(f"\nfiles      {out}/ (study.json, study.md, one export folder per target, cells/)")
+        print(f"\nfiles      {out}/ (study.json, study.md, study.html, one export folder per target, cells/)")
         ok = all(m["rows"] and not m["failures"] for m in study["models"])
         return 0 if ok else 1
 

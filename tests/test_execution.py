@@ -246,6 +246,8 @@ def test_the_study_on_ray_equals_the_local_run(local_study, tmp_path):
     assert ex["backend"] == "ray" and ex["cells_at_once"] == 2 and len(ex["cells"]) == 4
     assert all(c["seconds"] > 0 and c["attempts"] == 1 for c in ex["cells"])
     assert "2 exports ran at once" in proc.stdout  # latency is labelled as contended
+    page = (tmp_path / "ray" / "study.html").read_text()
+    assert page.count("<table>") == 2 and "zoo:resnet8" in page and "<script" not in page
     # as a run stopped before its last cell leaves it: --resume (here on the local pool) runs that cell only
     stored = sorted((tmp_path / "ray" / "cells").glob("*.json"))
     victim = json.loads(stored[-1].read_text())["key"]
