@@ -35,6 +35,28 @@ from pipeline.errors import ModelError, UsageError
 
 
 AUGMENTATIONS = ("shift+hflip", "shift", "none")
+LABEL_SMOOTHING = 0.05  # the shipped checkpoints' (--label-smoothing); 0 = plain cross-entropy
+HOLDOUT_RULE = ("per class c (in label order), the first n_c indices of numpy.random.default_rng(seed).permutation "
+                "of that class's training indices, one generator drawn in class order; n_c = N // K, plus 1 for "
+                "the first N % K classes")
+
+
+def holdout_indices(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """``n`` training indices held out of training, class-balanced and seeded (HOLDOUT_RULE), sorted."""
+    labels = np.asarray(labels)
+    classes = np.unique(labels)
+    if n < 0 or n > len(labels) - len(classes):
+        raise UsageError(f"--holdout {n} must be from 0 to {len(labels) - len(classes)} (the training split has "
+                         f"{len(labels)} images in {len(classes)} classes)")
+    rng = np.random.default_rng(seed)
+    picked = []
+    for i, c in enumerate(classes):
+        own = np.flatnonzero(labels == c)
+        want = n // len(classes) + (1 if i < n % len(classes) else 0)
+        if want > len(own) - 1:
+            raise UsageError(f"--holdout {n} would hold out all images of class {c}; pass a smaller --holdout")
+        picked.append(rng.permutation(own)[:want])
+    return np.sort(np.concatenate(picked)).astype(np.int64)
 
 
 def augment(x: torch.Tensor, gen: torch.Generator, pad: int = 2, hflip: bool = True) -> torch.Tensor:
@@ -92,10 +114,13 @@ def trainee(spec: str, weights: str | None = None, input_shape: tuple[int, int, 
 
 def train(entry: zoo.ZooEntry | str, data_spec: str, data_dir: str | None, epochs: int, seed: int, batch_size: int,
           lr: float, out_dir: Path, threads: int, channels_last: bool = False, spec: str | None = None,
-          weights: str | None = None, augmentation: str = "shift+hflip") -> dict:
+          weights: str | None = None, augmentation: str = "shift+hflip", holdout: int = 0,
+          label_smoothing: float = LABEL_SMOOTHING, robust=None, train_limit: int | None = None) -> dict:
     """Train ``entry`` (a zoo entry, or a zoo name) and write ``out_dir/NAME.pt`` (state_dict) and ``NAME.json``.
 
-    ``spec``/``weights``: how a child process rebuilds the model for the oneDNN check (default ``zoo:NAME``)."""
+    ``spec``/``weights``: how a child process rebuilds the model for the oneDNN check (default ``zoo:NAME``).
+    ``holdout``: that many training images (``holdout_indices(y_train, holdout, seed)``) are never trained on;
+    the record names them (``holdout.indices``), e.g. to fit a temperature on images the model has not seen."""
     if isinstance(entry, str):
         entry = zoo.get_entry(entry)
     name, spec = entry.name, spec or f"zoo:{entry.name}"
@@ -105,7 +130,11 @@ def train(entry: zoo.ZooEntry | str, data_spec: str, data_dir: str | None, epoch
         input_shape=entry.input_shape, source_layout=ds.source_layout, source_dtype=ds.source_dtype,
         scale=ds.scale, mean=entry.mean, std=entry.std,
     )
-    x_train = preprocessing.apply(ds.x_train, pre)
+    held = holdout_indices(ds.y_train, holdout, seed) if holdout else np.zeros(0, np.int64)
+    keep = np.setdiff1d(np.arange(len(ds.y_train)), held)
+    if train_limit:  # --train-limit: the first N of the images trained on
+        keep = keep[:train_limit]
+    x_train, y_train = preprocessing.apply(ds.x_train[keep], pre), ds.y_train[keep]
     x_test = preprocessing.apply(ds.x_test, pre)
     last = len(x_train) % batch_size
     onednn = onednn_training_check(spec, weights, entry.input_shape,
@@ -118,8 +147,9 @@ def train(entry: zoo.ZooEntry | str, data_spec: str, data_dir: str | None, epoch
     try:
         torch.set_num_threads(threads)
         with torch.backends.mkldnn.flags(enabled=onednn["used"]):
-            model, history = _fit(entry, x_train, ds.y_train, x_test, ds.y_test, epochs, seed, batch_size, lr,
-                                  channels_last, t0, augmentation)
+            model, history, robust_record = _fit(entry, x_train, y_train, x_test, ds.y_test, epochs, seed,
+                                                 batch_size, lr, channels_last, t0, augmentation, label_smoothing,
+                                                 robust)
     finally:  # the caller's thread count is theirs (a test or a notebook goes on with it)
         torch.set_num_threads(threads_before)
     model = model.to(memory_format=torch.contiguous_format).eval()
@@ -135,7 +165,10 @@ def train(entry: zoo.ZooEntry | str, data_spec: str, data_dir: str | None, epoch
         "epochs": epochs,
         "batch_size": batch_size,
         "lr": lr,
-        "optimizer": "AdamW(weight_decay=5e-4) + OneCycleLR, label smoothing 0.05",
+        "optimizer": f"AdamW(weight_decay=5e-4) + OneCycleLR, label smoothing {label_smoothing:g}",
+        "label_smoothing": label_smoothing,
+        "holdout": {"n": int(len(held)), "seed": seed, "rule": HOLDOUT_RULE, "indices": held.tolist(),
+                    "trained_on": int(len(keep))},
         "augmentation": {"shift+hflip": "shift±2 + hflip", "shift": "shift±2", "none": "none"}[augmentation],
         "channels_last": channels_last,
         "onednn": onednn,
@@ -144,6 +177,7 @@ def train(entry: zoo.ZooEntry | str, data_spec: str, data_dir: str | None, epoch
         "train_seconds": round(time.time() - t0, 1),
         "torch": torch.__version__,
         **({"deploy": deploy} if deploy is not None else {}),
+        **({"robust": robust_record} if robust_record else {}),
         "history": history,
         "mean": list(entry.mean),
         "std": list(entry.std),
@@ -159,20 +193,25 @@ def train(entry: zoo.ZooEntry | str, data_spec: str, data_dir: str | None, epoch
     return record
 
 
-def _fit(entry, x_train, y_train, x_test, y_test, epochs, seed, batch_size, lr, channels_last, t0, augmentation):
+def _fit(entry, x_train, y_train, x_test, y_test, epochs, seed, batch_size, lr, channels_last, t0, augmentation,
+         label_smoothing=LABEL_SMOOTHING, robust=None):
+    from pipeline import robust_training
     torch.manual_seed(seed)
     np.random.seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = entry.build_for_training()
     if channels_last:  # NHWC activations: faster CPU convolutions, above all depthwise ones
         model = model.to(memory_format=torch.channels_last)
+    robust = robust or robust_training.RobustOptions()
+    prepared = robust_training.prepare(model, robust, x_train)  # --qat/--symreg/--satnl (pipeline/robust_training.py)
+    model = prepared.train_form
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
     steps_per_epoch = (len(x_train) + batch_size - 1) // batch_size
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch)
     xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train)
     history = []
     for epoch in range(epochs):
-        model.train()
+        robust_training.train_mode(prepared)
         perm = torch.randperm(len(xt), generator=gen)
         total = 0.0
         for i in range(steps_per_epoch):
@@ -180,7 +219,8 @@ def _fit(entry, x_train, y_train, x_test, y_test, epochs, seed, batch_size, lr, 
             xb = xt[idx] if augmentation == "none" else augment(xt[idx], gen, hflip=augmentation == "shift+hflip")
             if channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
-            loss = F.cross_entropy(model(xb), yt[idx], label_smoothing=0.05)
+            loss = F.cross_entropy(model(xb), yt[idx], label_smoothing=label_smoothing)
+            loss = loss + robust_training.penalty(prepared, robust)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -189,7 +229,8 @@ def _fit(entry, x_train, y_train, x_test, y_test, epochs, seed, batch_size, lr, 
         acc = evaluate(model, x_test, y_test)
         history.append({"epoch": epoch + 1, "train_loss": total / len(xt), "test_top1": acc})
         print(f"epoch {epoch + 1}/{epochs}: loss {total / len(xt):.4f}, test top-1 {acc:.4f} ({time.time() - t0:.0f}s)", flush=True)
-    return model, history
+    model, robust_record = robust_training.finish(prepared)
+    return model, history, (robust_record if robust.any else None)
 
 
 # oneDNN (PyTorch's x86 convolution library) picks JIT kernels from what CPUID reports about the processor and its
@@ -293,6 +334,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--augment", choices=AUGMENTATIONS, default="shift+hflip",
                    help="random shifts by up to 2 pixels, and horizontal flips (drop them for data whose classes "
                         "are not mirror-symmetric, e.g. digits or text)")
+    p.add_argument("--holdout", type=int, default=0,
+                   help="hold N training images out of training (class-balanced, seeded by --seed); the JSON record "
+                        "names them, e.g. to fit a temperature on images the model never trained on")
+    p.add_argument("--label-smoothing", type=float, default=LABEL_SMOOTHING,
+                   help="label smoothing of the cross-entropy (0 = none; the shipped checkpoints used 0.05)")
+    p.add_argument("--train-limit", type=int, help="train on the first N training images only (quick runs, tests)")
+    p.add_argument("--qat", action="store_true",
+                   help="quantization-aware fine-tuning matching the deployed int8 scheme, from --weights or the zoo's "
+                        "shipped weights (pipeline/robust_training.py); writes a plain float state_dict")
+    p.add_argument("--symreg", type=float, default=0.0, metavar="LAMBDA",
+                   help="add LAMBDA x the weight-symmetry regularizer to the loss (pipeline/robust_training.py)")
+    p.add_argument("--satnl", action="store_true",
+                   help="train with saturating activations clamp(x, 0, alpha), alpha learned per layer (PACT); "
+                        "export the result as --model pipeline.robust_training:satnl_NAME")
     p.add_argument("--channels-last", action="store_true",
                    help="train with NHWC (channels_last) activations: faster on CPU, same model")
     p.add_argument("--out", help=f"folder for NAME.pt and NAME.json (default: {zoo.WEIGHTS_DIR} for zoo models "
@@ -307,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if args.epochs < 1 or args.batch_size < 1 or args.threads < 1:
             raise UsageError("--epochs, --batch-size and --threads must be at least 1")
+        if not 0 <= args.label_smoothing < 1:
+            raise UsageError(f"--label-smoothing {args.label_smoothing} must be in [0, 1)")
         if not (args.lr > 0 and args.lr < float("inf")):
             raise UsageError(f"--lr {args.lr} must be a positive number")
         if args.model.startswith("zoo:") and (args.input_shape or args.mean or args.std):
@@ -316,12 +373,19 @@ def main(argv: list[str] | None = None) -> int:
         data_shape = None
         if not args.model.startswith("zoo:") and not args.input_shape:
             data_shape = data_mod.load(args.data, args.data_dir, None).sample_shape
+        from pipeline import robust_training
+        robust = robust_training.RobustOptions(qat=args.qat, symreg=args.symreg, satnl=args.satnl)
+        if args.symreg < 0 or (args.train_limit is not None and args.train_limit < 1):
+            raise UsageError("--symreg must be >= 0 and --train-limit at least 1")
+        if args.qat and not args.weights and args.model.startswith("zoo:"):  # QAT fine-tunes the shipped weights
+            args.weights = str(zoo.get_entry(args.model[4:]).weights_path)
         entry = trainee(args.model, args.weights, args.input_shape, data_shape, args.mean, args.std)
-        own = args.model.startswith("zoo:") and not args.weights
+        own = args.model.startswith("zoo:") and not args.weights and not robust.any and not args.train_limit
         out = Path(args.out) if args.out else (zoo.WEIGHTS_DIR if own else Path.cwd())
         rec = train(entry, args.data, args.data_dir, args.epochs, args.seed, args.batch_size, args.lr, out,
                     args.threads, channels_last=args.channels_last, spec=args.model, weights=args.weights,
-                    augmentation=args.augment)
+                    augmentation=args.augment, holdout=args.holdout, label_smoothing=args.label_smoothing,
+                    robust=robust, train_limit=args.train_limit)
         return rec, out, entry
 
     def show(result) -> int:
