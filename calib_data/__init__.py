@@ -134,7 +134,7 @@ def list_sources() -> list[str]:
 
 
 def _load() -> None:
-    from pipeline.calib_data import fractal, noise, real, shifted, user  # noqa: F401
+    from pipeline.calib_data import fractal, fractal_raw, gan, noise, real, shifted, user  # noqa: F401
 
 
 def did_you_mean(what: str, name: str, choices) -> str:

@@ -57,7 +57,7 @@ def user_files(tmp_path_factory):
 def specs(user_files, shape_key):
     folder, npz = user_files
     return {"balanced": "balanced", "real": "real", "first": "first", "fractal": "fractal",
-            "noise": "noise:gaussian", "noise:uniform": "noise:uniform", "shifted": "shifted:gaussian_noise:2",
+            "fractal-raw": "fractal-raw", "noise": "noise:gaussian", "noise:uniform": "noise:uniform", "shifted": "shifted:gaussian_noise:2",
             "shifted:contrast": "shifted:contrast", "folder": f"folder:{folder}", "npz": f"npz:{npz[shape_key]}"}
 
 
@@ -69,11 +69,12 @@ def quiet_build(spec, ctx, size, seed):
 
 def test_every_registered_source_is_tested(user_files):
     names = {s.split(":", 1)[0] for s in specs(user_files, "gray").values()}
+    names.add("gan")  # trains a GAN on the training split: tests/test_calib_gan.py tests it on its own
     assert set(list_sources()) == names, "add a spec for each new source to specs() so it is tested"
 
 
 @pytest.mark.parametrize("shape_key", list(SHAPES))
-@pytest.mark.parametrize("name", ["balanced", "real", "first", "fractal", "noise", "noise:uniform", "shifted",
+@pytest.mark.parametrize("name", ["balanced", "real", "first", "fractal", "fractal-raw", "noise", "noise:uniform", "shifted",
                                   "shifted:contrast", "folder", "npz"])
 def test_source_shape_range_and_determinism(name, shape_key, user_files):
     ctx = make_ctx(SHAPES[shape_key])
