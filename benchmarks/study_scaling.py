@@ -32,17 +32,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pipeline.study import study_figures as _figures  # noqa: E402
+
 CONFIGS = [("local", 1), ("local", 2), ("ray", 1), ("ray", 2), ("ray", 4)]
 
 
-def _figures(out: Path) -> dict:
-    s = json.loads((out / "study.json").read_text())
-    s.pop("execution")
-    for m in s["models"]:
-        for row in m["rows"]:
-            row.pop("latency_ms")
-            row["folder"] = str(Path(row["folder"]).relative_to(out))
-    return s
 
 
 def run_study(args, backend: str, workers: int, work: Path) -> dict:

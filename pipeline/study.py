@@ -199,6 +199,18 @@ def render_model(study: dict, m: dict) -> list[str]:
     return lines
 
 
+def study_figures(out: Path) -> dict:
+    """A precision study's figures: its study.json without how it ran (execution), the latency measurements and
+    the folder prefix, which is what must not depend on the backend or the number of workers."""
+    s = json.loads((Path(out) / "study.json").read_text())
+    s.pop("execution")
+    for m in s["models"]:
+        for row in m["rows"]:
+            row.pop("latency_ms")
+            row["folder"] = str(Path(row["folder"]).relative_to(out))
+    return s
+
+
 def html_sections(study: dict) -> list:
     """The same tables and footer as ``render``, as sections of study.html (pipeline.studies.html)."""
     from pipeline.studies import Section

@@ -19,6 +19,7 @@ import pytest
 from pipeline.execution import Cell, Store, run_cells
 from pipeline.execution.local import LocalBackend
 from pipeline.execution.probes import compute_cell, crash_once_cell, failing_cell
+from pipeline.study import study_figures as _figures
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -213,15 +214,6 @@ def test_resume_needs_a_study_and_a_stopped_study_is_not_replaced_without_a_flag
 QUICK = ["--models", "zoo:refcnn,zoo:resnet8", "--targets", "tflite-int8,tflite-dynamic", "--eval-limit", "300"]
 
 
-def _figures(out: Path) -> dict:
-    """study.json without how it ran (execution), the latency measurements, and the folder prefix."""
-    s = json.loads((out / "study.json").read_text())
-    s.pop("execution")
-    for m in s["models"]:
-        for row in m["rows"]:
-            row.pop("latency_ms")
-            row["folder"] = str(Path(row["folder"]).relative_to(out))
-    return s
 
 
 def _study(out: Path, *extra: str) -> subprocess.CompletedProcess:

@@ -108,19 +108,11 @@ def settings(args) -> dict:
             "eval_limit": eval_limit, "seed": args.seed, "calib_cache": cache}
 
 
-def _register_sources() -> None:
-    """The sources this study adds, registered even where calib_data's loader does not list them yet."""
-    import importlib
-    for name in ("fractal_raw", "gan"):
-        importlib.import_module(f"pipeline.calib_data.{name}")
-
-
 def cells(args, out: Path) -> list:
     from pipeline.calib_data import list_sources
     from pipeline.errors import UsageError
     from pipeline.execution import Cell
     from pipeline.study import model_slug
-    _register_sources()
     s = settings(args)
     known = list_sources()
     for src in s["sources"]:
@@ -183,7 +175,6 @@ def synthetic_cell(config: dict, files: dict, seed: int) -> dict:
     from pipeline.export import ExportConfig, export
     from pipeline.inputs import data as data_mod
     from pipeline.inputs.preprocessing import Preprocessing
-    _register_sources()
     cfg = ExportConfig(model=config["model"], data=config["data"], calib=config["calib"],
                        calib_size=config["calib_size"], calib_cache=config["calib_cache"], seed=seed,
                        eval_limit=config["eval_limit"], target=TARGET, out=config["out"], overwrite=True,
