@@ -297,7 +297,12 @@ class OutputFolder:
             missing.append(p)
             p = p.parent
         for p in reversed(missing):
-            p.mkdir()
+            try:
+                p.mkdir()
+            except FileExistsError:  # another export (a study's next cell) made it just now: shared, not ours
+                if not p.is_dir():
+                    raise
+                continue
             self._made.append(p)
 
     def _sweep(self) -> None:

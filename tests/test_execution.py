@@ -102,6 +102,16 @@ def test_progress_counts_cells_with_an_eta(tmp_path):
     assert any("ETA" in ln for ln in lines) and any(", 2 running" in ln for ln in lines)
 
 
+def test_progress_says_why_a_cell_failed_not_only_how_many():
+    import io
+    stream = io.StringIO()
+    run_cells([Cell("bad", failing_cell, {"message": "image 3 is empty; remove it"})] + _cells()[:1],
+              LocalBackend(1), progress=True, stream=stream)
+    lines = stream.getvalue().splitlines()
+    assert "cell bad failed: image 3 is empty; remove it" in lines
+    assert lines[-1].startswith("cells 1/2 done, 0 running, 1 failed")
+
+
 _INTERRUPTIBLE = """
 import sys
 from pipeline.cli import run_main

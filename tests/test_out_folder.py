@@ -9,7 +9,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -292,6 +291,23 @@ def test_claim_and_publish_into_an_empty_folder_and_the_lock_is_exclusive(tmp_pa
         folder.publish()
     assert os.listdir(out) == ["model.onnx"]
     assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_a_parent_folder_another_export_makes_at_the_same_time_is_shared(tmp_path, monkeypatch):
+    """A study runs two exports at once into out/<model>/<target>: both find out/<model> missing, one makes it
+    first. The other uses it (no 'File exists' failure) and, not having made it, never removes it."""
+    parent, real_mkdir = tmp_path / "model", Path.mkdir
+
+    def other_export_first(self, *args, **kwargs):
+        if self == parent and not parent.exists():
+            real_mkdir(parent)  # the concurrent export wins the race between our exists() and mkdir()
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", other_export_first)
+    with outdir.OutputFolder.claim(parent / "tflite-int8") as folder:
+        assert folder.work.is_dir()
+    monkeypatch.undo()
+    assert parent.is_dir() and os.listdir(parent) == []  # not published, but the folder is the other export's
 
 
 def test_publish_swaps_an_earlier_export_atomically(tmp_path):

@@ -119,6 +119,15 @@ class Progress:
         tail = f" | {_clock(time.perf_counter() - self.t0)}" + (f", ETA {_clock(eta)}" if eta is not None else "")
         return parts[0] + tail
 
+    def note(self, text: str) -> None:
+        """A line of its own (a cell's failure, with its reason), so a log says why and not only how many."""
+        if not self.enabled:
+            return
+        if self.tty and self._last:
+            print("\r" + " " * len(self._last) + "\r", end="", file=self.stream)
+        print(text, file=self.stream, flush=True)
+        self._last = ""
+
     def show(self, final: bool = False) -> None:
         if not self.enabled:
             return
@@ -202,6 +211,7 @@ def run_cells(cells: list[Cell], backend, store: Store | None = None, resume: bo
                         store.save(cell.key, digests[cell.key], rec)
                 else:
                     prog.failed += 1
+                    prog.note(f"cell {cell.key} failed: {rec.get('error') or 'no reason given'}")
             free_slots.sort()
     except BaseException:
         cancel = getattr(backend, "cancel", None)

@@ -12,6 +12,7 @@ import multiprocessing as mp
 import os
 import signal
 import threading
+import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 
@@ -117,9 +118,15 @@ class LocalBackend:
         return out
 
     def _death(self, slot: int) -> str:
-        for p in self._procs.get(slot, []):
-            p.join(timeout=5)  # reaped (here or by the pool's own thread) before its exit code is read
-        codes = [p.exitcode for p in self._procs.get(slot, []) if p.exitcode is not None]
+        procs = self._procs.get(slot, [])
+        codes: list[int] = []
+        deadline = time.monotonic() + 5
+        while procs and not codes and time.monotonic() < deadline:
+            # the pool's own thread may be reaping the same process right now (its waitpid wins, ours sees ECHILD
+            # and reads no code): the code it stores on the Process object shows up a moment later
+            for p in procs:
+                p.join(timeout=0.2)
+            codes = [p.exitcode for p in procs if p.exitcode is not None]
         code = codes[0] if codes else None
         if code is not None and code < 0:
             try:
