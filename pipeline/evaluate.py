@@ -634,7 +634,9 @@ def _check_tflite(tflite: Path, precision: str, num_classes: int, rep: dict, giv
     if k != num_classes:
         raise UsageError(f"{where} gives {k} outputs per image but the FP32 model {num_classes}; pass the .tflite "
                          "converted from this FP32 model (or --model for the model it was converted from)")
-    chk = get_precision(precision).checker(insp)
+    from pipeline.precisions import fallback_check
+    fallback = bool(rep["target"].get("allow_float_fallback")) and precision == "int8"
+    chk = fallback_check(insp) if fallback else get_precision(precision).checker(insp)
     if not chk.precision_ok:
         target = rep["target"].get("name") or precision
         raise UsageError(f"{where} is not a {precision} model as target {target} requires ({chk.reason}); pass "
@@ -678,7 +680,8 @@ def _restate_for_overrides(report, overrides: list[str], clean: dict, labels, ds
         report.quantization = insp.to_dict(with_tensors=True) | {"precision": chk.to_dict()}
         if "fully_int8" in gates:
             gates["fully_int8"] = gates["fully_int8"].with_(
-                value=insp.fully_int8, passed=bool(insp.fully_int8) or not precision.fully_int8_required)
+                value=insp.fully_int8, passed=bool(insp.fully_int8) or not precision.fully_int8_required
+                or bool(report.target.get("allow_float_fallback")))
         if "precision_ok" in gates:
             gates["precision_ok"] = gates["precision_ok"].with_(value=chk.precision_ok, passed=chk.precision_ok,
                                                                 reason=chk.reason)

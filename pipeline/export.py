@@ -124,7 +124,8 @@ def line(cfg: ExportConfig, folder, log=print, reuse=None, worker=None):
     if cfg.recover != recover.NONE and recover.failing(cmp, cfg.max_drop_pp, cfg.min_agreement):
         rec = step("recover", recover.recover, cfg.recover, cmp, onnx, tfl, ran, inp, t, work=work,
                    max_drop_pp=cfg.max_drop_pp, min_agreement=cfg.min_agreement, per_tensor_asked=cfg.per_tensor,
-                   in_process=cfg.convert_in == "process", verbose=cfg.verbose, batch_size=cfg.batch_size, log=log)
+                   in_process=cfg.convert_in == "process", verbose=cfg.verbose, batch_size=cfg.batch_size, log=log,
+                   layers=layers if isinstance(layers, dict) else None)
         if rec.kept:
             tfl, insp, ran, cmp = rec.tflite, rec.insp, rec.ran, rec.cmp
     else:
@@ -256,8 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "clipping, error growth; named by ONNX node); runs by itself when an accuracy gate fails")
     g.add_argument("--recover", default="none", type=_recover_mode, metavar="auto|none|TOOLS",
                    help="when an accuracy gate fails, repair the FP32 graph and convert again: auto tries cle, "
-                        "bias_correction, clip_percentile (cumulatively) until the gates pass; or name tools "
-                        "(default: none, README 'When int8 hurts')")
+                        "bias_correction, clip_percentile (cumulatively), then on a target that allows float ops "
+                        "float_fallback (the 1, 2, 4, ... layers the debugger blames, kept in float) until the gates "
+                        "pass; or name tools (default: none, README 'When int8 hurts')")
     g.add_argument("--list-targets", action="store_true", help="print the target registry and exit")
     from pipeline.conversion import AUTO, routes
     g.add_argument("--converter", default=AUTO, choices=(AUTO, *routes()),

@@ -349,3 +349,34 @@ register_precision(Precision(
          "shape/index operands; graph input and output int8; no float, custom or Flex op",
     contract=_int8_contract,
 ))
+
+
+# --------------------------------------------------------------------------- int8 with float fallback (a target flag)
+
+FALLBACK_RULE = ("int8 with float fallback: graph input and output int8; every op int8 except ops left in float "
+                 "between a DEQUANTIZE and a QUANTIZE (listed as float_ops); no custom or Flex op; at least one int8 op")
+
+
+def fallback_check(insp: "TfliteInspection") -> PrecisionCheck:
+    """The contract of a target with ``allow_float_fallback``: float ops are allowed and listed, the rest holds."""
+    g = weight_map(insp)
+    bad = _io(insp, "int8")
+    bad += [f"{op.name}#{op.index}: {'Flex (TensorFlow)' if op.name.startswith('Flex') else 'custom'} op"
+            for op in insp.op_list if op.custom]
+    if not any(insp.tensors[ti].dtype == "int8" for op in insp.op_list if not op.custom
+               for ti in op.outputs if ti >= 0):
+        bad.append("no op writes int8: the model is float throughout")
+    return PrecisionCheck("int8", not bad, FALLBACK_RULE, tuple(bad), g.weights)
+
+
+def contract_check(target, insp: "TfliteInspection") -> PrecisionCheck:
+    """The precision contract ``target`` holds a converted model to (its precision's, or int8 with float
+    fallback when the target allows float ops)."""
+    if getattr(target, "allow_float_fallback", False) and target.precision == "int8":
+        return fallback_check(insp)
+    return get_precision(target.precision).checker(insp)
+
+
+def float_ops(insp: "TfliteInspection") -> list[str]:
+    """Ops of an int8 model that are not int8 (QUANTIZE/DEQUANTIZE around them included), one line each."""
+    return list(insp.offending)

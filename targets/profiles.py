@@ -119,6 +119,30 @@ TFLITE_INT8_PER_TENSOR = register_target(Target(
     ),
 ))
 
+# Int8 with float fallback: what TFLiteConverter makes without the integer-only op set. Graph input and output stay
+# int8 and every op with an int8 kernel runs in int8; an op without one, and the layers `--recover float_fallback`
+# names (the worst ones of the layer-wise debugger), run in float between a DEQUANTIZE and a QUANTIZE. For CPUs
+# (XNNPACK runs float and int8 ops side by side) and GPU delegates; never for microcontrollers or int8-only NPUs,
+# which is why the fully-int8 targets refuse float ops (README "When int8 hurts").
+TFLITE_INT8_FLOAT_FALLBACK = register_target(Target(
+    name="tflite-int8-float-fallback",
+    description="Int8 with float fallback: int8 I/O and int8 ops, except ops without int8 kernels and the layers "
+                "--recover float_fallback keeps in float (LiteRT, XNNPACK, 4 threads; CPUs, not MCUs or NPUs)",
+    precision="int8",
+    threads=4,
+    allow_float_fallback=True,
+    per_channel_weights=True,
+    min_calibration_samples=100,
+    references=(
+        _INT8_SPEC + "; float ops allowed: the report lists each (quantization.float_ops)",
+        "TFLiteConverter Optimize.DEFAULT + representative dataset without TFLITE_BUILTINS_INT8 ('integer with "
+        "float fallback', TFLite post-training quantization guide), int8 input and output; named layers kept in "
+        "float by the MLIR quantizer's denylisted_nodes (the mechanism of tf.lite.experimental.QuantizationDebugger's "
+        "selective quantization)",
+        _HOST_CPU_NOTE,
+    ),
+))
+
 # --------------------------------------------------------------------------- application processors (LiteRT)
 
 RPI4 = register_target(Target(

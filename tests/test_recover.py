@@ -438,3 +438,69 @@ def test_cle_helps_per_tensor_int8_on_real_kernels(tmp_path, tiny_npz):
     assert eq["mean_abs_error"] < 0.25 * plain["mean_abs_error"], (plain, eq)
     assert eq["max_error_steps"] < 0.5 * plain["max_error_steps"], (plain, eq)
     assert eq["agreement"] >= plain["agreement"]
+
+
+def test_float_fallback_keeps_the_blamed_layers_in_float_where_the_target_allows_it(tmp_path, tiny_npz):
+    """Per-tensor weights on a depthwise model whose channel ranges are 1000x apart: int8 falls far off FP32. On
+    tflite-int8-float-fallback, ``--recover float_fallback`` keeps the 1, 2, 4 ... layers the layer-wise debugger
+    blames in float until the gates pass; the report names them and lists the float ops, graph input and output stay
+    int8, and those ops really run in float in the deployed file (read back)."""
+    import torch.nn.functional as F
+
+    from pipeline import targets
+    from pipeline.export import main
+    from pipeline.stages.recover import not_tried
+    from pipeline.tflite.inspect import inspect
+    z = np.load(tiny_npz)
+    xtr = torch.from_numpy(z["x_train"][:, None].astype(np.float32) / 255)
+    torch.manual_seed(9)
+    net = dw_net()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    net.train()
+    for _ in range(40):
+        opt.zero_grad()
+        F.cross_entropy(net(xtr), torch.from_numpy(z["y_train"])).backward()
+        opt.step()
+    net = unequalize(fold(net.eval()), 2, 4, depthwise_second=False, spread=1e3)
+    path = tmp_path / "dw.onnx"
+    onnx.save(to_onnx(net), str(path))
+    out = tmp_path / "out"
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        status = main(["--model", str(path), "--data", str(tiny_npz), "--per-tensor", "--calib-size", "100",
+                       "--target", "tflite-int8-float-fallback", "--recover", "float_fallback", "--out", str(out)])
+    rep = json.loads((out / "report.json").read_text())
+    rec = rep["recovery"]
+    assert status == 0, rec
+    assert rec["before"]["agreement"] < 0.9 and rep["accuracy"]["agreement"] >= 0.98, rec
+    assert rec["kept"].startswith("float_fallback(") and rec["order"] == ["float_fallback"]
+    kept = next(a for a in rec["attempts"] if a["attempt"] == rec["kept"])
+    names = [f["tflite_name"] for f in kept["record"]["float_layers"]]
+    q = rep["quantization"]
+    assert q["float_nodes"] == names and q["float_ops"] and not q["fully_int8"]
+    assert not rep["gates"]["fully_int8"]["required"] and rep["gates"]["precision_ok"]["passed"]
+    insp = inspect(out / "model_int8.tflite")
+    assert [t.dtype for t in insp.inputs + insp.outputs] == ["int8", "int8"]
+    floats = [op.name for op in insp.op_list if op.name not in ("QUANTIZE", "DEQUANTIZE")
+              and all(insp.tensors[o].dtype == "float32" for o in op.outputs if o >= 0)]
+    assert len(floats) == len(names) and {"QUANTIZE", "DEQUANTIZE"} <= {op.name for op in insp.op_list}, floats
+    assert [f["op"] for f in kept["record"]["float_layers"]][0] == "Conv"  # the worst layer: a conv
+    # a fully-int8 target never tries it, and says where it would be allowed
+    why = {n["tool"]: n["why"] for n in not_tried(targets.get_target("tflite-int8"), True)}
+    assert "tflite-int8-float-fallback" in why["float fallback of the worst layers"]
+    # pipeline.evaluate holds the received file to the same contract (float ops allowed, int8 I/O)
+    from pipeline import evaluate
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert evaluate.main([str(out), "--model", str(path), "--data", str(tiny_npz), "--eval-limit", "60",
+                              "--corruptions", "none"]) == 0
+
+
+def test_float_fallback_is_a_recover_tool_only_the_onnx2tf_route_takes():
+    from pipeline.conversion import refuse_float_nodes
+    from pipeline.errors import ConversionError
+    from pipeline.stages.recover import parse
+    assert parse("float_fallback, cle") == "float_fallback,cle"
+    with pytest.raises(ValueError, match="float_fallback"):
+        parse("float")
+    refuse_float_nodes("onnx2tf-flatbuffer", ())  # a fully-int8 model is one with no float layer
+    with pytest.raises(ConversionError, match="--converter onnx2tf"):
+        refuse_float_nodes("onnx2tf-flatbuffer", ("a",))

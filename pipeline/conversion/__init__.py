@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from pipeline.errors import UsageError
+from pipeline.errors import ConversionError, UsageError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -36,6 +36,7 @@ class TfliteArtifact:
     reused: bool = False  # copied from an earlier target of the same multi-target call (stages/reuse.py)
     rewrites: tuple = ()  # ONNX graph rewrites applied before the conversion (conversion/rewrites.py), as dicts
     routes_tried: tuple = ()  # --converter auto: one record per route tried, in order (stages/convert.py)
+    float_nodes: tuple = ()  # float-fallback targets: op outputs kept in float on purpose (stages/recover.py)
     preprocessing: Preprocessing | None = None  # the deployment record embedded in the file (stages/convert.py)
 
     def describe(self) -> dict:
@@ -50,6 +51,8 @@ class TfliteArtifact:
             d["rewrites"] = [dict(r) for r in self.rewrites]
         if self.routes_tried:
             d["routes_tried"] = [dict(r) for r in self.routes_tried]
+        if self.float_nodes:
+            d["float_nodes"] = list(self.float_nodes)
         if self.reused:
             from pipeline.stages.reuse import Reuse
             d["reused"] = Reuse.NOTE
@@ -65,6 +68,13 @@ class Converter(Protocol):
     def convert(self, onnx: OnnxArtifact, representative: np.ndarray, pre: Preprocessing, *,
                 per_channel: bool, out_path: Path, verbose: bool = False,
                 precision: str = "int8") -> TfliteArtifact: ...
+
+
+def refuse_float_nodes(route: str, float_nodes) -> None:
+    """Only the onnx2tf + TFLiteConverter route keeps named layers in float (the MLIR quantizer's deny list)."""
+    if float_nodes:
+        raise ConversionError(f"route {route} cannot keep named layers in float; use --converter onnx2tf for float "
+                              "fallback of named layers")
 
 
 @functools.cache

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import quiet
-from pipeline.conversion import TfliteArtifact
+from pipeline.conversion import TfliteArtifact, refuse_float_nodes
 from pipeline.errors import ConversionError
 from pipeline.precisions import get_precision
 from pipeline.inputs.preprocessing import Preprocessing
@@ -133,7 +133,9 @@ class LiteRtTorchConverter:
                               "convert_torch(model, ...) (an ONNX or TorchScript model needs the onnx2tf converter)")
 
     def convert_torch(self, model, representative: np.ndarray, pre: Preprocessing, *, per_channel: bool = True,
-                      out_path: Path, verbose: bool = False, precision: str = "int8") -> TfliteArtifact:
+                      out_path: Path, verbose: bool = False, precision: str = "int8",
+                      float_fallback: bool = False, float_nodes: tuple = ()) -> TfliteArtifact:
+        refuse_float_nodes(self.name, float_nodes)  # float_fallback alone: a fully-int8 model is one
         prec = get_precision(precision, error=ConversionError)
         if prec.name not in RECIPES:
             raise ConversionError(f"the litert-torch route has no ai-edge-quantizer recipe for precision {prec.name!r} "

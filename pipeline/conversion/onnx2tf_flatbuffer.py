@@ -54,7 +54,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.conversion import TfliteArtifact
+from pipeline.conversion import TfliteArtifact, refuse_float_nodes
 from pipeline.errors import ConversionError
 from pipeline.conversion.onnx_export import OnnxArtifact
 from pipeline.precisions import get_precision
@@ -205,7 +205,9 @@ class Onnx2TfFlatbufferConverter:
 
     def convert(self, onnx: OnnxArtifact, representative: np.ndarray, pre: Preprocessing, *,
                 per_channel: bool = True, out_path: Path, verbose: bool = False,
-                precision: str = "int8") -> TfliteArtifact:
+                precision: str = "int8",
+                float_fallback: bool = False, float_nodes: tuple = ()) -> TfliteArtifact:
+        refuse_float_nodes(self.name, float_nodes)  # float_fallback alone: a fully-int8 model is one
         prec = get_precision(precision, error=ConversionError)
         if prec.name in _NOT_OFFERED or prec.name not in _OUTPUTS:
             why = _NOT_OFFERED.get(prec.name, "flatbuffer_direct writes no model of that kind")

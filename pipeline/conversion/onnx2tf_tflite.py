@@ -64,16 +64,26 @@ class Onnx2TfConverter:
 
     def convert(self, onnx: OnnxArtifact, representative: np.ndarray, pre: Preprocessing, *,
                 per_channel: bool = True, out_path: Path, verbose: bool = False,
-                precision: str = "int8", rewrite: bool = True) -> TfliteArtifact:
+                precision: str = "int8", rewrite: bool = True, float_fallback: bool = False,
+                float_nodes: tuple[str, ...] = ()) -> TfliteArtifact:
         """Converts ``onnx`` after the exact rewrites of ``ALWAYS_REWRITES`` (patterns onnx2tf 1.28 turns into
         wrong or aborting int8 models); when that conversion fails, once more after the other rewrites of
         :mod:`pipeline.conversion.rewrites` that match. The artifact records every rewrite applied, with its
-        measured effect on the FP32 outputs, and why. ``rewrite=False``: onnx2tf 1.28 on the graph as it is."""
+        measured effect on the FP32 outputs, and why. ``rewrite=False``: onnx2tf 1.28 on the graph as it is.
+
+        ``float_fallback`` (an int8 target that allows float ops): int8 with float fallback, as TFLiteConverter
+        does without the TFLITE_BUILTINS_INT8 restriction (an op with no int8 kernel stays float between a
+        DEQUANTIZE and a QUANTIZE; graph input and output stay int8), and the ops whose output tensors are named
+        in ``float_nodes`` (names in the converted model) are kept in float too (the MLIR quantizer's deny list:
+        calibrate, then quantize with ``denylisted_nodes``)."""
         import dataclasses
 
         from pipeline.conversion.rewrites import convert_with_rewrites
+        if float_nodes and not float_fallback:
+            raise ConversionError("float_nodes given for a target that does not allow float fallback; choose "
+                                  "--target tflite-int8-float-fallback")
         args = dict(per_channel=per_channel, out_path=out_path, verbose=verbose, precision=precision,
-                    dynamic_batch=onnx.dynamic_batch)
+                    dynamic_batch=onnx.dynamic_batch, float_fallback=float_fallback, float_nodes=tuple(float_nodes))
         if not rewrite:
             return self._convert(onnx.path, representative, pre, **args)
         check = np.ascontiguousarray(representative[:32], np.float32)
@@ -83,7 +93,8 @@ class Onnx2TfConverter:
         return dataclasses.replace(art, rewrites=tuple(done))
 
     def _convert(self, src: Path, representative: np.ndarray, pre: Preprocessing, *, per_channel: bool,
-                 out_path: Path, verbose: bool, precision: str, dynamic_batch: bool) -> TfliteArtifact:
+                 out_path: Path, verbose: bool, precision: str, dynamic_batch: bool, float_fallback: bool = False,
+                 float_nodes: tuple[str, ...] = ()) -> TfliteArtifact:
         """One conversion of the ONNX graph ``src`` (``dynamic_batch``: whether its batch axis is dynamic)."""
         prec = get_precision(precision, error=ConversionError)
         calibrated = prec.representative_dataset
@@ -133,11 +144,14 @@ class Onnx2TfConverter:
                     # Calibration batches: min/max statistics do not depend on batching (checked: byte-identical
                     # models), and batches of 32 calibrate several times faster than one sample at a time.
                     calib_batch = 32 if spec.shape[0] is None else 1
-                    _configure(conv, tf, prec, samples, per_channel, calib_batch)
+                    _configure(conv, tf, prec, samples, per_channel, calib_batch, float_fallback)
                     try:
-                        blob = conv.convert()
+                        blob = (_quantize_with_fallback(conv, tf, prec, float_nodes) if float_fallback
+                                else conv.convert())
+                    except ConversionError:
+                        raise
                     except Exception as e:
-                        if prec.fully_int8_required:
+                        if prec.fully_int8_required and not float_fallback:
                             raise ConversionError(
                                 f"TFLiteConverter cannot make this model fully int8: {_short(e)}; replace the op with an "
                                 "int8-supported one (see the TFLite int8 op list) or choose a float target"
@@ -181,7 +195,44 @@ class Onnx2TfConverter:
         os.replace(tmp, out_path)
         return TfliteArtifact(path=out_path, bytes=len(blob), converter=self.name, input_layout=layout,
                               calibration_samples=int(len(samples)) if calibrated else 0,
-                              timings_s={k: round(v, 3) for k, v in timings.items()}, constant_folded=folded_used)
+                              timings_s={k: round(v, 3) for k, v in timings.items()}, constant_folded=folded_used,
+                              float_nodes=tuple(float_nodes))
+
+
+def _quantize_with_fallback(conv, tf, prec: Precision, float_nodes: tuple[str, ...]) -> bytes:
+    """Int8 with float fallback: calibrate (a float model carrying the activation ranges), then quantize with the
+    MLIR quantizer, int8 graph input and output, the ops writing ``float_nodes`` left in float. A name that is
+    not an op output of the calibrated model is refused (the quantizer would ignore it silently)."""
+    from tensorflow.lite.python import convert as tfl_convert
+    conv.experimental_mlir_quantizer = True
+    conv._experimental_calibrate_only = True
+    calibrated = conv.convert()
+    if float_nodes:
+        known = op_output_names(calibrated)
+        unknown = [n for n in float_nodes if n not in known]
+        if unknown:
+            raise ConversionError(f"no op of the converted model writes {unknown[0]!r} (float layers are named by "
+                                  "their TFLite output tensor, as report.json layer_errors lists them)")
+    io = getattr(tf, prec.converter.io_dtype or "float32")
+    return bytes(tfl_convert.mlir_quantize(
+        calibrated, disable_per_channel=conv._experimental_disable_per_channel, fully_quantize=True,
+        input_data_type=io, output_data_type=io, denylisted_nodes=list(float_nodes) or None))
+
+
+def op_output_names(blob: bytes) -> set[str]:
+    """The output tensor names of every op of a .tflite model (its bytes)."""
+    from ai_edge_litert import schema_py_generated as fb
+    m = fb.Model.GetRootAsModel(blob, 0)
+    names = set()
+    for g in range(m.SubgraphsLength()):
+        sg = m.Subgraphs(g)
+        for i in range(sg.OperatorsLength()):
+            op = sg.Operators(i)
+            for j in range(op.OutputsLength()):
+                t = op.Outputs(j)
+                if t >= 0:
+                    names.add(sg.Tensors(t).Name().decode("utf-8", "replace"))
+    return names
 
 
 def _describe_failure(e: Exception, log: str, onnx_path: Path) -> str:
@@ -214,14 +265,16 @@ def _representative_dataset(samples: np.ndarray, batch: int):
     return lambda: ([samples[i:i + batch]] for i in range(0, len(samples), batch))
 
 
-def _configure(conv, tf, precision: Precision, samples: np.ndarray, per_channel: bool, calib_batch: int = 1) -> None:
-    """Set up TFLiteConverter for one precision (its ``converter`` settings)."""
+def _configure(conv, tf, precision: Precision, samples: np.ndarray, per_channel: bool, calib_batch: int = 1,
+               float_fallback: bool = False) -> None:
+    """Set up TFLiteConverter for one precision (its ``converter`` settings); ``float_fallback``: without the
+    integer-only op set, so an op with no int8 kernel stays float instead of failing the conversion."""
     s = precision.converter
     if s.optimize:
         conv.optimizations = [tf.lite.Optimize.DEFAULT]
     if s.supported_types:
         conv.target_spec.supported_types = [getattr(tf, t) for t in s.supported_types]
-    if s.ops_set:
+    if s.ops_set and not float_fallback:
         conv.target_spec.supported_ops = [getattr(tf.lite.OpsSet, s.ops_set)]
     if s.io_dtype:
         conv.inference_input_type = getattr(tf, s.io_dtype)

@@ -871,7 +871,9 @@ def _recovery_html(report: dict) -> str:
         "<h2 id='recovery'>Recovery (--recover)</h2>",
         f"<p>Tools applied {_e(rc.get('applied', ''))}; each attempt converted again and compared with "
         f"{_e(rc.get('compared_with', ''))}. "
-        + (f"<b>Kept: {_e(kept)}</b> (its graph is model_recovered.onnx)." if kept else
+        + (f"<b>Kept: {_e(kept)}</b> (" + ("the original graph with the layers named in its record kept in float "
+                                             "(quantization.float_ops lists the ops)" if kept.startswith("float_fallback")
+                                             else "its graph is model_recovered.onnx") + ")." if kept else
            "<b>No attempt passed the gates</b>; the first model is kept.") + "</p>",
         "<table>" + "".join(rows) + "</table>",
         f"<p>Not tried:</p><ul>{nt}</ul>" if nt else ""])

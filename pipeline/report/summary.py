@@ -59,7 +59,7 @@ def summary(report, out: Path) -> str:
         f"verdict    {verdict}  in {report.timings_s['total']:.1f}s",
         *reasons,
         *_reliability_lines(report),
-        f"files      {out}/ (model.onnx, {'model_recovered.onnx, ' if (report.sections.get('recovery') or {}).get('kept') else ''}{art['tflite']['path']}, report.json, report.html, predictions.npz, bundle/, "
+        f"files      {out}/ (model.onnx, {'model_recovered.onnx, ' if _recovered_graph(report) else ''}{art['tflite']['path']}, report.json, report.html, predictions.npz, bundle/, "
         "bundle.tar.gz" + (", firmware/, firmware.zip)" if "firmware" in art else ")"),
     ])
 
@@ -188,3 +188,9 @@ def targets_table(rows: list[dict], root: Path) -> str:
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
     return "\n".join(lines + notes + [f"files      {root}/<target>/ (one export folder per target, each with its "
                                       "report.json)"])
+
+
+def _recovered_graph(report) -> bool:
+    """Whether --recover kept a repaired graph (model_recovered.onnx); float fallback keeps the original one."""
+    kept = (report.sections.get("recovery") or {}).get("kept")
+    return bool(kept) and not kept.startswith("float_fallback")

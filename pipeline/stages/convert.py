@@ -47,6 +47,8 @@ def convert(onnx: OnnxArtifact, representative: np.ndarray, pre: Preprocessing, 
     if reuse is not None and (art := reuse.get(key, dest)) is not None:
         return art
     kwargs = dict(per_channel=target.per_channel_weights, out_path=dest, verbose=verbose, precision=target.precision)
+    if target.allow_float_fallback:  # int8 with float fallback (onnx2tf route; the others make fully-int8 models)
+        kwargs["float_fallback"] = True
     args = (onnx, representative, pre, source, worker, in_process, kwargs)
     if converter != AUTO:
         art = _route(converter, *args, check=None)[0]

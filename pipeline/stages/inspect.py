@@ -13,7 +13,12 @@ def inspect(tflite: Path, target, route: str = "the converter"):
     from pipeline.precisions import get_precision
     precision = get_precision(target.precision)
     insp = read(tflite)
-    if target.allow_float_fallback:
+    if target.allow_float_fallback:  # float ops allowed (and listed); int8 I/O, no custom or Flex op
+        from pipeline.precisions import contract_check
+        chk = contract_check(target, insp)
+        if not chk.precision_ok:
+            raise ConversionError(f"the converted model breaks the {target.name} contract: {chk.reason}; replace "
+                                  "these ops or choose another target")
         return insp
     if precision.fully_int8_required and not insp.fully_int8:
         shown = "; ".join(insp.offending[:6]) + (f"; and {len(insp.offending) - 6} more" if len(insp.offending) > 6 else "")

@@ -9,18 +9,21 @@ def build(cfg, inputs, onnx, tflite, insp, ran, micro, cmp, sane, lat, timings: 
     """Every argument is a stage's artifact (``cfg``: ExportConfig, ``inputs``: prepare's Inputs)."""
     from pipeline.jsonio import sha256_file
     from pipeline.reliability.metrics import accuracy_gates
-    from pipeline.precisions import get_precision
+    from pipeline.precisions import contract_check, float_ops, get_precision
     from pipeline.stages.micro import gates as device_gates
     target, n = inputs.target, inputs.n
     precision = get_precision(target.precision)
     prec = precision.name
-    chk = precision.checker(insp)
+    chk = contract_check(target, insp)
     gates = {
         "fp32_above_chance": sane.gate,
         "fully_int8": Gate(passed=bool(insp.fully_int8), value=insp.fully_int8)
-        if precision.fully_int8_required
+        if precision.fully_int8_required and not target.allow_float_fallback
         else Gate(passed=True, value=insp.fully_int8, required=False,
-                  details={"applies": False, "note": f"int8 targets only; this target is {prec} (see precision_ok)"}),
+                  details={"applies": False, "note": f"int8 targets only; this target is {prec} (see precision_ok)"}
+                  if not target.allow_float_fallback else
+                  {"applies": False, "note": f"target {target.name} allows float fallback: "
+                   f"{len(float_ops(insp))} op(s) not int8, listed in quantization.float_ops (see precision_ok)"}),
         "precision_ok": Gate(passed=chk.precision_ok, value=chk.precision_ok, reason=chk.reason,
                              details={"precision": prec, "rule": chk.rule}),
         **accuracy_gates(cmp, cfg.max_drop_pp, cfg.min_agreement),
@@ -40,7 +43,9 @@ def build(cfg, inputs, onnx, tflite, insp, ran, micro, cmp, sane, lat, timings: 
         calibration=inputs.calib.describe(),
         onnx=onnx.describe(),
         conversion=tflite.describe(),
-        quantization=insp.to_dict(with_tensors=True) | {"precision": chk.to_dict()},
+        quantization=insp.to_dict(with_tensors=True) | {"precision": chk.to_dict()}
+        | ({"float_ops": float_ops(insp), "float_nodes": list(tflite.float_nodes)} if target.allow_float_fallback
+           else {}),
         runtime={
             "int8": measured,
             "fp32": {"runtime": ran.fp32_runtime, "images": n, "seconds": round(ran.fp32_seconds, 4),

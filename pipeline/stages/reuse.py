@@ -38,4 +38,4 @@ class Reuse:
 def conversion_key(converter: str, target) -> tuple:
     """What a conversion depends on besides the ONNX model and the representative dataset (the same for every
     target of one call): targets that agree on it share one .tflite."""
-    return ("convert", converter, target.precision, target.per_channel_weights)
+    return ("convert", converter, target.precision, target.per_channel_weights, target.allow_float_fallback)
