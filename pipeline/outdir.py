@@ -272,8 +272,14 @@ class OutputFolder:
         check(out, real, overwrite)  # cheap refusals first, before anything is created
         self = cls(out=out, real=real, overwrite=overwrite)
         try:
-            self._mkparents()
-            self._lock = _Lock(real.parent / f".{real.name}.lock", shown(out))
+            for attempt in range(3):
+                self._mkparents()
+                try:
+                    self._lock = _Lock(real.parent / f".{real.name}.lock", shown(out))
+                    break
+                except FileNotFoundError:  # a concurrent export that made the parent failed and removed it
+                    if attempt == 2:
+                        raise
             check(out, real, overwrite)  # again, now that no other export can change it
             self._sweep()
             me = os.getpid()  # the owner, for the sweep: PID and start time (a reused PID is another process)
