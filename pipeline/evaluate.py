@@ -455,9 +455,10 @@ def _evaluate_export(ecfg: EvaluateConfig, export_dir: Path, log=print):
     recorded_fp32 = (rep.get("runtime") or {}).get("fp32") if isinstance(rep.get("runtime"), dict) else None
     clean_from_onnx = bool(fp32_onnx) and isinstance(recorded_fp32, dict) \
         and str(recorded_fp32.get("runtime", "")).startswith("onnxruntime on model.onnx")
+    from pipeline.reliability.suite import held_out_split
     result = evaluate(pair, ds, n, rcfg, clean=clean, loaded_model=model, held_out_from_training=held_out_from_training(model),
                       runtime_note=clean_note, progress=not ecfg.verbose and sys.stderr.isatty(), log=log,
-                      clean_from_fp32_onnx=clean_from_onnx)
+                      clean_from_fp32_onnx=clean_from_onnx, held_out=held_out_split(weights, ds))
     steps.done("engine", f"{result.sections['reliability']['images_evaluated']:,} images through both models, "
                          f"{result.sections['reliability']['workers']} worker(s)")
     from pipeline.report import SCHEMA_VERSION, Report

@@ -189,6 +189,9 @@ def train(entry: zoo.ZooEntry | str, data_spec: str, data_dir: str | None, epoch
         torch.save(model.state_dict(), f)
     os.chmod(f.name, 0o644)  # NamedTemporaryFile is private; the weights ship with the package
     os.replace(f.name, weights_file)
+    from pipeline.jsonio import sha256_file
+    # the record describes exactly these weights: pipeline.evaluate uses its held-out images only when this matches
+    record["weights_sha256"] = sha256_file(weights_file)
     (out_dir / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
 

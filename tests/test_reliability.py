@@ -284,3 +284,57 @@ def test_evaluate_report_carries_the_readings(evaluated):
     assert "T < 1" in ts["meaning"]
     assert ("gains" in sh["mean_change"]) == (sh["mean"]["drop_pp"] < -0.005)
     assert "-" not in sh["mean_change"].split("pp")[0]
+
+
+# --------------------------------------------------------------------------- the temperature on held-out images
+
+def _train_record(weights: Path, ds, indices, **over) -> Path:
+    """A training record as pipeline.train writes it beside NAME.pt (the fields held_out_split reads)."""
+    from pipeline.jsonio import sha256_file
+    rec = {"dataset": ds.describe(), "holdout": {"n": len(indices), "seed": 0, "indices": list(indices)},
+           "weights_sha256": sha256_file(weights), **over}
+    path = weights.with_suffix(".json")
+    path.write_text(json.dumps(rec))
+    return path
+
+
+def test_held_out_split_is_read_only_from_a_record_of_these_weights_and_this_data(tmp_path, tinynet_dir, tiny_npz):
+    import shutil
+
+    from pipeline.inputs import data as data_mod
+    from pipeline.reliability.suite import held_out_split
+    ds = data_mod.load(str(tiny_npz), None, (1, 12, 12))
+    w = tmp_path / "tinynet.pt"
+    shutil.copy(tinynet_dir / "tinynet.pt", w)
+    assert held_out_split(str(w), ds) == (None, "")  # no record beside the weights: nothing to say
+    _train_record(w, ds, [7, 3, 50])
+    idx, why = held_out_split(str(w), ds)
+    assert idx.tolist() == [3, 7, 50] and "3 training images tinynet.json records as held out" in why
+    _train_record(w, ds, [7, 3, 50], weights_sha256="0" * 64)  # the weights were retrained after the record
+    assert held_out_split(str(w), ds)[0] is None and "does not describe these weights" in held_out_split(str(w), ds)[1]
+    _train_record(w, ds, [7, 3, len(ds.y_train)])  # an index outside the training split
+    assert held_out_split(str(w), ds)[0] is None
+    _train_record(w, ds, [7, 3], dataset={"name": "fashion-mnist", "train_size": 60000})
+    assert "not this" in held_out_split(str(w), ds)[1]
+    w.with_suffix(".json").write_text("{not json")
+    assert held_out_split(str(w), ds)[0] is None
+
+
+def test_evaluate_fits_the_temperature_on_the_held_out_images(exported, tinynet_dir, tiny_npz, tmp_path):
+    """Weights with a pipeline.train record naming held-out images: the temperature split is those images, by
+    default, and the report says the model never trained on them."""
+    import shutil
+
+    from pipeline.inputs import data as data_mod
+    ds = data_mod.load(str(tiny_npz), None, (1, 12, 12))
+    w = tmp_path / "w" / "tinynet.pt"
+    w.parent.mkdir()
+    shutil.copy(tinynet_dir / "tinynet.pt", w)
+    held = list(range(0, 400, 3))  # 134 images
+    _train_record(w, ds, held)
+    proc = _cli([str(exported), "--out", str(tmp_path / "o"), "--model", "tinynet:tinynet", "--weights", str(w),
+                 "--data", str(tiny_npz), "--corruptions", "none", "--workers", "1"], cwd=tinynet_dir)
+    assert proc.returncode in (0, 1), proc.stderr
+    v = json.loads((tmp_path / "o" / "report.json").read_text())["temperature_scaling"]["validation"]
+    assert v["held_out_from_training"] is True and v["size"] == len(held), v
+    assert "never trained on" in v["selection"] and "tinynet.json" in v["selection"]

@@ -110,6 +110,41 @@ def describe_val_size(requested: int | None, n_train: int) -> str:
     return f"{size} of the {n_train} training images (--val-size {size})"
 
 
+def held_out_split(weights: str | None, dataset) -> tuple[np.ndarray | None, str]:
+    """The training images ``pipeline.train --holdout N`` kept out of training, read from the record it wrote
+    beside the weights (``NAME.json`` beside ``NAME.pt``; JSON, never code), or (None, why not). Used only when the
+    record is of exactly these weights (its ``weights_sha256``) and of this training split (data set name and
+    size), so the temperature is fitted on images the model never saw."""
+    import json
+
+    from pipeline.jsonio import sha256_file
+    if not weights:
+        return None, ""
+    path = Path(weights)
+    rec_path = path.with_suffix(".json")
+    if not rec_path.is_file() or not path.is_file():
+        return None, ""  # no training record: nothing to say
+    try:
+        rec = json.loads(rec_path.read_text())
+    except (OSError, ValueError):
+        return None, f"{rec_path.name} is not a readable JSON training record"
+    hold = rec.get("holdout") if isinstance(rec, dict) else None
+    if not isinstance(hold, dict) or not hold.get("n"):
+        return None, f"{rec_path.name} holds no held-out images (pipeline.train without --holdout)"
+    if rec.get("weights_sha256") != sha256_file(path):
+        return None, f"{rec_path.name} does not describe these weights (no or another weights_sha256)"
+    ds = rec.get("dataset") or {}
+    n_train = len(dataset.y_train)
+    if ds.get("name") != dataset.name or ds.get("train_size") != n_train:
+        return None, (f"{rec_path.name} was trained on {ds.get('name')} ({ds.get('train_size')} training images), "
+                      f"not this {dataset.name} ({n_train})")
+    idx = hold.get("indices")
+    if not isinstance(idx, list) or not idx or not all(isinstance(i, int) and 0 <= i < n_train for i in idx) \
+            or len(set(idx)) != len(idx):
+        return None, f"{rec_path.name} holdout.indices are not distinct training-image indices"
+    return np.sort(np.asarray(idx, dtype=np.int64)), f"the {len(idx)} training images {rec_path.name} records as held out"
+
+
 def validation_indices(y_train: np.ndarray, size: int | None, seed: int) -> np.ndarray:
     """A class-balanced random subset of the training split (never the test split) for fitting T.
     ``size`` None: the default size (:func:`resolve_val_size`)."""
@@ -257,19 +292,30 @@ class ReliabilityResult:
 
 def evaluate(pair: ModelPair, dataset, n_test: int, cfg: ReliabilityConfig, *, clean: dict | None = None,
              loaded_model=None, held_out_from_training: bool | None = None, runtime_note: str = "",
-             progress: bool = False, log=None, clean_from_fp32_onnx: bool = False) -> ReliabilityResult:
+             progress: bool = False, log=None, clean_from_fp32_onnx: bool = False,
+             held_out: tuple[np.ndarray | None, str] = (None, "")) -> ReliabilityResult:
     """Run FP32 and int8 on the validation split and every shifted test set, and build all sections.
 
     ``clean``: {"fp32": logits, "int8": logits} already computed on the first ``n_test`` test images
     (the export's predictions.npz); computed here when None. With ``pair.fp32_onnx`` they are used only when
     ``clean_from_fp32_onnx`` says their FP32 side came from onnxruntime on that same model.onnx too.
+    ``held_out``: (:func:`held_out_split`): images held out of training, the temperature split by default (a
+    seeded class-balanced subset of them with ``--val-size``).
     """
     t_all = time.perf_counter()
     if pair.fp32_onnx and not clean_from_fp32_onnx:
         clean, runtime_note = None, ""  # the given clean logits came from another FP32 runtime: recompute
     clean_given = clean is not None
     y_test = np.asarray(dataset.y_test[:n_test])
-    vidx = validation_indices(dataset.y_train, cfg.val_size, cfg.seed)
+    held_idx, held_why = held_out
+    if held_idx is not None:
+        vidx = held_idx
+        if cfg.val_size is not None and cfg.val_size < len(held_idx):
+            sub = validation_indices(dataset.y_train[held_idx], cfg.val_size, cfg.seed)
+            vidx = np.sort(held_idx[sub])
+        held_out_from_training = True
+    else:
+        vidx = validation_indices(dataset.y_train, cfg.val_size, cfg.seed)
     arrays = {"test": np.ascontiguousarray(dataset.x_test[:n_test]),
               "val": np.ascontiguousarray(dataset.x_train[vidx])}
     workers = cfg.workers or (0 if cfg.ray else default_workers())
@@ -298,15 +344,19 @@ def evaluate(pair: ModelPair, dataset, n_test: int, cfg: ReliabilityConfig, *, c
     y_val = np.asarray(dataset.y_train[vidx])
     validation = {
         "split": "train", "size": int(len(vidx)), "seed": cfg.seed,
-        "size_chosen": describe_val_size(cfg.val_size, len(dataset.y_train)),
+        "size_chosen": describe_val_size(cfg.val_size, len(dataset.y_train)) if held_idx is None else
+        (f"all {len(held_idx)} held-out images" if len(vidx) == len(held_idx) else
+         f"{len(vidx)} of the {len(held_idx)} held-out images (--val-size {cfg.val_size})"),
         "selection": "class-balanced random subset of the training split (own seed stream); the test split is "
-                     "never used for fitting",
+                     "never used for fitting" if held_idx is None else
+        f"{held_why}: images the model never trained on (pipeline.train --holdout); the test split is never used",
         "held_out_from_training": held_out_from_training,
+        **({"held_out_split": f"not used: {held_why}"} if held_idx is None and held_why else {}),
         "note": ("the model was trained on these images, so T is fitted on data it has seen; a held-out "
                  "split would typically give a larger T (more softening)") if held_out_from_training is False
         else ("unknown whether the model saw these images in training" if held_out_from_training is None else ""),
     }
-    if cfg.val_size is None:  # the size was not asked for: say how it was chosen where the page shows the split
+    if cfg.val_size is None and held_idx is None:  # the size was not asked for: say how it was chosen
         validation["note"] = "; ".join(t for t in (validation["size_chosen"], validation["note"]) if t)
     if len(vidx) < MIN_RELIABLE_VAL_SIZE:  # one NLL minimum over a handful of images says little about T
         validation["warning"] = (f"only {len(vidx)} validation images: temperatures fitted on fewer than "
