@@ -10,10 +10,11 @@ gives the same weights) and writes ``NAME.pt`` and ``NAME.json`` (the recipe, FP
 zoo's weights. Nothing is set by hand: the pathology (dead channels, outlier activations) comes out of training.
 
 ``table`` exports each hard case through the pipeline (``python -m pipeline.export``, each in its own process) as
-converted, with each recovery tool alone (``--recover TOOL``), with ``--recover auto``, and with the two changes
-that are not recoveries because they change the target (per-channel weights, int16 activations), and prints
-int8 top-1, drop and agreement against the FP32 model on the same test images (LiteRT XNNPACK, 4 threads, this
-host) and the seconds each attempt took.
+converted, with each recovery tool alone (``--recover TOOL``), with ``--recover auto``, and with the three changes
+that change the target's contract (per-channel weights, int16 activations, float fallback of the layers the
+debugger blames on ``tflite-int8-float-fallback``), and prints int8 top-1, drop and agreement against the FP32
+model on the same test images (LiteRT XNNPACK, 4 threads, this host), the seconds each attempt took and the
+model's XNNPACK median latency at batch 1 (a host figure, for comparing the rows, not a device latency).
 """
 from __future__ import annotations
 
@@ -128,7 +129,8 @@ def _row(case: str, what: str, res: dict, attempt: str | None = None) -> dict:
     row = {"case": case, "what": what, "fp32_top1": acc["fp32_top1"], "int8_top1": acc["int8_top1"],
            "drop_pp": acc["drop_pp"], "agreement": acc["agreement"], "passed": rep["passed"],
            "precision": rep["target"]["precision"], "weights_per_channel": rep["quantization"]["weights_per_channel"],
-           "export_s": rep["timings_s"]["total"]}
+           "export_s": rep["timings_s"]["total"],
+           "xnnpack_ms": rep["runtime"]["latency"].get("kernels", {}).get("xnnpack", {}).get("median_ms")}
     rec = rep.get("recovery")
     if attempt and rec:
         a = next((a for a in rec["attempts"] if a["attempt"] == attempt), None)
@@ -170,6 +172,18 @@ def table(eval_limit: int | None) -> list[dict]:
                          eval_limit)
             rows.append(_row(case, "int16x8 activations (--target tflite-int16x8)", res))
             print(_line(rows[-1]), file=sys.stderr, flush=True)
+            res = export(case, [*flags, "--target", "tflite-int8-float-fallback", "--recover", "float_fallback"],
+                         Path(tmp) / f"{case}-ff", eval_limit)
+            rows.append(_row(case, "float fallback (--target tflite-int8-float-fallback --recover float_fallback)",
+                             res))
+            if "report" in res:
+                q = res["report"]["quantization"]
+                weighted = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
+                rows[-1]["float_layers"] = len(q.get("float_nodes") or [])
+                rows[-1]["weighted_ops"] = sum(n for op, n in (q.get("ops") or {}).items() if op in weighted)
+                rows[-1]["what"] += (f": {rows[-1]['float_layers']} of {rows[-1]['weighted_ops']} weighted layers "
+                                     "in float")
+            print(_line(rows[-1]), file=sys.stderr, flush=True)
             first = next((x for x in rows if x["case"] == case), None)
             rep = export(case, [*flags, "--recover", "none", "--debug-layers"], Path(tmp) / f"{case}-dbg", eval_limit)
             if "report" in rep and rep["report"].get("layer_errors"):
@@ -191,16 +205,17 @@ def _line(r: dict) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    out = ["| hard case | what | FP32 top-1 | int8 top-1 | drop (pp) | agreement | gates | seconds |",
-           "|---|---|---:|---:|---:|---:|---|---:|"]
+    out = ["| hard case | what | FP32 top-1 | int8 top-1 | drop (pp) | agreement | gates | seconds | XNNPACK ms |",
+           "|---|---|---:|---:|---:|---:|---|---:|---:|"]
     for r in rows:
         if r.get("error"):
-            out.append(f"| {r['case']} | {r['what']} | | | | | {r['error']} | |")
+            out.append(f"| {r['case']} | {r['what']} | | | | | {r['error']} | | |")
             continue
         secs = r.get("attempt_s", r.get("export_s"))
+        ms = "-" if r.get("attempt_s") is not None or r.get("xnnpack_ms") is None else f"{r['xnnpack_ms']:.3f}"
         out.append(f"| {r['case']} | {r['what']} | {_pct(r['fp32_top1'])} | {_pct(r['int8_top1'])} | "
                    f"{r['drop_pp']:+.2f} | {_pct(r['agreement'])} | {'pass' if r['passed'] else 'FAIL'} | "
-                   f"{secs:.1f} |")
+                   f"{secs:.1f} | {ms} |")
     return "\n".join(out)
 
 
