@@ -401,11 +401,9 @@ def test_clipping_leaves_tensors_without_outliers_alone():
 
 # --------------------------------------------------------------------------- end to end: int8 TFLite, per tensor
 
-def test_cle_helps_per_tensor_int8_on_real_kernels(tmp_path, tiny_npz):
-    """A depthwise model with very unequal depthwise channel ranges: per-tensor int8 is far off; after CLE it is
-    close to FP32 (both converted by the pipeline and run on LiteRT)."""
+def trained_dw_net(tiny_npz) -> nn.Sequential:
+    """dw_net trained 40 full-batch Adam steps on the tiny data set (seeded), in eval mode."""
     import torch.nn.functional as F
-    from pipeline.export import main
     z = np.load(tiny_npz)
     xtr = torch.from_numpy(z["x_train"][:, None].astype(np.float32) / 255)
     torch.manual_seed(9)
@@ -416,7 +414,15 @@ def test_cle_helps_per_tensor_int8_on_real_kernels(tmp_path, tiny_npz):
         opt.zero_grad()
         F.cross_entropy(net(xtr), torch.from_numpy(z["y_train"])).backward()
         opt.step()
-    net = fold(net.eval())
+    return net.eval()
+
+
+def test_cle_helps_per_tensor_int8_on_real_kernels(tmp_path, tiny_npz):
+    """A depthwise model with very unequal depthwise channel ranges: per-tensor int8 is far off; after CLE it is
+    close to FP32 (both converted by the pipeline and run on LiteRT)."""
+    from pipeline.export import main
+    z = np.load(tiny_npz)
+    net = fold(trained_dw_net(tiny_npz))
     # spread 100: the plain model still converts (1000: its int8 agreement falls to 73% and no route keeps it)
     unequalize(net, 2, 4, depthwise_second=False, spread=1e2)
     model = to_onnx(net)
@@ -445,23 +451,11 @@ def test_float_fallback_keeps_the_blamed_layers_in_float_where_the_target_allows
     tflite-int8-float-fallback, ``--recover float_fallback`` keeps the 1, 2, 4 ... layers the layer-wise debugger
     blames in float until the gates pass; the report names them and lists the float ops, graph input and output stay
     int8, and those ops really run in float in the deployed file (read back)."""
-    import torch.nn.functional as F
-
     from pipeline import targets
     from pipeline.export import main
     from pipeline.stages.recover import not_tried
     from pipeline.tflite.inspect import inspect
-    z = np.load(tiny_npz)
-    xtr = torch.from_numpy(z["x_train"][:, None].astype(np.float32) / 255)
-    torch.manual_seed(9)
-    net = dw_net()
-    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-    net.train()
-    for _ in range(40):
-        opt.zero_grad()
-        F.cross_entropy(net(xtr), torch.from_numpy(z["y_train"])).backward()
-        opt.step()
-    net = unequalize(fold(net.eval()), 2, 4, depthwise_second=False, spread=1e3)
+    net = unequalize(fold(trained_dw_net(tiny_npz)), 2, 4, depthwise_second=False, spread=1e3)
     path = tmp_path / "dw.onnx"
     onnx.save(to_onnx(net), str(path))
     out = tmp_path / "out"
