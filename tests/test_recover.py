@@ -402,18 +402,25 @@ def test_clipping_leaves_tensors_without_outliers_alone():
 # --------------------------------------------------------------------------- end to end: int8 TFLite, per tensor
 
 def trained_dw_net(tiny_npz) -> nn.Sequential:
-    """dw_net trained 40 full-batch Adam steps on the tiny data set (seeded), in eval mode."""
+    """dw_net trained 40 full-batch Adam steps on the tiny data set (seeded), in eval mode. Two PyTorch threads,
+    whatever the session set before: the thread count changes the reductions' order, and 40 steps at 1e-2 amplify
+    that (measured: 1 thread gives a 76.5% model, 2 threads a 100% one, on the same seed)."""
     import torch.nn.functional as F
     z = np.load(tiny_npz)
     xtr = torch.from_numpy(z["x_train"][:, None].astype(np.float32) / 255)
-    torch.manual_seed(9)
-    net = dw_net()
-    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-    net.train()
-    for _ in range(40):
-        opt.zero_grad()
-        F.cross_entropy(net(xtr), torch.from_numpy(z["y_train"])).backward()
-        opt.step()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(9)
+        net = dw_net()
+        opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+        net.train()
+        for _ in range(40):
+            opt.zero_grad()
+            F.cross_entropy(net(xtr), torch.from_numpy(z["y_train"])).backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
     return net.eval()
 
 
@@ -462,8 +469,12 @@ def test_float_fallback_keeps_the_blamed_layers_in_float_where_the_target_allows
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         status = main(["--model", str(path), "--data", str(tiny_npz), "--per-tensor", "--calib-size", "100",
                        "--target", "tflite-int8-float-fallback", "--recover", "float_fallback", "--out", str(out)])
+
     rep = json.loads((out / "report.json").read_text())
     rec = rep["recovery"]
+    # --converter auto keeps the route float fallback works on, even when every route fails the quick check (this
+    # model's per-tensor int8 sits near the check's bound: which route comes closest varies between hosts)
+    assert rep["conversion"]["converter"] == "onnx2tf+tflite-converter", rep["conversion"].get("routes_tried")
     assert status == 0, rec
     assert rec["before"]["agreement"] < 0.9 and rep["accuracy"]["agreement"] >= 0.98, rec
     assert rec["kept"].startswith("float_fallback(") and rec["order"] == ["float_fallback"]

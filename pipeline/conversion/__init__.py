@@ -70,6 +70,9 @@ class Converter(Protocol):
                 precision: str = "int8") -> TfliteArtifact: ...
 
 
+FALLBACK_ROUTE = "onnx2tf"  # the one route that keeps named layers in float (TFLiteConverter's deny list)
+
+
 def refuse_float_nodes(route: str, float_nodes) -> None:
     """Only the onnx2tf + TFLiteConverter route keeps named layers in float (the MLIR quantizer's deny list)."""
     if float_nodes:

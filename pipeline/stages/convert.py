@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.conversion import AUTO, TfliteArtifact, routes
+from pipeline.conversion import AUTO, FALLBACK_ROUTE, TfliteArtifact, routes
 from pipeline.errors import ConversionError, PipelineError
 from pipeline.conversion.onnx_export import OnnxArtifact
 from pipeline.inputs.preprocessing import Preprocessing
@@ -116,12 +116,18 @@ def _auto(target, check: Check | None, args) -> TfliteArtifact:
                               if check is not None else "")})
             return dataclasses.replace(art, routes_tried=tuple(tried))
         if below:
-            agreement, neg_i, art, keep = max(below, key=lambda b: (b[0], b[1]))
+            why = "this one came closest"
+            pool = below
+            if target.allow_float_fallback:  # only this route's model can be repaired by float fallback (recover)
+                mine = [b for b in below if b[2].converter == routes()[FALLBACK_ROUTE].name]
+                if mine:
+                    pool, why = mine, (f"this is the route whose layers --recover float_fallback can keep in float "
+                                       f"(target {target.name})")
+            agreement, neg_i, art, keep = max(pool, key=lambda b: (b[0], b[1]))
             shutil.copy2(keep, art.path)
             tried[-neg_i] = {**tried[-neg_i], "kept": True,
                              "reason": tried[-neg_i]["reason"] + f"; kept anyway: no route reached "
-                                       f"{CHECK_AGREEMENT:.0%}, this one came closest, and the export's accuracy "
-                                       "gates judge it"}
+                                       f"{CHECK_AGREEMENT:.0%}, {why}, and the export's accuracy gates judge it"}
             return dataclasses.replace(art, routes_tried=tuple(tried), bytes=art.path.stat().st_size)
     raise ConversionError("no conversion route made this model " + target.precision + ": "
                           + "; ".join(f"[{t['route']}] {t['reason']}" for t in tried))

@@ -224,13 +224,14 @@ def _float_fallback(run: _Attempts, layers: dict | None, tfl, target, tmp: Path,
     """Keep the 1, 2, 4, 8, 16 layers that add the most error (the layer-wise debugger's growth_db) in float,
     converting the ORIGINAL graph each time (the debugger's layer names are of its conversion), until the gates
     pass. Returns (name, (artifact, inspection, outputs, comparison)) of the first passing attempt, or None."""
+    from pipeline.conversion import FALLBACK_ROUTE
     from pipeline.stages.debug_layers import route_key
     t0 = time.perf_counter()
     why = None
     first = route_key(tfl.converter)  # the debugger's layer names are tensor names of this route's conversion
     if not target.allow_float_fallback:
         why = f"target {target.name} runs no float ops (allow_float_fallback is off)"
-    elif first != "onnx2tf":
+    elif first != FALLBACK_ROUTE:
         why = (f"the first model was converted by route {first}; only the onnx2tf route keeps named layers in "
                "float: export with --converter onnx2tf")
     elif not layers or "rows" not in layers:
