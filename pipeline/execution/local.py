@@ -138,13 +138,15 @@ class LocalBackend:
     def _drop(self, slot: int) -> None:
         pool, self._pools[slot] = self._pools[slot], None
         procs = self._procs.pop(slot, [])
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+        # Workers first, then the pool: shutting the pool down releases its queues' semaphores, and a worker still
+        # starting up (a SIGTERM right after it was spawned) would fail to open them and print a traceback.
         for p in procs:
             if p.is_alive():
                 p.kill()
         for p in procs:
             p.join(timeout=10)
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def close(self) -> None:
         """Stop every worker at once (the end of a run, an error, Ctrl-C or SIGTERM); they hold nothing to save:
