@@ -161,11 +161,10 @@ def job_cell(config: dict, files: dict, seed: int) -> dict:
     pair = dataclasses.replace(pair, **swap)
     key = (pair, files["arrays"])
     worker = _CELL_WORKERS.get(key)
-    import torch
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one thread per job; restored after, as a cell may run in the caller's own process
     try:
         if worker is None:
+            import torch
+            torch.set_num_threads(1)
             with np.load(files["arrays"], allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
             _CELL_WORKERS.clear()  # one model pair at a time per worker process
@@ -173,8 +172,6 @@ def job_cell(config: dict, files: dict, seed: int) -> dict:
         _, fp32, int8, raw = worker(job)
     except Exception as e:  # noqa: BLE001 - a readable one-line error naming the job
         raise _job_error(job, e) from None
-    finally:
-        torch.set_num_threads(threads)
     return {"fp32": fp32, "int8": int8, "int8_raw": raw}
 
 
