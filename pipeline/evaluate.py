@@ -615,7 +615,6 @@ def _check_tflite(tflite: Path, precision: str, num_classes: int, rep: dict, giv
 
     from pipeline.errors import ConversionError
     from pipeline.tflite.inspect import inspect
-    from pipeline.precisions import get_precision
     where = f"--tflite {tflite}" if given else f"the export's {tflite.name}"
     try:
         insp = inspect(tflite)
@@ -635,9 +634,8 @@ def _check_tflite(tflite: Path, precision: str, num_classes: int, rep: dict, giv
     if k != num_classes:
         raise UsageError(f"{where} gives {k} outputs per image but the FP32 model {num_classes}; pass the .tflite "
                          "converted from this FP32 model (or --model for the model it was converted from)")
-    from pipeline.precisions import fallback_check
-    fallback = bool(rep["target"].get("allow_float_fallback")) and precision == "int8"
-    chk = fallback_check(insp) if fallback else get_precision(precision).checker(insp)
+    from pipeline.precisions import contract_check
+    chk = contract_check(precision, bool(rep["target"].get("allow_float_fallback")), insp)
     if not chk.precision_ok:
         target = rep["target"].get("name") or precision
         raise UsageError(f"{where} is not a {precision} model as target {target} requires ({chk.reason}); pass "

@@ -369,12 +369,12 @@ def fallback_check(insp: "TfliteInspection") -> PrecisionCheck:
     return PrecisionCheck("int8", not bad, FALLBACK_RULE, tuple(bad), g.weights)
 
 
-def contract_check(target, insp: "TfliteInspection") -> PrecisionCheck:
-    """The precision contract ``target`` holds a converted model to (its precision's, or int8 with float
-    fallback when the target allows float ops)."""
-    if getattr(target, "allow_float_fallback", False) and target.precision == "int8":
+def contract_check(precision: str, allow_float_fallback: bool, insp: "TfliteInspection") -> PrecisionCheck:
+    """The precision contract a target holds a converted model to: its precision's, or int8 with float fallback
+    when the target allows float ops (a Target's fields, or a report's ``target`` section's)."""
+    if allow_float_fallback and precision == "int8":
         return fallback_check(insp)
-    return get_precision(target.precision).checker(insp)
+    return get_precision(precision).checker(insp)
 
 
 def float_ops(insp: "TfliteInspection") -> list[str]:

@@ -15,7 +15,7 @@ def inspect(tflite: Path, target, route: str = "the converter"):
     insp = read(tflite)
     if target.allow_float_fallback:  # float ops allowed (and listed); int8 I/O, no custom or Flex op
         from pipeline.precisions import contract_check
-        chk = contract_check(target, insp)
+        chk = contract_check(target.precision, target.allow_float_fallback, insp)
         if not chk.precision_ok:
             raise ConversionError(f"the converted model breaks the {target.name} contract: {chk.reason}; replace "
                                   "these ops or choose another target")

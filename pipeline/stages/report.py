@@ -14,7 +14,7 @@ def build(cfg, inputs, onnx, tflite, insp, ran, micro, cmp, sane, lat, timings: 
     target, n = inputs.target, inputs.n
     precision = get_precision(target.precision)
     prec = precision.name
-    chk = contract_check(target, insp)
+    chk = contract_check(target.precision, target.allow_float_fallback, insp)
     gates = {
         "fp32_above_chance": sane.gate,
         "fully_int8": Gate(passed=bool(insp.fully_int8), value=insp.fully_int8)
