@@ -99,6 +99,27 @@ def test_numbers_equal_a_hand_computation_on_fresh_interpreters(pair, result):
     assert row.clip_share == pytest.approx(clip, rel=1e-6, abs=1e-12)
     prev = next(r for r in result.rows if r.tflite_name == row.inputs[0])
     assert row.growth_db == pytest.approx(prev.sqnr_db - row.sqnr_db)
+    # per channel (last axis, NHWC): the median live channel's range in steps, the largest magnitude over the median
+    per_ch = f.reshape(-1, f.shape[-1])
+    rng = per_ch.max(0) - per_ch.min(0)
+    mag = np.abs(per_ch).max(0)[rng > 0]
+    assert row.channel_steps == pytest.approx(np.median(rng[rng > 0]) / scale, rel=1e-5)
+    assert row.channel_spread == pytest.approx(mag.max() / np.median(mag), rel=1e-5)
+
+
+def test_channel_figures_name_a_few_massive_channels_that_tensor_sqnr_hides():
+    from pipeline.debug.layers import _channels, _metrics
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 4, size=(2, 5, 5, 16)).astype(np.float32)
+    x[..., :2] += 900.0  # two nearly constant, massive channels
+    x[..., 5] = 0.0  # a dead channel is left out
+    scale = float(x.max()) / 255
+    q = np.clip(np.round(x / scale) - 128, -128, 127).astype(np.int8)
+    sqnr, _, _ = _metrics(x, q, scale, -128, np.int8)
+    steps, spread = _channels([x[:1], x[1:]], scale)
+    assert sqnr > 45  # the tensor-wide figure looks fine: the massive channels dominate its power
+    assert steps < 2 and spread > 200  # the typical channel spans about one int8 step
+    assert _channels([x[..., 0]], scale) != (None, None) and _channels([x[0, 0, 0]], scale) == (None, None)
 
 
 def test_one_at_a_time_equals_one_batch(pair, result):

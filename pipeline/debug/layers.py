@@ -49,8 +49,15 @@ UNMATCHED_NOTE = ("int8 tensors are matched to the float model's by name, then t
 ONNX_NOTE = (f"each float activation is matched to an ONNX node output by content (same element count, rank-4 NHWC "
              f"transposed to NCHW or as-is, relative max error < {MATCH_REL_ERROR:g}) on the first batch of inputs; "
              f"rows with no match keep only their TFLite name (onnx_node null)")
+COARSE_CHANNEL_STEPS = 8  # a median channel with fewer int8 steps than this is named in the summary line
 SQNR_NOTE = (f"sqnr_db = 10 log10(sum f^2 / sum (f - q)^2) over all samples, clamped to +-{SQNR_CAP_DB:g} dB "
              f"(no error gives +{SQNR_CAP_DB:g}); growth_db = lowest SQNR of the op's matched inputs minus its own")
+CHANNEL_NOTE = ("channel_steps = median over the tensor's live channels (its last axis, NHWC; a channel whose float "
+                "range is 0 is left out) of each channel's float range (max - min over all samples and positions) divided "
+                "by the tensor's int8 step; channel_spread = the largest channel magnitude (max |value|) / the median "
+                "channel's. A tensor-wide SQNR is dominated by its largest channels; a few "
+                "outlier channels that set one scale for all leave the others few steps (coarse) without lowering it; "
+                f"the summary names the coarsest layer when its median channel has fewer than {COARSE_CHANNEL_STEPS} steps")
 WEIGHTED_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "MatMulInteger", "QLinearConv", "Einsum"}
 LAYOUT_OPS = {"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Cast", "Expand"}
 
@@ -75,6 +82,8 @@ class LayerError:
     layer_op: str | None = None
     fused: tuple = ()  # ONNX nodes this TFLite op computes, in graph order
     inputs: tuple = field(default=(), repr=False)  # tflite names of the matched activation inputs
+    channel_steps: float | None = None  # median over channels of the float range in int8 steps (last axis)
+    channel_spread: float | None = None  # largest channel's max |value| / the median channel's
 
     @property
     def name(self) -> str:
@@ -90,7 +99,9 @@ class LayerError:
                 "rmse_steps": _r(self.rmse_steps), "clip_share": _r(self.clip_share, 6),
                 "growth_db": None if self.growth_db is None else _r(self.growth_db),
                 "onnx_node": self.onnx_node, "onnx_op": self.onnx_op, "layer": self.name,
-                "layer_op": self.layer_op or self.op, "fused": list(self.fused)}
+                "layer_op": self.layer_op or self.op, "fused": list(self.fused),
+                "channel_steps": None if self.channel_steps is None else _r(self.channel_steps, 2),
+                "channel_spread": None if self.channel_spread is None else _r(self.channel_spread, 1)}
 
 
 @dataclass(frozen=True)
@@ -103,23 +114,28 @@ class LayerErrors:
     tflite_tensors: int  # tensors in the int8 model
 
     def worst(self, k: int = 5) -> dict:
-        """The ``k`` lowest-SQNR layers and the ``k`` largest-growth layers (rows)."""
+        """The ``k`` lowest-SQNR layers, the ``k`` largest-growth layers and the ``k`` layers whose median channel
+        gets the fewest int8 steps (rows)."""
         low = sorted(self.rows, key=lambda r: (r.sqnr_db, r.index))[:k]
         grown = sorted((r for r in self.rows if r.growth_db is not None), key=lambda r: (-r.growth_db, r.index))[:k]
-        return {"lowest_sqnr": low, "largest_growth": grown}
+        coarse = sorted((r for r in self.rows if r.channel_steps is not None),
+                        key=lambda r: (r.channel_steps, r.index))[:k]
+        return {"lowest_sqnr": low, "largest_growth": grown, "coarsest_channels": coarse}
 
     def describe(self, k: int = 10) -> dict:
         w = self.worst(k)
         return {
             "rows": [r.describe() for r in self.rows],
             "worst": {"lowest_sqnr": [_brief(r) for r in w["lowest_sqnr"]],
-                      "largest_growth": [_brief(r) for r in w["largest_growth"]]},
+                      "largest_growth": [_brief(r) for r in w["largest_growth"]],
+                      "coarsest_channels": [_brief(r) for r in w["coarsest_channels"]]},
             "counts": {"compared": len(self.rows), "onnx_named": sum(r.onnx_node is not None for r in self.rows),
                        "not_onnx_named": sum(r.onnx_node is None for r in self.rows),
                        "unmatched": dict(self.unmatched), "int8_model_tensors": self.tflite_tensors},
             "samples": self.samples, "batch": self.batch, "kernels": KERNELS_NOTE, "seconds": round(self.seconds, 3),
             "sqnr_cap_db": SQNR_CAP_DB,
-            "notes": {"unmatched": UNMATCHED_NOTE, "onnx_names": ONNX_NOTE, "metrics": SQNR_NOTE},
+            "notes": {"unmatched": UNMATCHED_NOTE, "onnx_names": ONNX_NOTE, "metrics": SQNR_NOTE,
+                      "channels": CHANNEL_NOTE},
         }
 
 
@@ -129,7 +145,9 @@ def _r(v: float, digits: int = 4) -> float:
 
 def _brief(r: LayerError) -> dict:
     return {"layer": r.name, "op": r.layer_op or r.op, "tflite_op": r.op, "index": r.index, "sqnr_db": _r(r.sqnr_db),
-            "growth_db": None if r.growth_db is None else _r(r.growth_db)}
+            "growth_db": None if r.growth_db is None else _r(r.growth_db),
+            "channel_steps": None if r.channel_steps is None else _r(r.channel_steps, 2),
+            "channel_spread": None if r.channel_spread is None else _r(r.channel_spread, 1)}
 
 
 def summary_line(desc: dict, k: int = 3) -> str:
@@ -140,7 +158,12 @@ def summary_line(desc: dict, k: int = 3) -> str:
         return f"{b['layer']} ({b['op']}) {b[key]:{sign}.1f} dB"
     low = ", ".join(item(b, "sqnr_db") for b in w.get("lowest_sqnr", [])[:k]) or "none"
     grown = ", ".join(item(b, "growth_db", "+") for b in w.get("largest_growth", [])[:k]) or "none"
-    return f"layers     worst SQNR: {low}; largest growth: {grown}"
+    line = f"layers     worst SQNR: {low}; largest growth: {grown}"
+    coarse = (w.get("coarsest_channels") or [None])[0]
+    if coarse and coarse["channel_steps"] < COARSE_CHANNEL_STEPS:
+        line += (f"; coarse channels: {coarse['layer']} ({coarse['op']}) median channel {coarse['channel_steps']:.1f} "
+                 f"int8 steps, largest channel {coarse['channel_spread']:.0f}x the median")
+    return line
 
 
 # --------------------------------------------------------------------------- running the two .tflite models
@@ -275,6 +298,23 @@ def _metrics(f: np.ndarray, q: np.ndarray, scale: float, zp: int, dtype) -> tupl
     lo, hi = (info.min - zp) * scale, (info.max - zp) * scale
     clip = float(np.mean((f < lo) | (f > hi))) if f.size else 0.0
     return sqnr, rmse_steps, clip
+
+
+def _channels(arrays: list, scale: float) -> tuple[float | None, float | None]:
+    """(median live channel's range in int8 steps, largest channel magnitude / the median one) of a float
+    activation whose last axis is its channels; (None, None) for a tensor of rank < 2 or with fewer than two
+    live channels."""
+    if not arrays or arrays[0].ndim < 2 or arrays[0].shape[-1] < 2 or scale <= 0:
+        return None, None
+    c = arrays[0].shape[-1]
+    flat = [a.reshape(-1, c) for a in arrays]
+    hi = np.max([a.max(0) for a in flat], axis=0).astype(np.float64)
+    lo = np.min([a.min(0) for a in flat], axis=0).astype(np.float64)
+    live = (hi - lo) > 0  # a constant channel (dead, or all one value) carries nothing to resolve
+    if live.sum() < 2:
+        return None, None
+    size = np.maximum(np.abs(hi), np.abs(lo))[live]
+    return float(np.median((hi - lo)[live])) / scale, float(size.max() / max(float(np.median(size)), 1e-30))
 
 
 def sqnr_db(signal: float, noise: float) -> float:
@@ -475,6 +515,7 @@ def layer_errors(int8_path, float_path, onnx_path, x_nchw: np.ndarray, *, input_
         fv = np.concatenate([a.ravel() for a in f.values[j]])
         qv = np.concatenate([a.ravel() for a in q.values[i]])
         s, rmse, clip = _metrics(fv, qv, scale, zp, d["dtype"])
+        c_steps, c_spread = _channels(f.values[j], scale)
         sqnr[i] = s
         if i == q.input_index:
             index, op_name, ins = -1, "INPUT", []
@@ -501,6 +542,7 @@ def layer_errors(int8_path, float_path, onnx_path, x_nchw: np.ndarray, *, input_
                                shape=tuple(int(v) for v in d["shape"]), scale=scale, zero_point=zp, sqnr_db=s,
                                rmse_steps=rmse, clip_share=clip, growth_db=growth, onnx_node=node, onnx_op=onnx_op,
                                layer=layer, layer_op=layer_op, fused=tuple(fused),
-                               inputs=tuple(str(q.details[k]["name"]) for k in ins)))
+                               inputs=tuple(str(q.details[k]["name"]) for k in ins), channel_steps=c_steps,
+                               channel_spread=c_spread))
     return LayerErrors(rows=tuple(rows), unmatched=unmatched, samples=n, batch=batch,
                        seconds=time.perf_counter() - t0, tflite_tensors=len(q.details))

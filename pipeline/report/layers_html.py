@@ -8,6 +8,7 @@ every value from ``report.json`` is escaped, and a malformed section is one line
 """
 from __future__ import annotations
 
+from pipeline.debug.layers import COARSE_CHANNEL_STEPS
 from pipeline.report.html import INT8_COLOR, _e, _guard, _is_num, _svg_open, nice_ticks, tick_label
 
 BAR_COLOR = "#9fb7cc"
@@ -54,7 +55,7 @@ def _section(sec: dict) -> str:
     out.append(_chart(rows, worst_ids, growth_ids))
     out.append("<h3>Lowest SQNR</h3><table><tr><th>#</th><th class='l'>layer (ONNX)</th><th class='l'>ONNX op</th>"
                "<th class='l'>TFLite op</th><th>SQNR dB</th><th>growth dB</th><th>RMSE (steps)</th>"
-               "<th>clipped</th></tr>")
+               "<th>clipped</th><th>steps / channel</th><th>largest channel</th></tr>")
     for r in low[:TABLE_ROWS]:
         g = r.get("growth_db")
         clip = r.get("clip_share")
@@ -62,9 +63,20 @@ def _section(sec: dict) -> str:
                    f"<td class='l'>{_e(r.get('layer_op') or '')}</td><td class='l'>{_e(r.get('op', ''))}</td>"
                    f"<td>{r['sqnr_db']:.1f}</td><td>{f'{g:+.1f}' if _is_num(g) else ''}</td>"
                    f"<td>{_num(r.get('rmse_steps'))}</td>"
-                   f"<td>{f'{clip:.2%}' if _is_num(clip) else ''}</td></tr>")
+                   f"<td>{f'{clip:.2%}' if _is_num(clip) else ''}</td><td>{_num(r.get('channel_steps'))}</td>"
+                   f"<td>{_spread(r.get('channel_spread'))}</td></tr>")
     out.append("</table>")
+    coarse = sorted((r for r in rows if _is_num(r.get("channel_steps"))), key=lambda r: r["channel_steps"])
+    if coarse and coarse[0]["channel_steps"] < COARSE_CHANNEL_STEPS:
+        out.append("<p>Coarse channels (a few large channels set the tensor's one int8 step; its SQNR hides it): "
+                   + _e("; ".join(f"{_name(r)}: median channel {r['channel_steps']:.1f} steps, largest "
+                                  f"{_spread(r.get('channel_spread'))} the median"
+                                  for r in coarse[:3] if r["channel_steps"] < COARSE_CHANNEL_STEPS)) + "</p>")
     return "\n".join(out)
+
+
+def _spread(v) -> str:
+    return f"{v:.0f}x" if _is_num(v) else ""
 
 
 def _num(v) -> str:

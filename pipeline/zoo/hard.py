@@ -12,11 +12,20 @@ edited by hand in the weights or at export: the pathology comes out of training.
   1/sqrt(eps), about 300x: the depthwise weight ranges then spread 200-600x, as in ImageNet MobileNetV2
   (Nagel et al. 2019, Fig. 2). With per-channel weights int8 is fine; with one scale per tensor (``--per-tensor``)
   the small channels round to zero and the model collapses.
+- ``refcnn-massive``: zoo:refcnn fine-tuned with a loss term that rewards four channels of its last conv block
+  for a large BatchNorm shift (the term is minus the mean of those four shifts; Adam moves them about 1.5 per
+  step for 600 steps), while the rest of the network and the classifier keep learning the task, then 300 more
+  steps with those shifts held. The four channels become "massive activations" (Sun et al. 2024; the high
+  biases of Nagel et al. 2019, section 4.1.2): nearly constant, hundreds of times the other channels' maxima.
+  One int8 scale per activation tensor must then cover them, and the other channels' values fall below half a
+  step: the default (per-channel weights) int8 model collapses. Bias absorption moves the constant part into
+  the classifier's bias, which is exact here (global pooling and a linear layer follow, no padding).
 """
 from __future__ import annotations
 
 from pipeline.zoo import FASHION_MNIST, register_model
 from pipeline.zoo.mobilenetv2 import MobileNetV2
+from pipeline.zoo.refcnn import RefCNN
 
 register_model(
     "mobilenetv2-deadch",
@@ -25,3 +34,14 @@ register_model(
                 "weight ranges 200-600x apart after BN folding)",
     hard_case="per-tensor weights: dead channels leave depthwise weight ranges hundreds of times apart",
 )(MobileNetV2)
+
+
+@register_model(
+    "refcnn-massive",
+    **FASHION_MNIST,
+    description="hard case: zoo:refcnn fine-tuned so four channels of its last block carry massive, nearly "
+                "constant activations (hundreds of times the others)",
+    hard_case="activations: four massive channels set one activation tensor's int8 step for all its channels",
+)
+def refcnn_massive():
+    return RefCNN(in_channels=1, num_classes=10, width=32)
