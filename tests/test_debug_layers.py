@@ -120,6 +120,9 @@ def test_channel_figures_name_a_few_massive_channels_that_tensor_sqnr_hides():
     assert sqnr > 45  # the tensor-wide figure looks fine: the massive channels dominate its power
     assert steps < 2 and spread > 200  # the typical channel spans about one int8 step
     assert _channels([x[..., 0]], scale) != (None, None) and _channels([x[0, 0, 0]], scale) == (None, None)
+    pooled = x.mean((1, 2))  # [N, C], and as a layout TRANSPOSE leaves it, [N, C, 1, 1]: the same channels
+    assert _channels([pooled[:, :, None, None]], scale) == _channels([pooled], scale)
+    assert _channels([pooled[:, :, None, None]], scale)[0] < 1
 
 
 def test_one_at_a_time_equals_one_batch(pair, result):

@@ -504,6 +504,22 @@ def test_float_fallback_keeps_the_blamed_layers_in_float_where_the_target_allows
                 "--corruptions", "none") == 0
 
 
+def test_float_fallback_candidates_put_coarse_channels_before_error_growth():
+    """A few massive channels leave the others under a step of their tensor's scale while its SQNR and growth look
+    fine (the massive channels dominate the power): such layers are kept in float first, the fewest steps first;
+    the rest follow by growth, then SQNR. The input and QUANTIZE/DEQUANTIZE are never candidates."""
+    from pipeline.stages.recover import fallback_candidates
+
+    def row(i, op, growth, sqnr, steps=None):
+        return {"index": i, "op": op, "tflite_name": f"t{i}", "growth_db": growth, "sqnr_db": sqnr,
+                "channel_steps": steps}
+    rows = [row(-1, "INPUT", None, 60.0), row(0, "CONV_2D", 26.0, 36.0, 120.0), row(1, "CONV_2D", -19.5, 48.0, 1.5),
+            row(2, "MEAN", 0.9, 47.0, 0.5), row(3, "QUANTIZE", 30.0, 10.0), row(4, "FULLY_CONNECTED", 34.0, 13.0, 135.0),
+            row(5, "CONV_2D", 3.0, 30.0, None)]
+    assert [r["index"] for r in fallback_candidates({"rows": rows})] == [2, 1, 4, 0, 5]
+    assert fallback_candidates(None) == []
+
+
 def test_float_fallback_is_a_recover_tool_only_the_onnx2tf_route_takes():
     from pipeline.conversion import refuse_float_nodes
     from pipeline.errors import ConversionError

@@ -302,11 +302,16 @@ def _metrics(f: np.ndarray, q: np.ndarray, scale: float, zp: int, dtype) -> tupl
 
 def _channels(arrays: list, scale: float) -> tuple[float | None, float | None]:
     """(median live channel's range in int8 steps, largest channel magnitude / the median one) of a float
-    activation whose last axis is its channels; (None, None) for a tensor of rank < 2 or with fewer than two
-    live channels."""
-    if not arrays or arrays[0].ndim < 2 or arrays[0].shape[-1] < 2 or scale <= 0:
+    activation whose last axis is its channels (NHWC; a [N, C, 1, 1] vector, as a layout TRANSPOSE leaves it, has
+    them on axis 1); (None, None) for a tensor of rank < 2 or with fewer than two live channels."""
+    if not arrays or arrays[0].ndim < 2 or scale <= 0:
         return None, None
+    shape = arrays[0].shape
+    if shape[-1] == 1 and shape[1] > 1 and all(d == 1 for d in shape[2:]):  # [N, C, 1, 1]: a layout transpose's
+        arrays = [a.reshape(a.shape[0], -1) for a in arrays]  # vector, its channels on axis 1
     c = arrays[0].shape[-1]
+    if c < 2:
+        return None, None
     flat = [a.reshape(-1, c) for a in arrays]
     hi = np.max([a.max(0) for a in flat], axis=0).astype(np.float64)
     lo = np.min([a.min(0) for a in flat], axis=0).astype(np.float64)

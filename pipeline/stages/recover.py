@@ -214,14 +214,21 @@ FALLBACK_STEPS = (1, 2, 4, 8, 16)
 
 def fallback_candidates(layers: dict | None) -> list[dict]:
     """The debugger's rows worth keeping in float, worst first: ops (not the model input, not QUANTIZE or
-    DEQUANTIZE) by the error they add (``growth_db``, largest first), then by their own SQNR."""
+    DEQUANTIZE) whose output's median channel gets fewer than ``COARSE_CHANNEL_STEPS`` int8 steps (a few outlier
+    channels set the tensor's scale; their SQNR and growth look fine because those channels dominate it), the
+    coarsest first; then the others by the error they add (``growth_db``, largest first), then by their own SQNR."""
+    from pipeline.debug.layers import COARSE_CHANNEL_STEPS
     rows = [r for r in (layers or {}).get("rows", []) if r.get("index", -1) >= 0
             and r.get("op") not in ("INPUT", "QUANTIZE", "DEQUANTIZE") and r.get("growth_db") is not None]
-    return sorted(rows, key=lambda r: (-r["growth_db"], r["sqnr_db"], r["index"]))
+
+    def coarse(r: dict) -> bool:
+        return r.get("channel_steps") is not None and r["channel_steps"] < COARSE_CHANNEL_STEPS
+    return (sorted((r for r in rows if coarse(r)), key=lambda r: (r["channel_steps"], r["index"]))
+            + sorted((r for r in rows if not coarse(r)), key=lambda r: (-r["growth_db"], r["sqnr_db"], r["index"])))
 
 
 def _float_fallback(run: _Attempts, layers: dict | None, tfl, target, tmp: Path, attempts: list):
-    """Keep the 1, 2, 4, 8, 16 layers that add the most error (the layer-wise debugger's growth_db) in float,
+    """Keep the 1, 2, 4, 8, 16 layers the debugger blames most (coarse channels, then growth_db) in float,
     converting the ORIGINAL graph each time (the debugger's layer names are of its conversion), until the gates
     pass. Returns (name, (artifact, inspection, outputs, comparison)) of the first passing attempt, or None."""
     from pipeline.conversion import FALLBACK_ROUTE
@@ -251,10 +258,12 @@ def _float_fallback(run: _Attempts, layers: dict | None, tfl, target, tmp: Path,
         rec = {"tool": FLOAT_FALLBACK, "changed_layers": len(chosen),
                "float_layers": [{"layer": r.get("layer"), "op": r.get("layer_op") or r.get("op"),
                                  "tflite_name": r["tflite_name"], "growth_db": r["growth_db"],
-                                 "sqnr_db": r["sqnr_db"]} for r in chosen],
+                                 "sqnr_db": r["sqnr_db"], "channel_steps": r.get("channel_steps")} for r in chosen],
                "applied_to": "the original FP32 graph (the debugger's layer names are of its conversion), not on "
                              "top of the tools before it",
-               "chosen_by": "largest error growth (layer_errors growth_db), then lowest SQNR"}
+               "chosen_by": "coarse channels first (layer_errors channel_steps below "
+                            "pipeline.debug.layers.COARSE_CHANNEL_STEPS, fewest first), then largest error growth "
+                            "(growth_db), then lowest SQNR"}
         d = tmp / name
         d.mkdir()
         done = run(name, FLOAT_FALLBACK, rec, run.onnx, d, attempts, t0,
