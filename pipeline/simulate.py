@@ -579,7 +579,11 @@ class Simulator:
                 return {k: arg(v) for k, v in a.items()}
             return a
 
-        for n in self.graph.nodes:
+        last = None if keep is not None else self._last_uses()
+        for i, n in enumerate(self.graph.nodes):
+            if last is not None:  # free what no later node reads: the live set, not every activation of the batch
+                for dead in last.get(i - 1, ()):
+                    env.pop(dead, None)
             if n.op == "placeholder":
                 if n.name == self.input_name:
                     if params is not None:  # the model input: in float32 numpy, as the pipeline quantizes it
@@ -617,6 +621,25 @@ class Simulator:
         if keep is not None:
             keep.update(env)
         return env[self.output_name]
+
+    def _last_uses(self) -> dict[int, list[str]]:
+        """Node index -> the values whose last reader is that node (the graph output is never freed)."""
+        cached = getattr(self, "_last_use_cache", None)
+        if cached is None or cached[0] is not self.graph:
+            nodes = list(self.graph.nodes)
+            pos = {n.name: i for i, n in enumerate(nodes)}
+            last: dict[str, int] = {}
+            for i, n in enumerate(nodes):
+                for a in n.all_input_nodes:
+                    last[a.name] = i
+                if n.name in self.plan.aliases:  # a folded BatchNorm reads its conv's value by name
+                    last[self.plan.aliases[n.name]] = max(last.get(self.plan.aliases[n.name], 0), i)
+            by_node: dict[int, list[str]] = {}
+            for name, i in last.items():
+                if name != self.output_name and name in pos and nodes[i].op != "output":
+                    by_node.setdefault(i, []).append(name)
+            self._last_use_cache = (self.graph, by_node)
+        return self._last_use_cache[1]
 
     # ----------------------------------------------------------------- calibration
 

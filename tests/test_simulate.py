@@ -121,6 +121,13 @@ def test_every_zoo_model_runs_through_the_simulator(name, fmnist_bits):
     assert steps.min() >= -128 and steps.max() <= 127
     assert (q.argmax(1) == ref.argmax(1)).mean() >= 0.95  # at most 3 of 64 flip (measured: 0 to 2)
     assert np.array_equal(q, sim.logits(x, W8A8))  # deterministic
+    # a run frees each value after its last reader; keeping them all (keep=) gives the same logits
+    sim._prepare(W8A8)
+    kept: dict = {}
+    with torch.no_grad():
+        full = sim._run(torch.from_numpy(x), sim.qparams(W8A8), W8A8, keep=kept)
+    assert np.array_equal(full.reshape(len(x), -1).float().numpy(), q)
+    assert sum(map(len, sim._last_uses().values())) >= len(kept) // 2  # most values are freed early
     assert not sim.plan.ops.get("batch_norm") or sim.plan.describe()["folded_batch_norms"] == sim.plan.ops["batch_norm"]
 
 
