@@ -76,6 +76,12 @@ TINYNET_SRC = textwrap.dedent('''
     class NotCallable:
         pass
 
+    def upnet():
+        # GroupNorm and ConvTranspose: onnx2tf 1.28 fails on them under the dynamic batch, converts at batch 1
+        return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.ReLU(),
+                             nn.ConvTranspose2d(8, 8, 2, stride=2), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
     def stemnet():
         # resnet's stem: a padded MaxPool after ReLU. onnx2tf 1.28 pads it with -3.4e38 (a PADV2 whose int8
         # scale is ~1e36); the onnx2tf route rewrites it into an explicit zero Pad first (exact after ReLU).

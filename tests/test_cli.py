@@ -426,14 +426,20 @@ def test_model_returning_a_tuple_exports_its_first_output(tmp_path, tinynet_dir,
 
 
 def _without_retry_rewrites(monkeypatch):
-    """Exports in this process with only the always-on rewrites: the onnx2tf route then fails on LayerNorm as
-    onnx2tf 1.28 itself does (with the retry rewrites it converts: see the test after these)."""
+    """Exports in this process with only the always-on rewrites and no fixed-batch retry: the onnx2tf route then
+    fails on LayerNorm as onnx2tf 1.28 itself does (with the retry rewrites it converts: see the test after these;
+    at a fixed batch of 1 it converts too)."""
     import dataclasses
     from pipeline import export as export_mod
     from pipeline.conversion import rewrites
+    from pipeline.conversion.onnx2tf_tflite import Onnx2TfConverter
     parse = export_mod.config_from_args
     monkeypatch.setattr(export_mod, "config_from_args", lambda a: dataclasses.replace(parse(a), convert_in="process"))
     monkeypatch.setattr(rewrites, "DEFAULT_ORDER", rewrites.ALWAYS_REWRITES)
+
+    def no_fixed_batch(self, *args):
+        raise args[-1]  # the dynamic-batch failure, as before the fixed-batch retry
+    monkeypatch.setattr(Onnx2TfConverter, "_fixed_batch", no_fixed_batch)
 
 
 def test_onnx2tf_failure_names_the_node(tmp_path, tinynet_dir, tiny_npz, in_dir, capsys, monkeypatch):
@@ -460,6 +466,25 @@ def test_the_onnx2tf_route_converts_layernorm_after_the_retry_rewrites(tmp_path,
     assert "layernorm" in rw and "(LayerNormalization)" in rw["layernorm"]["why"], rw
     assert rw["layernorm"]["max_abs_diff"] <= rw["layernorm"]["tolerance"]
     assert r["quantization"]["fully_int8"] and status in (0, 1) and r["accuracy"]["agreement"] >= 0.9, r["accuracy"]
+
+
+def test_the_onnx2tf_route_converts_at_a_fixed_batch_when_the_dynamic_batch_fails(tmp_path, tinynet_dir, tiny_npz,
+                                                                                  in_dir):
+    """GroupNorm and ConvTranspose fail in onnx2tf 1.28 under the export's dynamic batch, with every rewrite; the
+    route then converts the graph at a fixed batch of 1 (recorded as the rewrite fixed_batch, FP32 outputs
+    measured unchanged), and the run stage feeds the model one image at a time."""
+    from pipeline.tflite.inspect import inspect
+    in_dir(tinynet_dir)
+    out = tmp_path / "o"
+    status = main(["--model", "tinynet:upnet", "--data", str(tiny_npz), "--calib-size", "50", "--out", str(out),
+                   "--converter", "onnx2tf"])
+    r = json.loads((out / "report.json").read_text())
+    rw = {x["name"]: x for x in r["conversion"]["rewrites"]}
+    assert "fixed_batch" in rw and "failed to convert" in rw["fixed_batch"]["why"], rw
+    assert rw["fixed_batch"]["max_abs_diff"] <= rw["fixed_batch"]["tolerance"] and rw["fixed_batch"]["batch"] == 1
+    assert r["quantization"]["fully_int8"] and status in (0, 1) and r["accuracy"]["agreement"] >= 0.9, r["accuracy"]
+    assert inspect(out / "model_int8.tflite").inputs[0].shape[0] == 1
+    assert "TRANSPOSE_CONV" in r["quantization"]["ops"]
 
 
 def test_a_padded_maxpool_is_rewritten_and_the_report_says_so(tmp_path, tinynet_dir, tiny_npz, in_dir):

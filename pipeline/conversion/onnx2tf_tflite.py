@@ -88,9 +88,36 @@ class Onnx2TfConverter:
             return self._convert(onnx.path, representative, pre, **args)
         check = np.ascontiguousarray(representative[:32], np.float32)
         with tempfile.TemporaryDirectory(prefix="onnx2tf-rw-") as rw:
-            art, done = convert_with_rewrites(lambda src: self._convert(src, representative, pre, **args),
-                                              onnx.path, check, Path(rw))
+            try:
+                art, done = convert_with_rewrites(lambda src: self._convert(src, representative, pre, **args),
+                                                  onnx.path, check, Path(rw))
+            except ConversionError as failed:
+                if not onnx.dynamic_batch:
+                    raise
+                art, done = self._fixed_batch(onnx, representative, pre, check, Path(rw), args, failed)
         return dataclasses.replace(art, rewrites=tuple(done))
+
+    def _fixed_batch(self, onnx: OnnxArtifact, representative, pre: Preprocessing, check, rw: Path, args: dict,
+                     failed: ConversionError):
+        """The last try of a dynamic-batch graph that failed with every rewrite: the same graph at a fixed batch
+        of 1 (onnx2tf 1.28 mishandles some ops only under the dynamic batch: attention reshapes, LayerNorm,
+        GroupNorm, ConvTranspose). Recorded as the rewrite ``fixed_batch`` with its measured FP32 difference; the
+        run stage then feeds one image at a time. Raises the first failure, with this try's, if it fails too."""
+        from pipeline.conversion.rewrites import RewriteError, convert_with_rewrites, fixed_batch_record
+        why = f"the dynamic-batch graph failed to convert: {str(failed)[:200]}"
+        (rw / "fb").mkdir()
+        try:
+            rec = fixed_batch_record(onnx.path, rw / "fb" / "fixed_batch.onnx", check[:8], why=why)
+        except (RewriteError, Exception) as e:  # noqa: BLE001  (onnxruntime cannot run it at batch 1)
+            raise ConversionError(f"{failed} (at a fixed batch of 1 it could not be checked either: "
+                                  f"{str(e)[:160]})") from None
+        try:
+            art, done = convert_with_rewrites(
+                lambda src: self._convert(src, representative, pre, **{**args, "dynamic_batch": False}),
+                rw / "fb" / "fixed_batch.onnx", check[:8], rw / "fb")
+        except ConversionError as again:
+            raise ConversionError(f"{failed} (at a fixed batch of 1 too: {str(again)[:200]})") from None
+        return art, [rec, *done]
 
     def _convert(self, src: Path, representative: np.ndarray, pre: Preprocessing, *, per_channel: bool,
                  out_path: Path, verbose: bool, precision: str, dynamic_batch: bool, float_fallback: bool = False,
