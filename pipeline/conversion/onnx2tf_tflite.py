@@ -263,10 +263,8 @@ def op_output_names(blob: bytes) -> set[str]:
 def _describe_failure(e: Exception, log: str, onnx_path: Path) -> str:
     """One line for a failed onnx2tf/TFLiteConverter run, naming the ONNX node when onnx2tf's log does."""
     log = re.sub(r"\x1b\[[0-9;]*m", "", log or "")
-    batch_hint = ("onnx2tf 1.28 fails on some graphs only because of the dynamic batch dimension the export gives "
-                  "them (seen: ConvTranspose, channel shuffles, GroupNorm), so an ONNX you export with a fixed batch "
-                  "of 1 may convert (pass it as --model)")
-    fix = f"replace that op in the model with one onnx2tf supports; {batch_hint}"
+    fix = ("replace that op in the model with one onnx2tf supports, or try another route (--converter litert-torch "
+           "or onnx2tf-flatbuffer)")
     missing = re.search(r"No module named '?onnx2tf\.ops\.(\w+)", str(e))
     if missing:
         return f"onnx2tf has no converter for the ONNX op {missing.group(1)}; {fix}"
@@ -283,7 +281,7 @@ def _describe_failure(e: Exception, log: str, onnx_path: Path) -> str:
         what = f"{node} ({op_type})" if op_type else node
         reason = _short(e).split(" Tensor [")[0].strip()[:160]  # TF pastes whole tensors into some messages
         return f"onnx2tf cannot convert the ONNX node {what}: {reason}; {fix}"
-    return f"ONNX -> TFLite conversion failed: {_short(e)}; {batch_hint}; -v shows the converter's own log"
+    return f"ONNX -> TFLite conversion failed: {_short(e)}; another route (--converter litert-torch or onnx2tf-flatbuffer) may convert it; -v shows the converter's own log"
 
 
 def _representative_dataset(samples: np.ndarray, batch: int):
