@@ -137,6 +137,9 @@ def train(entry: zoo.ZooEntry | str, data_spec: str, data_dir: str | None, epoch
     x_train, y_train = preprocessing.apply(ds.x_train[keep], pre), ds.y_train[keep]
     x_test = preprocessing.apply(ds.x_test, pre)
     last = len(x_train) % batch_size
+    # More threads than the cores this process may run on never trains faster, and oneDNN's MobileOne backward
+    # pass once corrupted the heap with 3 threads on 2 cores (an Intel Xeon CI host, after the probe passed).
+    asked, threads = threads, max(1, min(threads, _cores()))
     onednn = onednn_training_check(spec, weights, entry.input_shape,
                                    sorted({min(batch_size, len(x_train))} | ({last} if last else set())),
                                    channels_last, threads)
@@ -172,6 +175,7 @@ def train(entry: zoo.ZooEntry | str, data_spec: str, data_dir: str | None, epoch
         "augmentation": {"shift+hflip": "shift±2 + hflip", "shift": "shift±2", "none": "none"}[augmentation],
         "channels_last": channels_last,
         "onednn": onednn,
+        "threads": {"used": threads, "asked": asked, "cores": _cores()},
         "fp32_test_top1": evaluate(model, x_test, ds.y_test),
         "parameters": int(sum(p.numel() for p in model.parameters())),
         "train_seconds": round(time.time() - t0, 1),
@@ -234,6 +238,14 @@ def _fit(entry, x_train, y_train, x_test, y_test, epochs, seed, batch_size, lr, 
         print(f"epoch {epoch + 1}/{epochs}: loss {total / len(xt):.4f}, test top-1 {acc:.4f} ({time.time() - t0:.0f}s)", flush=True)
     model, robust_record = robust_training.finish(prepared)
     return model, history, (robust_record if robust.any else None)
+
+
+def _cores() -> int:
+    """The CPUs this process may run on (its affinity mask, else the machine's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 
 # oneDNN (PyTorch's x86 convolution library) picks JIT kernels from what CPUID reports about the processor and its
