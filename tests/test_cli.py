@@ -454,15 +454,19 @@ def test_onnx2tf_failure_names_the_node(tmp_path, tinynet_dir, tiny_npz, in_dir,
     assert not out.exists()
 
 
+def _onnx2tf_export(model: str, out, tiny_npz) -> tuple[int, dict, dict]:
+    """An export through the onnx2tf route: (exit status, report.json, its rewrites by name)."""
+    status = main(["--model", model, "--data", str(tiny_npz), "--calib-size", "50", "--out", str(out),
+                   "--converter", "onnx2tf"])
+    r = json.loads((out / "report.json").read_text())
+    return status, r, {x["name"]: x for x in r["conversion"]["rewrites"]}
+
+
 def test_the_onnx2tf_route_converts_layernorm_after_the_retry_rewrites(tmp_path, tinynet_dir, tiny_npz, in_dir):
     """The same model with the rewrites: converted fully int8, and the report names each rewrite, its measured
     FP32 difference and the failure that called for it."""
     in_dir(tinynet_dir)
-    out = tmp_path / "o"
-    status = main(["--model", "tinynet:tokennet", "--data", str(tiny_npz), "--calib-size", "50", "--out", str(out),
-                   "--converter", "onnx2tf"])
-    r = json.loads((out / "report.json").read_text())
-    rw = {x["name"]: x for x in r["conversion"]["rewrites"]}
+    status, r, rw = _onnx2tf_export("tinynet:tokennet", tmp_path / "o", tiny_npz)
     assert "layernorm" in rw and "(LayerNormalization)" in rw["layernorm"]["why"], rw
     assert rw["layernorm"]["max_abs_diff"] <= rw["layernorm"]["tolerance"]
     assert r["quantization"]["fully_int8"] and status in (0, 1) and r["accuracy"]["agreement"] >= 0.9, r["accuracy"]
@@ -476,10 +480,7 @@ def test_the_onnx2tf_route_converts_at_a_fixed_batch_when_the_dynamic_batch_fail
     from pipeline.tflite.inspect import inspect
     in_dir(tinynet_dir)
     out = tmp_path / "o"
-    status = main(["--model", "tinynet:upnet", "--data", str(tiny_npz), "--calib-size", "50", "--out", str(out),
-                   "--converter", "onnx2tf"])
-    r = json.loads((out / "report.json").read_text())
-    rw = {x["name"]: x for x in r["conversion"]["rewrites"]}
+    status, r, rw = _onnx2tf_export("tinynet:upnet", out, tiny_npz)
     assert "fixed_batch" in rw and "failed to convert" in rw["fixed_batch"]["why"], rw
     assert rw["fixed_batch"]["max_abs_diff"] <= rw["fixed_batch"]["tolerance"] and rw["fixed_batch"]["batch"] == 1
     assert r["quantization"]["fully_int8"] and status in (0, 1) and r["accuracy"]["agreement"] >= 0.9, r["accuracy"]
