@@ -196,9 +196,10 @@ def table(eval_limit: int | None) -> list[dict]:
                 res = export(case, [*flags, *extra], Path(tmp) / f"{case}-{n}", eval_limit)
                 rows.append(_row(case, what, res, attempt))
                 print(_line(rows[-1]), file=sys.stderr, flush=True)
+                return res
 
-            run("as converted (" + (" ".join(flags) or "default target, per-channel weights") + ")",
-                ["--recover", "none", "--debug-layers"])
+            converted = run("as converted (" + (" ".join(flags) or "default target, per-channel weights") + ")",
+                            ["--recover", "none", "--debug-layers"])
             for tool in TOOLS:
                 run(f"--recover {tool}", ["--recover", tool], attempt=tool)
             run("--recover auto", ["--recover", "auto"])
@@ -214,9 +215,8 @@ def table(eval_limit: int | None) -> list[dict]:
             fallback(case, flags, Path(tmp), eval_limit, rows)
             print(_line(rows[-1]), file=sys.stderr, flush=True)
             first = next((x for x in rows if x["case"] == case), None)
-            rep = export(case, [*flags, "--recover", "none", "--debug-layers"], Path(tmp) / f"{case}-dbg", eval_limit)
-            if "report" in rep and rep["report"].get("layer_errors"):
-                le = rep["report"]["layer_errors"]
+            if "report" in converted and converted["report"].get("layer_errors"):  # the as-converted run's debugger
+                le = converted["report"]["layer_errors"]
                 first["worst_layers"] = [w.get("layer") for w in (le.get("worst") or {}).get("lowest_sqnr", [])][:5]
                 first["largest_growth"] = [w.get("layer") for w in (le.get("worst") or {}).get("largest_growth", [])][:5]
                 first["coarsest_channels"] = [(w.get("layer"), w.get("channel_steps"), w.get("channel_spread"))
