@@ -2,8 +2,9 @@
 
 Parametrized over the discovered study modules (a new study is tested by being added). The Ray test runs each
 study's ``--quick`` preset twice, in this process and on a local Ray instance with 2 CPUs, and compares the
-figures: study.json without its ``execution`` section and without measured durations (keys naming seconds,
-timings or latency), and with paths made relative to each run's folder.
+figures: study.json without its ``execution`` section, without measured durations (keys naming seconds, timings or
+latency, or ending in ``_s``) and cache records (the second run finds the first's cached calibration set), and
+with paths made relative to each run's folder.
 """
 from __future__ import annotations
 
@@ -19,6 +20,13 @@ from pipeline.study import build_parser, study_modules
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = [m.NAME for m in study_modules()]
 MEASURED = ("seconds", "timing", "latency", "wall", "elapsed", "duration")
+# provenance, not figures: whether a cached calibration set or GAN was found (the second run finds the first's)
+PROVENANCE = ("execution", "cache")
+
+
+def _measured(key: str) -> bool:
+    k = key.lower()
+    return any(w in k for w in MEASURED) or k.endswith("_s")
 
 
 def test_the_studies_are_registered_with_their_contract():
@@ -33,7 +41,7 @@ def test_the_studies_are_registered_with_their_contract():
 def _figures(value, root: str):
     if isinstance(value, dict):
         return {k: _figures(v, root) for k, v in value.items()
-                if k != "execution" and not any(w in k.lower() for w in MEASURED)}
+                if k not in PROVENANCE and not _measured(k)}
     if isinstance(value, list):
         return [_figures(v, root) for v in value]
     if isinstance(value, str) and root in value:
@@ -50,10 +58,11 @@ def _run(name: str, out: Path, *extra: str) -> dict:
     return json.loads((out / "study.json").read_text())
 
 
-# The Ray comparison runs on the flips study's quick preset (a full export and shift evaluation per cell); the
-# others' quick presets take minutes each and share the same run_study/run_cells path.
+# Every study's quick preset, on 2 Ray workers and in this process (measured here, each pair: calibration 36 s,
+# ptq 84 s, robust 118 s, synthetic 109 s, flips minutes). Training inside a cell pins its thread count, so a Ray
+# worker (OMP_NUM_THREADS=1) trains exactly as a local one does.
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["flips"])
+@pytest.mark.parametrize("name", NAMES)
 def test_each_study_gives_the_same_figures_on_ray(name, tmp_path):
     local = _run(name, tmp_path / "local")
     ray = _run(name, tmp_path / "ray", "--ray", "auto", "--workers", "2")
