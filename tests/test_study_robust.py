@@ -20,11 +20,12 @@ def test_flips_per_10k_by_hand():
 
 def test_training_key_follows_the_training_config_only():
     c = {"model": "zoo:refcnn", "options": {"qat": True}, "epochs": 1, "train_limit": 10, "lr": 1e-3,
-         "eval_limit": 100, "out": "a"}
+         "train_threads": 2, "eval_limit": 100, "out": "a"}
     k = robust.training_key(c, 0)
     assert robust.training_key({**c, "eval_limit": 5, "out": "b"}, 0) == k  # evaluation does not retrain
     assert robust.training_key({**c, "options": {"satnl": True}}, 0) != k
     assert robust.training_key(c, 1) != k
+    assert robust.training_key({**c, "train_threads": 1}, 0) != k  # the thread count changes the sums
 
 
 def _row(variant, int8_flips, shifted, w4a4_drop):
