@@ -58,9 +58,8 @@ def _run(name: str, out: Path, *extra: str) -> dict:
     return json.loads((out / "study.json").read_text())
 
 
-# Every study's quick preset, on 2 Ray workers and in this process (measured here, each pair: calibration 36 s,
-# ptq 84 s, robust 118 s, synthetic 109 s, flips minutes). Training inside a cell pins its thread count, so a Ray
-# worker (OMP_NUM_THREADS=1) trains exactly as a local one does.
+# Every study's quick preset, on 2 Ray workers and in this process (the Ray half took 17-57 s per study in CI).
+# Training inside a cell pins its thread count, so a Ray worker (OMP_NUM_THREADS=1) trains exactly as a local one.
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_each_study_gives_the_same_figures_on_ray(name, tmp_path):
