@@ -76,6 +76,33 @@ def test_onnx_export_fails_clearly_when_outputs_differ(tmp_path, raw_images):
         export_onnx(model, preprocessing.apply(raw_images[:8], PRE), tmp_path / "m.onnx")
 
 
+def test_adaptive_pool_whose_output_does_not_divide_the_input_exports_and_converts_fully_int8(tmp_path, raw_images):
+    """alexnet's AdaptiveAvgPool2d((6, 6)) at 64x64 (input 1x1) has no torch.onnx export; here 12x12 -> 5x5 and
+    3x3 -> 6x6. The export substitutes the exact MatMul form, records it, and the model converts and runs int8."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d((5, 5)), nn.Conv2d(8, 8, 1),
+                        nn.ReLU(), nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(6), nn.Flatten(), nn.Linear(8 * 36, 5))
+    model = models.LoadedModel(spec="adaptive", kind="factory", module=net.eval(), input_shape=(1, 12, 12))
+    x = preprocessing.apply(raw_images, PRE)
+    art = export_onnx(model, x[:16], tmp_path / "model.onnx")
+    assert art.max_abs_error <= art.tolerance
+    (rec,) = art.rewrites
+    assert rec["name"] == "adaptive_avg_pool_matmul" and rec["pools"] == 2
+    assert rec["shapes"] == ["12x12->5x5", "2x2->6x6"] and art.describe()["rewrites"][0]["exact"]
+    tfl = get_converter("onnx2tf").convert(art, x[:200], PRE, per_channel=True, out_path=tmp_path / "m.tflite")
+    assert inspect_tflite.inspect(tfl.path).fully_int8
+    got = TfliteRunner(tfl.path).run(x[:200]).outputs
+    ref = models.run_fp32(model, x[:200])
+    assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.9
+
+
+def test_a_divisible_adaptive_pool_is_exported_as_is(tmp_path, raw_images):
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.AdaptiveAvgPool2d(3), nn.Flatten(), nn.Linear(36, 5))
+    model = models.LoadedModel(spec="adaptive", kind="factory", module=net.eval(), input_shape=(1, 12, 12))
+    art = export_onnx(model, preprocessing.apply(raw_images[:8], PRE), tmp_path / "model.onnx")
+    assert art.rewrites == () and "rewrites" not in art.describe()
+
+
 def test_conversion_is_fully_int8_with_per_channel_weights(converted):
     _, _, _, tfl = converted
     insp = inspect_tflite.inspect(tfl.path)

@@ -1,6 +1,7 @@
 """Stage 1: PyTorch -> ONNX with a dynamic batch dimension, checked and compared with PyTorch."""
 from __future__ import annotations
 
+import contextlib
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -29,13 +30,15 @@ class OnnxArtifact:
     samples: int
     source: str  # "exported" or "given"
     reused: bool = False  # copied from an earlier target of the same multi-target call (stages/reuse.py)
+    rewrites: tuple = ()  # export-time substitutions that made torch.onnx.export succeed (dicts; see below)
 
     def describe(self) -> dict:
         from pipeline.stages.reuse import Reuse
         return {"path": self.path.name, "bytes": self.bytes, "opset": self.opset, "input_name": self.input_name,
                 "output_name": self.output_name, "dynamic_batch": self.dynamic_batch,
                 "max_abs_error_vs_pytorch": self.max_abs_error, "tolerance": self.tolerance,
-                "compared_samples": self.samples, "source": self.source} | ({"reused": Reuse.NOTE} if self.reused else {})
+                "compared_samples": self.samples, "source": self.source} | ({"reused": Reuse.NOTE} if self.reused else {}) \
+            | ({"rewrites": [dict(r) for r in self.rewrites]} if self.rewrites else {})
 
 
 def _copy_given(model: LoadedModel, out_path: Path) -> int:
@@ -73,6 +76,51 @@ def _first_output(module):
     return FirstOutput(module).eval()
 
 
+def _pool_matrix(n_in: int, n_out: int):
+    """Row i averages input positions [floor(i*n_in/n_out), ceil((i+1)*n_in/n_out)): PyTorch's adaptive bins."""
+    import torch
+    m = torch.zeros(n_out, n_in)
+    for i in range(n_out):
+        lo, hi = (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
+        m[i, lo:hi] = 1.0 / (hi - lo)
+    return m
+
+
+ADAPTIVE_POOL = {
+    "name": "adaptive_avg_pool_matmul",
+    "why": "torch.onnx.export has no AdaptiveAvgPool2d whose output size does not divide the input size (alexnet's "
+           "6x6 pool on a 64x64 input); at the export's fixed spatial size the pool is the linear map "
+           "A @ x @ B^T with constant bin-averaging matrices, exported as two MatMuls",
+    "exact": True,
+}
+
+
+@contextlib.contextmanager
+def _exportable_adaptive_avg_pool():
+    """During the export only: F.adaptive_avg_pool2d (which nn.AdaptiveAvgPool2d calls) as two constant MatMuls
+    when the output size does not divide the input size; every other call is left to PyTorch. Counts the calls
+    it replaced in the yielded list."""
+    import torch.nn.functional as F
+    original = F.adaptive_avg_pool2d
+    replaced: list[tuple] = []
+
+    def pool(x, output_size):
+        h, w = int(x.shape[-2]), int(x.shape[-1])
+        oh, ow = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
+        oh, ow = oh or h, ow or w
+        if h % oh == 0 and w % ow == 0:
+            return original(x, output_size)
+        replaced.append(((h, w), (oh, ow)))
+        a, b = _pool_matrix(h, oh).to(x.dtype), _pool_matrix(w, ow).to(x.dtype)
+        return (a @ x) @ b.t()
+
+    F.adaptive_avg_pool2d = pool
+    try:
+        yield replaced
+    finally:
+        F.adaptive_avg_pool2d = original
+
+
 def tolerance_for(reference: np.ndarray) -> float:
     """FP32 ONNX should match PyTorch to float rounding: 1e-4 plus 1e-4 of the output range."""
     return 1e-4 + 1e-4 * float(np.abs(reference).max())
@@ -99,14 +147,28 @@ def export_onnx(model: LoadedModel, sample: np.ndarray, out_path: Path) -> OnnxA
     module = model.module
     if model.extra.get("outputs_returned", 1) > 1:  # export only the logits the FP32 reference uses
         module = _first_output(model.module)
-    try:
-        with warnings.catch_warnings():
+
+    def export(substitute: bool) -> list:
+        with warnings.catch_warnings(), (_exportable_adaptive_avg_pool() if substitute
+                                         else contextlib.nullcontext([])) as replaced:
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 module, (dummy,), str(out_path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                 dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
                 opset_version=OPSET, do_constant_folding=True, dynamo=False,
             )
+        return replaced
+
+    replaced: list = []
+    try:
+        try:
+            export(False)
+        except OSError:
+            raise
+        except Exception as e:
+            if "adaptive_avg_pool2d" not in str(e):
+                raise
+            replaced = export(True)  # only when needed; the check against PyTorch below measures it
     except OSError:  # writing the file failed (a full disk): the caller says so, not "export failed"
         raise
     except Exception as e:
@@ -129,8 +191,13 @@ def export_onnx(model: LoadedModel, sample: np.ndarray, out_path: Path) -> OnnxA
             f"ONNX outputs differ from PyTorch by up to {err:.3g} (tolerance {tol:.3g}) on {len(sample)} inputs; "
             "the model likely has export-unsafe code (data-dependent control flow or training-mode layers)"
         )
+    rewrites = ()
+    if replaced:
+        shapes = sorted({f"{h}x{w}->{oh}x{ow}" for (h, w), (oh, ow) in replaced})
+        rewrites = ({**ADAPTIVE_POOL, "pools": len(replaced), "shapes": shapes, "max_abs_diff": err,
+                     "tolerance": tol, "samples": len(sample)},)
     return OnnxArtifact(
         path=out_path, bytes=out_path.stat().st_size, opset=OPSET, input_name=INPUT_NAME,
         output_name=OUTPUT_NAME, dynamic_batch=True, max_abs_error=err, tolerance=tol, samples=len(sample),
-        source="exported",
+        source="exported", rewrites=rewrites,
     )
