@@ -399,6 +399,33 @@ def test_clipping_leaves_tensors_without_outliers_alone():
     assert not any(n.op_type == "Clip" for n in new.graph.node) and rec["top1_agreement"] == 1.0
 
 
+def test_clipping_skips_the_int64_concat_of_a_shape_computation():
+    """x.view(x.size(0), -1) exports a Shape -> Gather -> Unsqueeze -> Concat (int64) -> Reshape chain; Concat is a
+    clipping candidate, and exposing it as a float output made onnxruntime refuse the graph (mobilevit_xxs)."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3, padding=1)
+            self.fc = nn.Linear(4 * 12 * 12, 3)
+
+        def forward(self, x):
+            y = torch.cat([self.conv(x), -self.conv(x)], 1)[:, :4]
+            return self.fc(torch.relu(y).view(y.size(0), -1))
+
+    torch.manual_seed(3)
+    model = to_onnx(Net())
+    concats = [n for n in model.graph.node if n.op_type == "Concat"]
+    assert len(concats) >= 2  # the float one and the shape one
+    x = calib(64)
+    x[1, 0, 4, 4] = 80.0
+    new, rec = clipping.clip_activations(model, x, percentile=99.9)
+    onnx.checker.check_model(new)
+    shape_concat = next(n.output[0] for n in concats if any(
+        c.op_type == "Reshape" and c.input[1] == n.output[0] for c in model.graph.node))
+    assert shape_concat not in {c["tensor"] for c in rec["clipped"]}
+    assert rec["changed_layers"] >= 1 and run(new, x)[0].shape == (64, 3)
+
+
 # --------------------------------------------------------------------------- end to end: int8 TFLite, per tensor
 
 def trained_dw_net(tiny_npz) -> nn.Sequential:
