@@ -296,21 +296,31 @@ def bench_export(name: str, conv: str, weights: str | None, data: Path, args, wo
            "signal": pr["signal"], "timed_out": pr["timed_out"], "time_s": pr["seconds"], "log": str(lf)}
     rep_path = out / "report.json"
     if rep_path.is_file():
-        rep = json.loads(rep_path.read_text())
-        acc, q = rep.get("accuracy", {}), rep.get("quantization", {})
-        row.update({
-            "fully_int8": q.get("fully_int8"), "converter": rep.get("conversion", {}).get("converter"),
-            "agreement": acc.get("agreement"), "max_error_steps": acc.get("max_error_steps"),
-            "fp32_top1": acc.get("fp32_top1"), "int8_top1": acc.get("int8_top1"),
-            "tflite_ops": q.get("ops"), "onnx": str(out / "model.onnx"), "report": str(rep_path),
-            "gates_failed": [k for k, g in rep.get("gates", {}).items() if isinstance(g, dict) and not g.get("passed")],
-            "pipeline_time_s": rep.get("timings_s", {}).get("total"),
-        })
-        if row["gates_failed"]:
-            row["note"] = "gates failed: " + ",".join(row["gates_failed"])
+        row.update(from_report(rep_path))
     else:
         row["fully_int8"] = False
         row["failure"] = _failure(pr, lf, args.timeout, lambda: with_signal_name(failure_line(lf)))
+    return row
+
+
+def from_report(rep_path: Path) -> dict:
+    """A pipeline row's figures from its report.json: route kept, rewrites, recovery, accuracy, gates."""
+    rep = json.loads(rep_path.read_text())
+    acc, q, conv = rep.get("accuracy", {}), rep.get("quantization", {}), rep.get("conversion", {})
+    rewrites = [r["name"] for r in [*rep.get("onnx", {}).get("rewrites", []), *conv.get("rewrites", [])]]
+    row = {
+        "fully_int8": q.get("fully_int8"), "converter": conv.get("converter"),
+        "routes_tried": [f"{r.get('route')}: {'kept' if r.get('kept') else r.get('reason', '')}"
+                         for r in conv.get("routes_tried", [])],
+        "rewrites": rewrites, "recovered": (rep.get("recovery") or {}).get("kept"),
+        "agreement": acc.get("agreement"), "max_error_steps": acc.get("max_error_steps"),
+        "fp32_top1": acc.get("fp32_top1"), "int8_top1": acc.get("int8_top1"),
+        "tflite_ops": q.get("ops"), "onnx": str(rep_path.parent / "model.onnx"), "report": str(rep_path),
+        "gates_failed": [k for k, g in rep.get("gates", {}).items() if isinstance(g, dict) and not g.get("passed")],
+        "pipeline_time_s": rep.get("timings_s", {}).get("total"),
+    }
+    if row["gates_failed"]:
+        row["note"] = "gates failed: " + ",".join(row["gates_failed"])
     return row
 
 
@@ -386,8 +396,8 @@ def fmt(v, nd=3):
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
-    head = ["arch", "input", "weights", "route/peer", "fully int8", "agreement", "max error steps", "time s",
-            "FP32 top-1", "failure reason"]
+    head = ["arch", "input", "weights", "route/peer", "fully int8", "kept route", "rewrites", "agreement",
+            "max error steps", "time s", "FP32 top-1", "failure reason"]
     out = [f"Measured {meta['date']} on {meta['host']}; pipeline checkout {meta['repo']}; eval {meta['eval_limit']} "
            f"test images, {meta['calib_size']} calibration images (Fashion-MNIST as RGB 64x64); weights: "
            f"{'fine-tuned ' + str(meta['train_steps']) + ' steps' if meta.get('train_steps') else 'seeded random init'}"
@@ -396,14 +406,27 @@ def markdown(rows: list[dict], meta: dict) -> str:
     for r in rows:
         why = r.get("failure") or r.get("note") or ""
         why = why.replace("|", "\\|").replace("\n", " ")[:220]
+        kept = (r.get("converter") or "-") + (f" (recovered: {r['recovered']})" if r.get("recovered") else "")
         out.append("| " + " | ".join([r["arch"], r.get("input", ""), r.get("weights", "-"), r["route"],
-                                       fmt(r.get("fully_int8")), fmt(r.get("agreement")),
+                                       fmt(r.get("fully_int8")), kept, ", ".join(r.get("rewrites") or []) or "-",
+                                       fmt(r.get("agreement")),
                                        fmt(r.get("max_error_steps"), 1), fmt(r.get("time_s"), 1),
                                        fmt(r.get("fp32_top1")), why]) + " |")
     return "\n".join(out) + "\n"
 
 
 # --------------------------------------------------------------------------- main
+
+def render(json_path: Path) -> int:
+    """The markdown table of a results file; rows whose report.json is still there are refreshed from it."""
+    res = json.loads(json_path.read_text())
+    rows = res["rows"]
+    for r in rows:
+        if r.get("kind") == "pipeline" and r.get("report") and Path(r["report"]).is_file():
+            r.update(from_report(Path(r["report"])))
+    print(markdown(rows, res["meta"]))
+    return 0
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
@@ -436,7 +459,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--verbose-tools", action="store_true", help="pass -v to the export (tools' own output in logs)")
     p.add_argument("--quick", action="store_true", help=f"preset: --archs {QUICK_ARCHS} --eval-limit 256 "
                    "--calib-size 100")
+    p.add_argument("--render", metavar="JSON", help="print the table of an earlier run's results file, each "
+                   "pipeline row re-read from its report.json (no run)")
     args = p.parse_args(argv)
+    if args.render:
+        return render(Path(args.render))
     if args.quick:
         args.archs, args.eval_limit, args.calib_size = QUICK_ARCHS, 256, 100
 
