@@ -113,3 +113,17 @@ def test_massive_activations_collapse_per_channel_int8_and_cle_with_bias_absorpt
     absorbed = rc["attempts"][0]["record"]["bias_absorption"]["absorbed"]
     assert any(a["conv1"] == "/features/features.14/Conv" and a["channels"] >= 4 for a in absorbed), absorbed
     assert rc["attempts"][0]["record"]["fp32_max_rel_diff"] < 1e-4
+
+
+@pytest.mark.slow
+def test_a_tool_that_lowers_agreement_is_dropped_from_the_recovery_chain(tmp_path):
+    """clip_percentile makes refcnn-massive worse (measured 12.6% agreement against 48.5% as converted): with
+    ``--recover clip_percentile,cle`` it is dropped, and CLE starts from the original graph, not from the clipped
+    one (before, the second attempt was clip_percentile+cle)."""
+    p, rep = _export(tmp_path / "chain", "--recover", "clip_percentile,cle", case=MASSIVE, per_tensor=False)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
+    first, second = rep["recovery"]["attempts"]
+    assert first["tool"] == "clip_percentile" and first["converted"] and not first["passed_gates"]
+    assert first["agreement"] < 0.5 and "dropped" in first
+    assert second["attempt"] == "cle" and second["passed_gates"] and rep["recovery"]["kept"] == "cle"
+    assert rep["accuracy"]["agreement"] >= 0.98

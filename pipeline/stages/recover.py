@@ -1,7 +1,8 @@
 """Stage ``recover`` (``--recover auto`` or a list of tools): when an accuracy gate fails, repair the FP32 graph
 and convert again, until the gates pass (README "When int8 hurts").
 
-The tools (:mod:`pipeline.recover`) rewrite the ONNX model before conversion and are applied cumulatively, in
+The tools (:mod:`pipeline.recover`) rewrite the ONNX model before conversion and are applied cumulatively (a
+tool whose attempt fails or lowers top-1 agreement is dropped and the next one starts without it), in
 this order for ``auto`` (``ORDER``): cross-layer equalization with bias absorption (ReLU6 between a pair is
 replaced by ReLU, as Nagel et al. do; the change is in the record and in the accuracy figures), then bias
 correction of the weight rounding (for the weight granularity the target uses), then percentile clipping of the
@@ -61,7 +62,8 @@ class Recovery:
 
     def describe(self) -> dict:
         return {"mode": self.mode, "order": list(self.order or (ORDER if self.mode == AUTO else self.mode.split(","))),
-                "applied": "cumulatively (each attempt adds one tool to the previous ones), from the FP32 ONNX graph",
+                "applied": ("cumulatively from the FP32 ONNX graph: each attempt adds one tool to the ones kept so far; a "
+                            "tool whose attempt failed or lowered top-1 agreement is dropped from the chain"),
                 "compared_with": "the original FP32 model's outputs (a tool's FP32 change counts against it)",
                 "kept": self.kept, "attempts": [dict(a) for a in self.attempts],
                 "not_tried": [dict(n) for n in self.not_tried], "seconds": round(self.seconds, 3)}
@@ -113,6 +115,7 @@ def recover(mode: str, cmp, onnx, tfl, ran, inp, target, *, work: Path, max_drop
     model = onnx_lib.load(str(onnx.path))
     attempts: list[dict] = []
     applied: list[str] = []
+    best = cmp.agreement  # a tool stays in the chain only when its attempt is at least as close
     run = _Attempts(onnx, inp, target, route, calib, in_process, verbose, batch_size, max_drop_pp, min_agreement,
                     tfl, ran, work, log)
     with tempfile.TemporaryDirectory(prefix="edge-int8-recover-") as tmp:
@@ -138,17 +141,23 @@ def recover(mode: str, cmp, onnx, tfl, ran, inp, target, *, work: Path, max_drop
                 attempts.append({"attempt": name, "tool": tool, "record": rec, "converted": False,
                                  "note": "nothing to change in this graph", "seconds": round(time.perf_counter() - t0, 3)})
                 continue
-            model, applied = new, [*applied, tool]
             d = Path(tmp) / name
             d.mkdir()
             path = d / "model_recovered.onnx"
-            onnx_lib.save(model, str(path))
+            onnx_lib.save(new, str(path))
             onnx2 = dataclasses.replace(onnx, path=path, bytes=path.stat().st_size)
             done = run(name, tool, rec, onnx2, d, attempts, t0)
             if done is not None:
                 shutil.copy2(path, work / "model_recovered.onnx")
                 return Recovery(mode, tuple(attempts), skipped, name, *run.keep(done),
                                 time.perf_counter() - t_all, tools)
+            got = attempts[-1].get("agreement")
+            if got is None or got < best:  # the next tool starts from the graph before this one
+                attempts[-1]["dropped"] = (f"agreement {got:.2%} below the best so far ({best:.2%}): the next tool "
+                                           "starts without it" if got is not None else
+                                           "the attempt failed: the next tool starts without it")
+                continue
+            model, applied, best = new, [*applied, tool], got
     return Recovery(mode, tuple(attempts), skipped, None, seconds=time.perf_counter() - t_all, order=tools)
 
 
