@@ -111,6 +111,19 @@ class Attention(nn.Module):
         return self.head((t + self.proj(o)).mean(1))
 
 
+class XcaNet(nn.Module):
+    """edgenext's cross-covariance attention: F.normalize of q and k over the tokens, then q @ k^T."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.q, self.k, self.head = nn.Conv2d(3, c, 4, 4), nn.Conv2d(3, c, 4, 4), nn.Linear(c * c, 5)
+
+    def forward(self, x):
+        q, k = self.q(x).flatten(2), self.k(x).flatten(2)  # [N, C, T]
+        a = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)  # [N, C, C]
+        return self.head(a.flatten(1))
+
+
 def _export(module: nn.Module, path: Path) -> Path:
     """As pipeline/conversion/onnx_export.py exports: opset 17, dynamic batch, constant folding, the TorchScript exporter."""
     torch.manual_seed(0)
@@ -329,6 +342,15 @@ def test_layernorm_rewrite_is_exact_for_the_op_and_the_decomposed_form(tmp_path,
         _assert_valid(src, dst)
 
 
+def test_l2_normalize_rewrite_is_exact(tmp_path, inputs):
+    src, dst, records = _rewrite(tmp_path, _model(XcaNet), inputs, ["l2_normalize"])
+    (rec,) = records
+    assert rec.nodes_changed == 2 * 4 and rec.max_abs_diff <= 1e-5 and rec.top1_agreement == 1.0  # 2 x 4 nodes
+    ops = [n.op_type for n in onnx.load(str(dst)).graph.node]
+    assert "ReduceL2" not in ops and "Expand" not in ops and ops.count("Sqrt") == 2, ops
+    _assert_valid(src, dst)
+
+
 def test_no_record_and_an_identical_graph_when_nothing_matches(tmp_path, inputs):
     m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 16 * 16, 3))
     src, dst, records = _rewrite(tmp_path, _model(lambda: m), inputs)
@@ -401,6 +423,16 @@ def test_layernorm_rewrite_converts_to_int8_where_the_op_did_not(tmp_path, input
     assert "LayerNormalization" in res[str(src)].get("error", ""), res[str(src)]
     after = res[str(dst)]
     assert "RSQRT" in after["ops"] and "SQRT" not in after["ops"] and "DIV" not in after["ops"], after["ops"]
+    _assert_int8_and_close(after, _fp32(src, inputs))
+
+
+def test_l2_normalize_converts_to_rsqrt_without_an_int8_div(tmp_path, inputs):
+    src, dst, _ = _rewrite(tmp_path, _model(XcaNet), inputs, ["l2_normalize", "static_reshape"])
+    res = _convert(inputs, src, dst)
+    before, after = res[str(src)], res[str(dst)]
+    # as exported, onnx2tf makes ReduceL2 a float SQUARE + SQRT and the division an int8 DIV
+    assert not before["fully_int8"] and any("SQUARE" in o for o in before["offending"]), before
+    assert "RSQRT" in after["ops"] and "DIV" not in after["ops"], after["ops"]
     _assert_int8_and_close(after, _fp32(src, inputs))
 
 

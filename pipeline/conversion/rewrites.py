@@ -743,6 +743,66 @@ register(Rewrite(
         "MEAN/SUB/MUL/ADD/RSQRT, all int8"))
 
 
+# --------------------------------------------------------------------------- L2 normalisation
+
+def _l2_normalize_match(g: Graph) -> list:
+    """F.normalize(x, dim) as torch exports it: Div(x, Expand(Clip(ReduceL2(x, axes, keepdims=1), min=eps),
+    Shape(x))), the Expand optional (edgenext's cross-covariance attention normalises q and k)."""
+    found = []
+    for n in g.nodes:
+        if n.op_type != "ReduceL2" or g.attr(n, "keepdims", 1) != 1:
+            continue
+        axes = _reduce_axes(g, n)
+        if axes is None or len(n.input) < 1:
+            continue
+        clip = g.only_consumer(n.output[0], "Clip")
+        if clip is None:
+            continue
+        eps = _scalar(g, clip.input[1]) if len(clip.input) > 1 and clip.input[1] else g.attr(clip, "min")
+        has_max = (len(clip.input) > 2 and clip.input[2]) or g.attr(clip, "max") is not None
+        if eps is None or eps < 0 or has_max:
+            continue
+        nxt, expand = clip, None
+        e = g.only_consumer(clip.output[0], "Expand")
+        if e is not None:
+            shape_node = g.producer.get(e.input[1])
+            if shape_node is None or shape_node.op_type != "Shape" or shape_node.input[0] != n.input[0]:
+                continue
+            nxt, expand = e, e
+        div = g.only_consumer(nxt.output[0], "Div")
+        if div is None or list(div.input) != [n.input[0], nxt.output[0]]:
+            continue
+        chain = [n, clip, *([expand] if expand is not None else []), div]
+        found.append(_Match([r.name for r in chain], {"x": n.input[0], "out": div.output[0], "eps": float(eps),
+                                                      "axes": [int(a) for a in np.asarray(axes).ravel()],
+                                                      "remove": chain, "anchor": div}))
+    return found
+
+
+def _l2_normalize_rebuild(g: Graph, found: list) -> None:
+    for m in found:
+        x, out, base = m.data["x"], m.data["out"], m.data["anchor"].name or "l2_normalize"
+        f = _np_float(g, x)
+        sq = g.node("Mul", [x, x], base + "_sq")
+        axes = np.asarray(m.data["axes"], np.int64)
+        if g.opset >= 13:
+            ss = g.node("ReduceSum", [sq.output[0], g.constant(base + "_axes", axes)], base + "_sum", keepdims=1)
+        else:
+            ss = g.node("ReduceSum", [sq.output[0]], base + "_sum", axes=list(axes), keepdims=1)
+        floor = g.node("Max", [ss.output[0], g.constant(base + "_eps2", f(m.data["eps"]) ** 2)], base + "_max")
+        root = g.node("Sqrt", [floor.output[0]], base + "_sqrt")
+        # x / sqrt(v): TFLiteConverter makes it x * RSQRT(v), int8 kernels (as for layernorm)
+        div = g.node("Div", [x, root.output[0]], base + "_div", [out])
+        g.insert_before(m.data["anchor"], [sq, ss, floor, root, div])
+        g.remove(*m.data["remove"])
+
+
+register(Rewrite(
+    "l2_normalize", exact=True, match=_l2_normalize_match, rebuild=_l2_normalize_rebuild, atol=1e-4, rtol=1e-4,
+    why="F.normalize exports as x / max(ReduceL2(x), eps): a DIV whose int8 kernel refuses some divisors at run "
+        "time; x / sqrt(max(sum(x*x), eps^2)) is the same value and converts to MUL, SUM, MAXIMUM and RSQRT"))
+
+
 # --------------------------------------------------------------------------- channel shuffle
 
 def _channel_shuffle_match(g: Graph) -> list:
@@ -858,8 +918,8 @@ register(Rewrite(
 # Applied before every onnx2tf conversion: exact, and without them onnx2tf 1.28 writes a PADV2 whose -3.4e38 pad
 # value gets an int8 scale of ~1e36 (LiteRT aborts on resnet18; googlenet's XNNPACK refuses the model).
 ALWAYS_REWRITES = ("maxpool_pad", "pad_into_conv")
-DEFAULT_ORDER = ("maxpool_pad", "pad_into_conv", "gelu_tanh", "layernorm", "channel_shuffle", "broadcast_rank",
-                 "static_reshape")
+DEFAULT_ORDER = ("maxpool_pad", "pad_into_conv", "gelu_tanh", "layernorm", "l2_normalize", "channel_shuffle",
+                 "broadcast_rank", "static_reshape")
 
 
 def _run(model_bytes: bytes, x: np.ndarray, batch: int | None) -> list[np.ndarray]:
