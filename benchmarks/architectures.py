@@ -263,8 +263,8 @@ def child_peer_eval(tflite: str, onnx_path: str, data: str, out: str, limit: int
 
 def train_weights(name: str, steps: int, work: Path, repo: Path, timeout: float) -> tuple[str | None, dict]:
     wdir = work / "weights"
-    w = wdir / f"{name}-{steps}.pt"
-    meta = wdir / f"{name}-{steps}.json"
+    w = wdir / f"{name}-{steps}-bnrecal.pt"  # the name changes with the recipe (BN recalibrated after training)
+    meta = wdir / f"{name}-{steps}-bnrecal.json"
     if w.is_file() and meta.is_file():
         return str(w), json.loads(meta.read_text())
     code = (f"import json,sys; sys.path.insert(0, {str(repo)!r}); from benchmarks.arch_models import train;"
