@@ -764,10 +764,16 @@ def _l2_normalize_match(g: Graph) -> list:
             continue
         nxt, expand = clip, None
         e = g.only_consumer(clip.output[0], "Expand")
-        if e is not None:
+        if e is not None:  # to x's own shape: Shape(x), or that shape as a constant (a fixed-batch graph)
             shape_node = g.producer.get(e.input[1])
-            if shape_node is None or shape_node.op_type != "Shape" or shape_node.input[0] != n.input[0]:
-                continue
+            if shape_node is not None and shape_node.op_type == "Shape":
+                if shape_node.input[0] != n.input[0]:
+                    continue
+            else:
+                target = g.fold(e.input[1])
+                if target is None or tuple(int(v) for v in np.asarray(target).ravel()) != \
+                        tuple(g.probe().get(n.input[0], ())):
+                    continue
             nxt, expand = e, e
         div = g.only_consumer(nxt.output[0], "Div")
         if div is None or list(div.input) != [n.input[0], nxt.output[0]]:
