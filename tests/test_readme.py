@@ -40,6 +40,8 @@ NOT_RUN = {
                                                           "purpose (exit 1); tests/test_when_int8_hurts.py runs "
                                                           "them all",
     "benchmarks/architectures.py --archs all": "39 architectures fine-tuned and exported through every route (hours)",
+    "benchmarks/architectures.py --archs resnet18,googlenet": "two architectures fine-tuned, then exported through "
+                                                             "each route and the onnx2tf CLI (tens of minutes)",
 }
 # Blocks that run but take more than 10 s: marked slow.
 SLOW = {
