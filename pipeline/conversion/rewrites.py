@@ -291,7 +291,8 @@ def _drop_unused(model) -> None:
         g.initializer.extend(inits)
 
 
-def _elem_types(model) -> dict[str, int]:
+def elem_types(model) -> dict[str, int]:
+    """Tensor name -> ONNX element type, from shape inference (the graph as is where inference fails)."""
     import onnx
     try:
         inferred = onnx.shape_inference.infer_shapes(model)
@@ -329,7 +330,7 @@ def _probe_values(model, batch: int, shapes_only: bool) -> dict:
     if shape is None:
         return {}
     m = _copy(model)
-    types = _elem_types(m)
+    types = elem_types(m)
     have = {o.name for o in m.graph.output}
     for n in m.graph.node:
         for o in n.output:
@@ -601,7 +602,7 @@ def _gelu_match(g: Graph) -> list:
 
 
 def _np_float(g: Graph, x: str):
-    return np.float16 if _elem_types(g.model).get(x) == 10 else np.float32
+    return np.float16 if elem_types(g.model).get(x) == 10 else np.float32
 
 
 def _gelu_rebuild(form: str):

@@ -157,21 +157,6 @@ def session(model):
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
-def _elem_types(model, tensors: list[str]) -> list[int]:
-    """The ONNX element type of each tensor (shape inference; FLOAT where it cannot tell): a shape subgraph's
-    Concat is int64, and declaring it float makes onnxruntime refuse the whole graph."""
-    import onnx
-    known: dict[str, int] = {}
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-        for vi in [*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input]:
-            if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
-                known[vi.name] = vi.type.tensor_type.elem_type
-    except Exception:  # inference is a best effort: unknown tensors stay FLOAT, as before
-        pass
-    return [known.get(t, onnx.TensorProto.FLOAT) for t in tensors]
-
-
 def run(model, calib: np.ndarray, tensors: list[str] | None = None, batch_size: int = 64) -> dict[str, np.ndarray]:
     """Run ``model`` on ``calib`` (in batches); returns the graph outputs and the ``tensors`` asked for
     (intermediate tensors are exposed as extra graph outputs of a copy)."""
@@ -179,9 +164,11 @@ def run(model, calib: np.ndarray, tensors: list[str] | None = None, batch_size: 
     m = model
     extra = [t for t in (tensors or []) if t not in {o.name for o in model.graph.output}]
     if extra:
+        from pipeline.conversion.rewrites import elem_types
+        known = elem_types(model)  # a shape subgraph's Concat is int64: declared float, onnxruntime refuses the graph
         m = copy.deepcopy(model)
-        m.graph.output.extend(onnx.helper.make_tensor_value_info(t, dtype, None)
-                              for t, dtype in zip(extra, _elem_types(model, extra)))
+        m.graph.output.extend(onnx.helper.make_tensor_value_info(t, known.get(t, onnx.TensorProto.FLOAT), None)
+                              for t in extra)
     sess = session(m)
     names = [o.name for o in sess.get_outputs()]
     feed = input_name(model)
