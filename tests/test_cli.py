@@ -605,6 +605,40 @@ def test_sigterm_mid_export_cleans_up(tmp_path, tinynet_dir, tiny_npz, procs):
     assert not procs.alive(workers)
 
 
+def test_ctrl_c_while_the_conversion_worker_starts_stops_everything_cleanly(tmp_path, tinynet_dir, tiny_npz, procs):
+    """A terminal's Ctrl-C goes to the whole process group, the conversion worker included, which is still starting
+    up (importing its converter) at the moment the export begins: exit 130, one line, no traceback from any process,
+    no output folder, no worker left."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(tinynet_dir)])}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.export", "--model", "tinynet:tinynet", "--weights",
+                             str(tinynet_dir / "tinynet.pt"), "--data", str(tiny_npz), "--calib-size", "50",
+                             "--out", str(out)], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    workers: list[int] = []
+    deadline = time.monotonic() + 120
+    while not workers and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+        workers = procs.children(proc.pid)
+    assert workers and proc.poll() is None, "the conversion worker process should be starting by now"
+    os.killpg(proc.pid, signal.SIGINT)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1].startswith("error: interrupted"), err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == []
+    t_end = time.monotonic() + 10
+    while procs.alive(workers) and time.monotonic() < t_end:
+        time.sleep(0.1)
+    assert not procs.alive(workers)
+
+
 def test_summary_says_larger_when_the_tflite_file_is_larger(tiny_export):
     from pipeline.report.summary import summary
     from pipeline.report import Report

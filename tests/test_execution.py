@@ -125,6 +125,26 @@ if __name__ == "__main__":  # spawn workers import this file again
 """
 
 
+def test_stop_signals_stay_held_while_the_first_worker_starts():
+    """A Ctrl-C that reaches a worker still starting up (``import site``) killed it with a traceback: CPython's
+    resource tracker, started with the first pool's queues, unblocks SIGINT and SIGTERM in the calling thread once it
+    has spawned, so the first worker used to be spawned unprotected. Run in a fresh interpreter, where no tracker
+    runs yet: the mask must still hold both signals after the worker is spawned."""
+    probe = (
+        "import multiprocessing as mp, os, signal\n"
+        "from concurrent.futures import ProcessPoolExecutor\n"
+        "from pipeline.execution.local import stop_signals_deferred\n"
+        "with stop_signals_deferred():\n"
+        "    pool = ProcessPoolExecutor(1, mp_context=mp.get_context('spawn'))\n"
+        "    future = pool.submit(os.getpid)\n"
+        "    held = signal.pthread_sigmask(signal.SIG_BLOCK, [])\n"
+        "future.result(timeout=60); pool.shutdown()\n"
+        "print(sorted(s.name for s in held & {signal.SIGINT, signal.SIGTERM}))\n")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["['SIGINT',", "'SIGTERM']"]
+
+
 @pytest.mark.parametrize("ray", [None, "auto"])
 def test_ctrl_c_stops_every_worker_and_keeps_the_cells_done(tmp_path, ray):
     script = tmp_path / "run.py"

@@ -30,6 +30,7 @@ from pipeline import errors
 from pipeline.conversion import TfliteArtifact, get_converter
 from pipeline.conversion.onnx2tf_tflite import _short
 from pipeline.errors import ConversionError, PipelineError
+from pipeline.execution.local import STOP_SIGNALS, stop_signals_deferred
 
 
 _PR_SET_PDEATHSIG = 1
@@ -47,6 +48,11 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 def _serve(name: str, verbose: bool, conn, parent_pid: int | None = None) -> None:
+    # Started with SIGINT and SIGTERM held (stop_signals_deferred): Ctrl-C is the parent's, which reports it and
+    # terminates this process; then the held signals are let through.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     if parent_pid is not None:
         _die_with_parent(parent_pid)
     from pipeline.conversion.offline import block_network
@@ -140,7 +146,8 @@ class ConverterProcess:
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(target=_serve, args=(name, verbose, child, os.getpid()), name="pipeline-convert",
                                  daemon=True)
-        self._proc.start()
+        with stop_signals_deferred():  # a Ctrl-C while it starts up would end it with a traceback (see _serve)
+            self._proc.start()
         child.close()
 
     def convert(self, onnx, representative: np.ndarray, pre, **kwargs) -> TfliteArtifact:

@@ -15,6 +15,7 @@ import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from multiprocessing import resource_tracker
 
 from pipeline.execution.cells import Cell, execute
 
@@ -34,6 +35,9 @@ def stop_signals_deferred():
     if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
         yield
         return
+    # CPython's resource tracker, started with the first pool's queues, unblocks SIGINT and SIGTERM in this thread
+    # once it has spawned (its own start-up is protected, the next worker's would not be): start it first.
+    resource_tracker.ensure_running()
     got: list[int] = []
     previous = {s: signal.signal(s, lambda signum, frame: got.append(signum)) for s in STOP_SIGNALS}
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
