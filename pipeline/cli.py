@@ -154,6 +154,15 @@ class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 # --------------------------------------------------------------------------- main
 
+def _ignore_further_interrupts() -> None:
+    """The run is over and exits 130: a second Ctrl-C (or one still on its way) must not kill the process while
+    it shuts down, with SIGINT's default action (status -2) instead of that status."""
+    import signal
+    import threading
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def run_main(run: Callable[[], T], *, interrupted_note: str = "", then: Callable[[T], int] | None = None) -> int:
     """Run a command's work and return its exit status; the one place that turns failures into ``error:`` lines.
 
@@ -171,6 +180,7 @@ def run_main(run: Callable[[], T], *, interrupted_note: str = "", then: Callable
         print(f"error: {e}", file=sys.stderr)
         return e.exit_status
     except KeyboardInterrupt:
+        _ignore_further_interrupts()
         print(f"error: interrupted{interrupted_note}", file=sys.stderr)
         return INTERRUPTED_STATUS
     except Terminated:

@@ -144,6 +144,32 @@ def test_run_main_without_note_and_a_plain_pipeline_error(capsys):
     assert capsys.readouterr().err.splitlines() == ["error: interrupted", "error: x"]
 
 
+def test_a_ctrl_c_that_comes_late_still_exits_130():
+    """After the one line, the process shuts down (its exit handlers, its children reaped); a Ctrl-C still on its
+    way or pressed again then used to end it by SIGINT's default action (status -2, seen about one run in ten
+    when the signal reached the export while its conversion worker started) instead of 130."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    code = ("import os, signal, sys\nfrom pipeline import cli\n"
+            "def work():\n    raise KeyboardInterrupt\n"
+            "status = cli.run_main(work)\n"
+            "os.kill(os.getpid(), signal.SIGINT)\n"
+            "sys.exit(status)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                          text=True, timeout=60)
+    assert (proc.returncode, proc.stderr) == (130, "error: interrupted\n")
+
+
+@pytest.fixture(autouse=True)
+def _sigint_handler_restored():
+    """run_main ignores SIGINT once it has mapped a Ctrl-C (the process is about to exit): not pytest's."""
+    import signal
+    before = signal.getsignal(signal.SIGINT)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 def test_run_main_returns_the_work_status_or_then(capsys):
     assert cli.run_main(lambda: 1) == 1
     assert cli.run_main(lambda: ("a", 3), then=lambda r: r[1]) == 3
