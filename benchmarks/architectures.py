@@ -16,8 +16,11 @@ For each architecture (``benchmarks/arch_models.py``; 3x64x64 RGB, 10 classes):
 2. for each ``--converters`` name (default: the pipeline's converter registry, plus ``auto`` if it offers one):
    ``python -m pipeline.export --model benchmarks.arch_models:NAME --input-shape 3,64,64 --data <npz>`` in a fresh
    process with a timeout; ``report.json`` gives fully_int8, converter, agreement, max error in output steps;
-3. the peer: the onnx2tf 1.28 CLI, ``onnx2tf -i model.onnx -oiqt -cind input calib.npy MEAN STD``, with the network
-   blocked (``unshare -n``) on the SAME ``model.onnx`` the export wrote (when the export failed before writing its
+3. the peers (``--peers``, default both): the onnx2tf 1.28 CLI (TensorFlow's converter), ``onnx2tf -i model.onnx
+   -oiqt -cind input calib.npy MEAN STD``, and the onnx2tf 2.x CLI (``.venv/routes/onnx2tf2``, its default
+   TensorFlow-free ``flatbuffer_direct`` backend) with the same flags, run network-locked the way the pipeline's
+   own onnx2tf 2.x child runs (its ``sitecustomize`` plus ``unshare -n``); each with the network
+   blocked on the SAME ``model.onnx`` the export wrote (when the export failed before writing its
    folder, the ONNX is written by the pipeline's own stage-1 code ``pipeline.conversion.onnx_export.export_onnx`` in a fresh
    process, from the same seeded factory and weights), calibrated on the export's own representative set (rebuilt
    with ``calib_data.build`` from the same source, size and seed); its ``*_full_integer_quant.tflite`` is inspected
@@ -334,13 +337,36 @@ def with_signal_name(line: str) -> str:
     return re.sub(r"exit code -(\d+)(?! =)", name, line)
 
 
-def bench_peer(name: str, onnx_path: Path, report: Path | None, data: Path, args, work: Path, repo: Path) -> dict:
-    pdir = work / "runs" / name / "peer-onnx2tf"
+PEERS = {"1.28": "peer: onnx2tf 1.28 CLI -oiqt", "2.x": "peer: onnx2tf 2.x CLI -oiqt (flatbuffer_direct)"}
+
+
+def peer_command(peer: str, argv: list[str], pdir: Path) -> tuple[list[str], dict, str]:
+    """(command, environment, how the network is blocked) for one onnx2tf CLI peer."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="-1", TF_CPP_MIN_LOG_LEVEL="2")
+    if peer == "2.x":
+        from pipeline.conversion.onnx2tf_flatbuffer import DEFAULT_ROUTE_DIR, child_command
+        if not (DEFAULT_ROUTE_DIR / "onnx2tf" / "__main__.py").is_file():
+            raise FileNotFoundError(f"onnx2tf 2.x is not installed in {DEFAULT_ROUTE_DIR} (./setup.sh --install-only)")
+        cmd, lock_env = child_command(["-m", "onnx2tf", *argv], pdir / "lock")
+        env.update(lock_env)
+        env["PYTHONPATH"] = os.pathsep.join([str(DEFAULT_ROUTE_DIR), lock_env["PYTHONPATH"]])
+        env["PATH"] = os.pathsep.join([str(DEFAULT_ROUTE_DIR / "bin"), env.get("PATH", os.defpath)])
+        how = "blocked (sitecustomize" + (" + unshare -n)" if cmd[0] == "unshare" else ")")
+        return cmd, env, how
+    cmd = [str(Path(PY).with_name("onnx2tf")), *argv]
+    if shutil.which("unshare"):
+        return ["unshare", "-n"] + cmd, env, "blocked (unshare -n)"  # onnx2tf must not fetch its sample data
+    return cmd, env, "not blocked (no unshare)"
+
+
+def bench_peer(name: str, onnx_path: Path, report: Path | None, data: Path, args, work: Path, repo: Path,
+               peer: str = "1.28") -> dict:
+    tag = "" if peer == "1.28" else "-2x"
+    pdir = work / "runs" / name / f"peer-onnx2tf{tag}"
     if pdir.exists():
         shutil.rmtree(pdir)
     pdir.mkdir(parents=True)
-    row = {"arch": name, "route": "peer: onnx2tf 1.28 CLI -oiqt", "kind": "peer", "input": "3x64x64",
-           "onnx": str(onnx_path)}
+    row = {"arch": name, "route": PEERS[peer], "kind": "peer", "input": "3x64x64", "onnx": str(onnx_path)}
     calib = pdir / "calib_nhwc.npy"
     pr = run_proc([PY, str(Path(__file__).resolve()), "--_child", "calib", str(report or ""), str(data), str(calib),
                    str(args.calib_size)], repo, 600, work / "logs" / f"{name}.peer-calib.log")
@@ -350,13 +376,13 @@ def bench_peer(name: str, onnx_path: Path, report: Path | None, data: Path, args
     import onnx
     iname = onnx.load(str(onnx_path), load_external_data=False).graph.input[0].name
     m, s = json.dumps([[[[MEAN] * 3]]]), json.dumps([[[[STD] * 3]]])
-    o2t = str(Path(PY).with_name("onnx2tf"))
-    cmd = [o2t, "-i", str(onnx_path), "-o", str(pdir / "out"), "-oiqt", "-cind", iname, str(calib), m, s]
-    if shutil.which("unshare"):
-        cmd = ["unshare", "-n"] + cmd  # the network is blocked: onnx2tf must not fetch its sample data
-        row["network"] = "blocked (unshare -n)"
-    lf = work / "logs" / f"{name}.peer.log"
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="-1", TF_CPP_MIN_LOG_LEVEL="2")
+    try:
+        cmd, env, row["network"] = peer_command(peer, ["-i", str(onnx_path), "-o", str(pdir / "out"), "-oiqt",
+                                                       "-cind", iname, str(calib), m, s], pdir)
+    except FileNotFoundError as e:
+        row.update(fully_int8=False, failure=str(e))
+        return row
+    lf = work / "logs" / f"{name}.peer{tag}.log"
     pr = run_proc(cmd, pdir, args.timeout, lf, env=env)
     row.update(returncode=pr["returncode"], signal=pr["signal"], timed_out=pr["timed_out"], time_s=pr["seconds"],
                log=str(lf))
@@ -369,7 +395,7 @@ def bench_peer(name: str, onnx_path: Path, report: Path | None, data: Path, args
         return row
     row["tflite"] = str(files[0])
     res_path = pdir / "eval.json"
-    lf2 = work / "logs" / f"{name}.peer-eval.log"
+    lf2 = work / "logs" / f"{name}.peer{tag}-eval.log"
     pe = run_proc([PY, str(Path(__file__).resolve()), "--_child", "peer_eval", str(files[0]), str(onnx_path),
                    str(data), str(res_path), str(args.eval_limit)], repo, args.timeout, lf2)
     res = json.loads(res_path.read_text()) if res_path.is_file() else {}
@@ -445,7 +471,8 @@ def main(argv: list[str] | None = None) -> int:
                    "or 'all' (default: the 8 known failures and 8 known successes)")
     p.add_argument("--converters", default=None, help="comma-separated --converter names (default: every one "
                    "the pipeline offers, plus auto if offered)")
-    p.add_argument("--no-peer", action="store_true", help="skip the onnx2tf CLI peer")
+    p.add_argument("--no-peer", action="store_true", help="skip the onnx2tf CLI peers")
+    p.add_argument("--peers", default="1.28,2.x", help="which onnx2tf CLIs run as peers: 1.28, 2.x (default both)")
     p.add_argument("--train-steps", type=int, default=0, help="fine-tune N steps on Fashion-MNIST first (0: "
                    "seeded random init)")
     p.add_argument("--calib-size", type=int, default=200)
@@ -487,7 +514,10 @@ def main(argv: list[str] | None = None) -> int:
             "converters": converters, "eval_limit": args.eval_limit, "calib_size": args.calib_size,
             "train_steps": args.train_steps, "data": str(data)}
     rows: list[dict] = []
-    log(f"{len(names)} architectures x converters {converters} + {'no peer' if args.no_peer else 'onnx2tf CLI peer'}")
+    peers = [] if args.no_peer else [v.strip() for v in args.peers.split(",") if v.strip()]
+    if any(v not in PEERS for v in peers):
+        p.error(f"--peers takes {', '.join(PEERS)}, not {args.peers!r}")
+    log(f"{len(names)} architectures x converters {converters} + peers {peers or 'none'}")
     for name in names:
         weights, train_info = None, None
         if args.train_steps > 0:
@@ -518,13 +548,13 @@ def main(argv: list[str] | None = None) -> int:
                         r["onnx_ops"] = onnx_ops(onnx_path)
             except Exception:
                 pass
-        if not args.no_peer:
+        for peer in peers:
             if onnx_path is None:
-                rows.append({"arch": name, "route": "peer: onnx2tf 1.28 CLI -oiqt", "kind": "peer",
+                rows.append({"arch": name, "route": PEERS[peer], "kind": "peer",
                              "input": "3x64x64", "fully_int8": False, "failure": "no ONNX file to give it"})
             else:
-                log(f"{name}: peer onnx2tf CLI")
-                row = bench_peer(name, onnx_path, report, data, args, work, repo)
+                log(f"{name}: {PEERS[peer]}")
+                row = bench_peer(name, onnx_path, report, data, args, work, repo, peer)
                 row["weights"] = "fine-tuned" if weights else "random-init"
                 rows.append(row)
                 log(f"  -> fully_int8={row.get('fully_int8')} agreement={row.get('agreement')} "
