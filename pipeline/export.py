@@ -106,12 +106,17 @@ def line(cfg: ExportConfig, folder, log=print, reuse=None, worker=None):
     inp = step("prepare", prepare.prepare, cfg, log)
     t, precision = inp.target, inp.target.precision
     onnx = step("export_onnx", export_onnx.export_onnx, inp.model, inp.calib.array(), inp.x_test, work, reuse)
+    # The FP32 reference needs no TFLite file: while the conversion runs in its worker process, this process
+    # computes it (not when converting in this process: they would only compete).
+    fp32_ready = (run.Fp32Reference(onnx, inp.model, inp.x_test, batch_size=cfg.batch_size,
+                                    fp32_runtime=cfg.fp32_runtime)
+                  if cfg.convert_in != "process" and not _conversion_reused(cfg, t, reuse) else None)
     tfl = step("convert", convert.convert, onnx, inp.calib.array(), inp.pre, t, converter=cfg.converter,
                source=convert.torch_source(inp.model, cfg.model, cfg.weights), check=convert.check_sample(inp.model, onnx, inp.x_test, t, cfg),
                worker=worker, in_process=cfg.convert_in == "process", work=work, reuse=reuse, verbose=cfg.verbose)
     insp = step("inspect", inspect.inspect, tfl.path, t, tfl.converter)
     ran = step("run", run.run, tfl, onnx, inp.model, inp.x_test, t, batch_size=cfg.batch_size,
-               fp32_runtime=cfg.fp32_runtime, progress=inp.progress)
+               fp32_runtime=cfg.fp32_runtime, progress=inp.progress, fp32_ready=fp32_ready)
     mic = step("micro", micro.micro, tfl, inp.x_test, ran.tflite.raw_outputs, t, limit=cfg.micro_limit,
                progress=inp.progress)
     cmp = step("compare", compare.compare, ran, insp, inp.labels)
@@ -153,6 +158,11 @@ def line(cfg: ExportConfig, folder, log=print, reuse=None, worker=None):
     return rep
 
 
+def _conversion_reused(cfg: ExportConfig, target, reuse) -> bool:
+    from pipeline.stages.reuse import conversion_key
+    return reuse is not None and conversion_key(cfg.converter, target) in reuse.items
+
+
 def _soft(fn, *args, **kwargs):
     """The layer-wise debugger never fails an export (it runs by itself on a failing one, whose report matters
     more): any failure of it is the section's ``error``, one line."""
@@ -170,12 +180,11 @@ def export(cfg: ExportConfig, log=print, reuse=None) -> tuple[int, Path, object]
     folder beside it, whose ``tmp/`` is TMPDIR meanwhile, and moved in whole at the end, or not at all."""
     from pipeline import quiet
     from pipeline.outdir import OutputFolder
-    from pipeline.stages.reuse import conversion_key
     quiet.configure(cfg.verbose)
     target = export_target(cfg)
     out = out_path(cfg, target)
     with OutputFolder.claim(out, cfg.overwrite) as folder, folder.temp_files_inside():
-        converted = reuse is not None and conversion_key(cfg.converter, target) in reuse.items
+        converted = _conversion_reused(cfg, target, reuse)
         # The worker inherits TMPDIR (the staging folder's tmp/); none is needed when the conversion is reused.
         worker = None if converted else _start_worker(cfg)
         try:

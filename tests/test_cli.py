@@ -639,6 +639,26 @@ def test_ctrl_c_while_the_conversion_worker_starts_stops_everything_cleanly(tmp_
     assert not procs.alive(workers)
 
 
+def test_the_fp32_reference_computed_beside_the_conversion_is_the_models_and_says_so(tiny_export, tiny_npz):
+    """The FP32 side runs while the conversion worker converts: its logits are exactly those of onnxruntime on the
+    export's model.onnx over the test split, and its throughput figure says that it shared the CPU."""
+    import onnxruntime as ort
+    _, out = tiny_export
+    r = json.loads((out / "report.json").read_text())
+    fp32 = r["runtime"]["fp32"]
+    assert fp32["runtime"].startswith("onnxruntime on model.onnx")
+    assert fp32["measured_while"] == "the conversion (in its worker process) ran beside it: a throughput on a shared CPU"
+    with np.load(out / "predictions.npz", allow_pickle=False) as z:
+        logits = z["fp32_logits"]
+    with np.load(tiny_npz, allow_pickle=False) as z:
+        x = z["x_test"][:, None].astype(np.float32) / 255.0
+    mean, std = r["preprocessing"]["mean"][0], r["preprocessing"]["std"][0]
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    want = sess.run(None, {sess.get_inputs()[0].name: (x - mean) / std})[0]
+    assert logits.shape == want.shape == (r["data"]["evaluated"], 4)
+    np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-5)
+
+
 def test_summary_says_larger_when_the_tflite_file_is_larger(tiny_export):
     from pipeline.report.summary import summary
     from pipeline.report import Report

@@ -795,7 +795,8 @@ def _latency_html(report: dict) -> str:
     if _is_num(i8.get("images_per_s")):
         out.append(f"<p>Throughput (batch {_e(i8.get('batch_size'))}, host): deployed model {i8['images_per_s']:,.0f} "
                    f"images/s on LiteRT {_e(i8.get('kernels'))} with {_e(i8.get('threads'))} thread(s); FP32 "
-                   f"{_fmt_rate(f32.get('images_per_s'))} images/s on {_e(f32.get('runtime', ''))}.</p>")
+                   f"{_fmt_rate(f32.get('images_per_s'))} images/s on {_e(f32.get('runtime', ''))}"
+                   + (f" ({_e(f32['measured_while'])})" if f32.get("measured_while") else "") + ".</p>")
     dl = _d(report.get("device")).get("device_latency")
     if dl:
         out.append(f"<p class='muted'>Device latency: {_e(dl)}.</p>")

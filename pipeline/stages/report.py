@@ -50,7 +50,9 @@ def build(cfg, inputs, onnx, tflite, insp, ran, micro, cmp, sane, lat, timings: 
             "int8": measured,
             "fp32": {"runtime": ran.fp32_runtime, "images": n, "seconds": round(ran.fp32_seconds, 4),
                      "images_per_s": round(n / ran.fp32_seconds, 1) if ran.fp32_seconds else None,
-                     "measured_on": measured["measured_on"]},
+                     "measured_on": measured["measured_on"]}
+            | ({"measured_while": f"{ran.fp32_beside} ran beside it: a throughput on a shared CPU"}
+               if ran.fp32_beside else {}),
             "note": "host measurements on this machine's CPU, not device latency",
             "latency": _latency(lat),
         },
