@@ -124,6 +124,25 @@ class XcaNet(nn.Module):
         return self.head(a.flatten(1))
 
 
+class LinearAttention(nn.Module):
+    """EfficientViT's ReLU linear attention: (q (k^T [v, 1]))[..., :-1] / ((q k^T 1) + eps). Where ReLU zeroes a
+    query (its bias pushes most of them to zero here), the divisor is eps: below half an int8 step of its range."""
+
+    def __init__(self, sign=True):
+        super().__init__()
+        self.q, self.k, self.v = (nn.Conv2d(3, 8, 3, 2, 1) for _ in range(3))
+        self.h, self.sign = nn.Linear(8, 5), sign
+        with torch.no_grad():
+            self.q.bias.fill_(-1.5)
+
+    def forward(self, x):
+        q, k, v = (t.flatten(2).transpose(1, 2) for t in (torch.relu(self.q(x)), torch.relu(self.k(x)), self.v(x)))
+        if not self.sign:  # a divisor that takes both signs: nothing a floor could guard
+            q = torch.tanh(self.q(x)).flatten(2).transpose(1, 2)
+        out = q @ (k.transpose(1, 2) @ F.pad(v, (0, 1), value=1.0))
+        return self.h((out[..., :-1] / (out[..., -1:] + 1e-5)).transpose(1, 2).mean(-1))
+
+
 def _export(module: nn.Module, path: Path) -> Path:
     """As pipeline/conversion/onnx_export.py exports: opset 17, dynamic batch, constant folding, the TorchScript exporter."""
     torch.manual_seed(0)
@@ -189,8 +208,10 @@ _CONVERT = textwrap.dedent('''
                                       scale=1.0, mean=(0.0,) * c, std=(1.0,) * c)
     for src in sys.argv[2:]:
         p = Path(src)
+        import onnx
+        dynamic = not onnx.load(str(p)).graph.input[0].type.tensor_type.shape.dim[0].HasField("dim_value")
         art = OnnxArtifact(path=p, bytes=p.stat().st_size, opset=17, input_name="input", output_name="logits",
-                           dynamic_batch=True, max_abs_error=None, tolerance=None, samples=0, source="given")
+                           dynamic_batch=dynamic, max_abs_error=None, tolerance=None, samples=0, source="given")
         out = p.with_suffix(".tflite")
         res = {"onnx": str(p)}
         try:
@@ -204,7 +225,7 @@ _CONVERT = textwrap.dedent('''
         res.update(fully_int8=insp.fully_int8, offending=list(insp.offending)[:4], ops=insp.ops,
                    max_scale=max((max(ti.scale) for ti in insp.tensors if ti.scale), default=0.0))
         print(json.dumps(res), flush=True)  # printed before running: an abort still leaves the inspection
-        r = TfliteRunner(out, kernels="builtin", batch_size=16, input_layout=t.input_layout).run(x)
+        r = TfliteRunner(out, kernels="builtin", batch_size=16 if dynamic else 1, input_layout=t.input_layout).run(x)
         res.update(ran=True, outputs=r.outputs.tolist())
         print(json.dumps(res), flush=True)
 ''')
@@ -238,7 +259,10 @@ def _convert(x: np.ndarray, *paths: Path, timeout: int = 240) -> dict:
 
 def _fp32(path: Path, x: np.ndarray) -> np.ndarray:
     import onnxruntime as ort
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    step = sess.get_inputs()[0].shape[0]
+    step = step if isinstance(step, int) else len(x)
+    return np.concatenate([sess.run(None, {"input": x[i:i + step]})[0] for i in range(0, len(x), step)])
 
 
 def _assert_int8_and_close(res: dict, ref: np.ndarray, min_agree: float = 0.9) -> None:
@@ -439,6 +463,56 @@ def test_l2_normalize_converts_to_rsqrt_without_an_int8_div(tmp_path, inputs):
     # as exported, onnx2tf makes ReduceL2 a float SQUARE + SQRT and the division an int8 DIV
     assert not before["fully_int8"] and any("SQUARE" in o for o in before["offending"]), before
     assert "RSQRT" in after["ops"] and "DIV" not in after["ops"], after["ops"]
+    _assert_int8_and_close(after, _fp32(src, inputs))
+
+
+def test_div_guard_floors_a_nonnegative_divisor_at_two_int8_steps_and_records_the_change(tmp_path, inputs):
+    src, dst, records = _rewrite(tmp_path, _model(LinearAttention), inputs, ["div_guard"])
+    _assert_valid(src, dst)
+    (rec,) = records
+    assert rec.name == "div_guard" and not rec.exact and rec.nodes_changed == 1
+    assert 0 < rec.max_abs_diff <= rec.tolerance and rec.samples == len(inputs)
+    g = R.Graph(onnx.load(str(dst)))
+    (mx,) = [n for n in g.nodes if n.op_type == "Max"]
+    div_in = R._values_on(onnx.load(str(src)), [mx.input[0]], inputs)[mx.input[0]]
+    assert float(g.const(mx.input[1])) == pytest.approx(div_in.max() * 2 / 255, rel=1e-6)
+    assert (div_in < div_in.max() / 510).mean() > 0.05  # the values int8 cannot represent are there
+    # a divisor that takes both signs is left alone (a floor would flip the negative ones)
+    (tmp_path / "signed").mkdir()
+    assert _rewrite(tmp_path / "signed", _model(LinearAttention, sign=False), inputs, ["div_guard"])[2] == []
+
+
+def test_div_guard_is_tried_only_after_a_failure_that_names_the_int8_div(tmp_path, inputs):
+    src = _export(_model(LinearAttention), tmp_path / "model.onnx")
+    seen = []
+
+    def convert(path, message, times):
+        seen.append([n.op_type for n in onnx.load(str(path)).graph.node].count("Max"))
+        if len(seen) <= times:
+            raise R.ConversionError(message)
+        return "ok"
+    div = "LiteRT failed to run the model: tflite/kernels/div.cc:262 data[i] != zero_point was not true."
+    _, done = R.convert_with_rewrites(lambda p: convert(p, div, 1), src, inputs[:8], tmp_path, values=inputs)
+    assert seen == [0, 1] and "div_guard" in [r["name"] for r in done]
+    guard = next(r for r in done if r["name"] == "div_guard")
+    assert guard["why"].startswith("the conversion without it failed: LiteRT failed to run the model") \
+        and not guard["exact"]
+    seen.clear()
+    with pytest.raises(R.ConversionError, match="something else"):
+        R.convert_with_rewrites(lambda p: convert(p, "something else", 2), src, inputs[:8], tmp_path, values=inputs)
+    assert seen == [0, 0]  # the other rewrites were tried, not div_guard: that failure does not call for it
+
+
+def test_div_guard_makes_the_int8_div_run_on_litert(tmp_path, inputs):
+    """At a fixed batch (onnx2tf 1.28 mishandles the attention's batched MatMuls under a dynamic one, as on
+    efficientvit): as exported, LiteRT stops on the int8 DIV; with the floor it runs, close to FP32."""
+    src = R.fixed_batch(_export(_model(LinearAttention), tmp_path / "dynamic.onnx"), tmp_path / "model.onnx")
+    dst = tmp_path / "guarded.onnx"
+    assert [r.name for r in R.apply_rewrites(src, dst, ["div_guard"], inputs)] == ["div_guard"]
+    res = _convert(inputs, src, dst)
+    before, after = res[str(src)], res[str(dst)]
+    assert before["fully_int8"] and "DIV" in before["ops"] and not before.get("ran"), before  # LiteRT stopped it
+    assert "data[i] != zero_point" in before.get("stderr", ""), before
     _assert_int8_and_close(after, _fp32(src, inputs))
 
 

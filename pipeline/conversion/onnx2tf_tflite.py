@@ -22,7 +22,7 @@ import numpy as np
 
 from pipeline.conversion import TfliteArtifact
 from pipeline.conversion.offline import onnx2tf_sample_images
-from pipeline.errors import ConversionError
+from pipeline.errors import ConversionError, PipelineError
 from pipeline.conversion.onnx_export import OnnxArtifact
 from pipeline.precisions import Precision, get_precision
 from pipeline.inputs.preprocessing import Preprocessing
@@ -47,6 +47,21 @@ def _short(e: BaseException) -> str:
                 ln = ln.rstrip(".") + ": " + lines[i + 1]
             return re.sub(r" for '\{\{node [^']*'", "", ln)[:300]
     return lines[0][:300]
+
+
+def _div_runs(art: TfliteArtifact, x: np.ndarray) -> TfliteArtifact:
+    """A model with a DIV is run once on a few real inputs here, inside the conversion: LiteRT's int8
+    DIV refuses a divisor at its zero point only at run time, and the rewrite that gets around it (``div_guard``)
+    is tried only after a conversion that failed with that message."""
+    from pipeline.tflite.inspect import inspect
+    from pipeline.runtime.litert import TfliteRunner
+    if "DIV" not in inspect(art.path).ops:
+        return art
+    try:
+        TfliteRunner(art.path, kernels="xnnpack", threads=1, batch_size=1, input_layout=art.input_layout).run(x)
+    except PipelineError as e:
+        raise ConversionError(str(e)) from None
+    return art
 
 
 class Onnx2TfConverter:
@@ -87,8 +102,9 @@ class Onnx2TfConverter:
         check = np.ascontiguousarray(representative[:32], np.float32)
         with tempfile.TemporaryDirectory(prefix="onnx2tf-rw-") as rw:
             try:
-                art, done = convert_with_rewrites(lambda src: self._convert(src, representative, pre, **args),
-                                                  onnx.path, check, Path(rw))
+                art, done = convert_with_rewrites(
+                    lambda src: _div_runs(self._convert(src, representative, pre, **args), check[:4]),
+                    onnx.path, check, Path(rw), values=representative)
             except ConversionError as failed:
                 if not onnx.dynamic_batch:
                     raise
@@ -111,8 +127,9 @@ class Onnx2TfConverter:
                                   f"{str(e)[:160]})") from None
         try:
             art, done = convert_with_rewrites(
-                lambda src: self._convert(src, representative, pre, **{**args, "dynamic_batch": False}),
-                rw / "fb" / "fixed_batch.onnx", check[:8], rw / "fb")
+                lambda src: _div_runs(self._convert(src, representative, pre, **{**args, "dynamic_batch": False}),
+                                      check[:4]),
+                rw / "fb" / "fixed_batch.onnx", check[:8], rw / "fb", values=representative)
         except ConversionError as again:
             raise ConversionError(f"{failed} (at a fixed batch of 1 too: {str(again)[:200]})") from None
         return art, [rec, *done]

@@ -73,17 +73,19 @@ class Rewrite:
     atol: float = 1e-5
     rtol: float = 1e-5
 
-    def matches(self, model) -> list:
-        return self.match(Graph(model))
+    def matches(self, model, inputs: np.ndarray | None = None) -> list:
+        return self.match(Graph(model, inputs))
 
-    def applies(self, model) -> bool:
-        return bool(self.matches(model))
+    def applies(self, model, inputs: np.ndarray | None = None) -> bool:
+        return bool(self.matches(model, inputs))
 
-    def node_names(self, model) -> list[str]:
-        return [n for m in self.matches(model) for n in m.names]
+    def node_names(self, model, inputs: np.ndarray | None = None) -> list[str]:
+        return [n for m in self.matches(model, inputs) for n in m.names]
 
-    def apply(self, model):
-        g = Graph(_copy(model))
+    def apply(self, model, inputs: np.ndarray | None = None):
+        """``inputs``: real preprocessed inputs, for a rewrite whose constants come from the values the graph
+        computes (``div_guard``); the others read the graph only."""
+        g = Graph(_copy(model), inputs)
         found = self.match(g)
         if found:
             self.rebuild(g, found)
@@ -124,10 +126,11 @@ def _opset(model) -> int:
 class Graph:
     """A mutable view of one model's main graph: producers, consumers, constants, new names, node edits."""
 
-    def __init__(self, model):
+    def __init__(self, model, inputs: np.ndarray | None = None):
         import onnx
         from onnx import numpy_helper
         self.model = model
+        self.inputs = inputs  # real inputs (apply_rewrites' check inputs), or None
         self.g = model.graph
         self.opset = _opset(model)
         self.nodes = list(self.g.node)
@@ -924,9 +927,80 @@ register(Rewrite(
 
 # Applied before every onnx2tf conversion: exact, and without them onnx2tf 1.28 writes a PADV2 whose -3.4e38 pad
 # value gets an int8 scale of ~1e36 (LiteRT aborts on resnet18; googlenet's XNNPACK refuses the model).
+# --------------------------------------------------------------------------- div_guard
+
+# LiteRT's int8 DIV refuses, at run time, a divisor element at its zero point: "div.cc:262 data[i] != zero_point".
+DIV_ZERO_POINT = "data[i] != zero_point"
+DIV_GUARD_STEPS = 2  # the floor, in int8 steps of the divisor's observed range [0, max]
+
+
+def _values_on(model, names: list[str], x: np.ndarray) -> dict[str, np.ndarray]:
+    """The values of the tensors ``names`` on the real inputs ``x`` (onnxruntime, the graph's own batch)."""
+    import onnx
+    import onnxruntime as ort
+    m = _copy(model)
+    types = elem_types(m)
+    have = {o.name for o in m.graph.output}
+    for name in names:
+        if name not in have:
+            m.graph.output.append(onnx.helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.FLOAT),
+                                                                     None))
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    iname = sess.get_inputs()[0].name
+    step = _fixed_batch(model) or len(x)
+    wanted = [o.name for o in sess.get_outputs()]
+    parts = [dict(zip(wanted, sess.run(None, {iname: x[i:i + step]}))) for i in range(0, len(x), step)]
+    return {n: np.concatenate([np.ravel(p[n]) for p in parts]) for n in names}
+
+
+def _div_guard_match(g: Graph) -> list:
+    """Div nodes whose divisor is computed (not a constant) and, on the real inputs, never negative: a linear
+    attention's normaliser q . sum(k) + eps (efficientvit), a count, a norm. Without inputs, every Div with a
+    computed divisor (what the rewrite would look at)."""
+    # x / Sqrt(v) (LayerNorm, F.normalize as rewritten) becomes x * RSQRT(v) in TFLite: no DIV to guard
+    cands = [n for n in g.nodes if n.op_type == "Div" and len(n.input) == 2 and g.fold(n.input[1]) is None
+             and getattr(g.producer.get(n.input[1]), "op_type", None) != "Sqrt"]
+    if not cands or g.inputs is None:
+        return [_Match([n.name], {"div": n}) for n in cands]
+    try:
+        vals = _values_on(g.model, sorted({n.input[1] for n in cands}), np.ascontiguousarray(g.inputs, np.float32))
+    except Exception:  # noqa: BLE001 - onnxruntime cannot run it: nothing to measure the floor on
+        return []
+    found = []
+    for n in cands:
+        v = vals[n.input[1]]
+        if v.size == 0 or not np.isfinite(v).all() or float(v.min()) < 0 or float(v.max()) <= 0:
+            continue
+        floor = float(v.max()) * DIV_GUARD_STEPS / 255.0
+        found.append(_Match([n.name], {"div": n, "floor": floor, "below": float((v < floor).mean())}))
+    return found
+
+
+def _div_guard_rebuild(g: Graph, found: list) -> None:
+    for m in found:
+        div, base = m.data["div"], m.data["div"].name or "div_guard"
+        floor = _np_float(g, div.input[1])(m.data["floor"])
+        mx = g.node("Max", [div.input[1], g.constant(base + "_floor", floor)], base + "_guard")
+        new = g.node("Div", [div.input[0], mx.output[0]], base + "_guarded", list(div.output))
+        g.insert_before(div, [mx, new])
+        g.remove(div)
+
+
+register(Rewrite(
+    "div_guard", exact=False, match=_div_guard_match, rebuild=_div_guard_rebuild, atol=1e-4, rtol=0.25,
+    why="LiteRT's int8 DIV stops at run time on a divisor element that quantizes to its zero point (below half "
+        "an int8 step of the divisor's range: a linear attention's normaliser where ReLU zeroes a query); the "
+        f"divisor gets a floor of {DIV_GUARD_STEPS} int8 steps of its range measured on real inputs, which moves "
+        "only the elements int8 could not represent (the measured FP32 change is recorded)"))
+
+
 ALWAYS_REWRITES = ("maxpool_pad", "pad_into_conv")
 DEFAULT_ORDER = ("maxpool_pad", "pad_into_conv", "gelu_tanh", "layernorm", "l2_normalize", "channel_shuffle",
-                 "broadcast_rank", "static_reshape")
+                 "broadcast_rank", "static_reshape", "div_guard")
+# Applied only after a failure that names it (the only approximate rewrite whose trigger is a run-time check).
+ON_FAILURE = {"div_guard": DIV_ZERO_POINT}
 
 
 def _run(model_bytes: bytes, x: np.ndarray, batch: int | None) -> list[np.ndarray]:
@@ -966,14 +1040,16 @@ def compare(before, after, x: np.ndarray) -> tuple[float, float, list[np.ndarray
 
 
 def apply_rewrites(src_path: Path, dst_path: Path, names=None, check_inputs: np.ndarray | None = None,
-                   copy_unchanged: bool = True) -> list[RewriteRecord]:
+                   copy_unchanged: bool = True, value_inputs: np.ndarray | None = None) -> list[RewriteRecord]:
     """Apply the named rewrites (default: :data:`DEFAULT_ORDER`) that match ``src_path``, in order; write the
     result to ``dst_path`` (a copy of the source when none matched, unless ``copy_unchanged`` is False: then
     nothing is written) and return one record per applied rewrite.
 
     ``check_inputs`` (real preprocessed inputs, NCHW float32) measure each step: FP32 onnxruntime outputs of the
     graph before vs after it. Raises :class:`RewriteError` when a step breaks onnx.checker, changes the graph's
-    input/output names or shapes, or moves the outputs beyond the rewrite's tolerance."""
+    input/output names or shapes, or moves the outputs beyond the rewrite's tolerance. ``value_inputs`` (default:
+    ``check_inputs``): the inputs a rewrite whose constants come from the graph's values reads them on; the
+    converter's own calibration set, so that they match the ranges it will quantize with."""
     import onnx
     if check_inputs is None or len(check_inputs) == 0:
         raise UsageError("apply_rewrites needs check_inputs: real preprocessed inputs to measure each rewrite on")
@@ -983,10 +1059,11 @@ def apply_rewrites(src_path: Path, dst_path: Path, names=None, check_inputs: np.
     records = []
     for name in (DEFAULT_ORDER if names is None else names):
         rw = get_rewrite(name)
-        matched = rw.node_names(model)
+        vx = x if value_inputs is None else np.ascontiguousarray(value_inputs, np.float32)
+        matched = rw.node_names(model, vx)
         if not matched:
             continue
-        new = rw.apply(model)
+        new = rw.apply(model, vx)
         try:
             onnx.checker.check_model(new, full_check=True)
         except Exception as e:  # noqa: BLE001
@@ -1079,12 +1156,13 @@ def fixed_batch_record(src_path: Path, dst_path: Path, check: np.ndarray, *, why
 # --------------------------------------------------------------------------- the routes' rewrite loop
 
 def convert_with_rewrites(convert: Callable[[Path], "object"], src: Path, check: np.ndarray, work: Path,
-                          *, retry: tuple[str, ...] | None = None) -> tuple[object, list[dict]]:
+                          *, retry: tuple[str, ...] | None = None,
+                          values: np.ndarray | None = None) -> tuple[object, list[dict]]:
     """``convert(path)`` (a route's one conversion, raising ConversionError) after the exact rewrites of
     ``ALWAYS_REWRITES``; when that fails, once more after the ``retry`` rewrites (default: the others of
     ``DEFAULT_ORDER``) that match. Returns what ``convert`` returned and the records of every rewrite applied
     (``describe()`` plus ``why``). Rewritten copies go into ``work``; ``check`` are the real inputs each rewrite
-    is measured on."""
+    is measured on; ``values``: the calibration set, for the rewrites that read the graph's values."""
     done: list[dict] = []
     try:
         first = apply_rewrites(src, Path(work) / "first.onnx", ALWAYS_REWRITES, check, copy_unchanged=False)
@@ -1095,9 +1173,11 @@ def convert_with_rewrites(convert: Callable[[Path], "object"], src: Path, check:
     try:
         return convert(src), done
     except ConversionError as failed:
-        rest = retry if retry is not None else tuple(n for n in DEFAULT_ORDER if n not in ALWAYS_REWRITES)
+        rest = retry if retry is not None else tuple(
+            n for n in DEFAULT_ORDER if n not in ALWAYS_REWRITES and (n not in ON_FAILURE or ON_FAILURE[n] in str(failed)))
         try:
-            more = apply_rewrites(src, Path(work) / "retry.onnx", rest, check, copy_unchanged=False)
+            more = apply_rewrites(src, Path(work) / "retry.onnx", rest, check, copy_unchanged=False,
+                                  value_inputs=values)
         except RewriteError as e:
             raise ConversionError(f"{failed} (a rewrite to get around it failed: {e})") from None
         if not more:
