@@ -25,6 +25,10 @@ What each blocker is (measured with onnx2tf 1.28.8 + TFLiteConverter, TF 2.21, L
 - ``broadcast_rank``: a lower-rank constant operand of an elementwise op (an attention bias [H, T, T] added to
   [N, H, T, T]) made full rank, so onnx2tf's NCHW -> NHWC handling sees matching ranks.
 - ``static_reshape``: reshape targets computed from ``Shape`` made constants (-1 for the batch axis).
+- ``div_guard`` (approximate, only after the failure it answers): LiteRT's int8 DIV stops at run time on a divisor
+  element at its zero point, which a never-negative computed divisor (a linear attention's normaliser where ReLU
+  zeroes a query: efficientvit) has wherever it is below half an int8 step; the divisor gets a floor of two
+  steps of its range on the calibration set.
 
 :func:`fixed_batch` (not a registered rewrite: it changes the graph's input shape) writes a copy of a
 dynamic-batch ONNX with a fixed batch and its shape subgraphs folded, for converters that fail on a dynamic batch.
