@@ -41,7 +41,10 @@ NOT_RUN = {
                                                           "them all",
     "benchmarks/architectures.py --archs all": "39 architectures fine-tuned and exported through every route (hours)",
     "benchmarks/architectures.py --archs resnet18,googlenet": "two architectures fine-tuned, then exported through "
-                                                             "each route and the onnx2tf CLI (tens of minutes)",
+                                                             "each route and the onnx2tf CLIs (tens of minutes)",
+    "benchmarks/architectures.py --archs efficientvit_b0,resnet18": "seven architectures fine-tuned 500 steps, then "
+                                                                    "exported and given to both onnx2tf CLIs (about "
+                                                                    "45 minutes)",
 }
 # Blocks that run but take more than 10 s: marked slow.
 SLOW = {
