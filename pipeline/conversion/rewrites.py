@@ -929,8 +929,6 @@ register(Rewrite(
 
 # --------------------------------------------------------------------------- applying and measuring
 
-# Applied before every onnx2tf conversion: exact, and without them onnx2tf 1.28 writes a PADV2 whose -3.4e38 pad
-# value gets an int8 scale of ~1e36 (LiteRT aborts on resnet18; googlenet's XNNPACK refuses the model).
 # --------------------------------------------------------------------------- div_guard
 
 # LiteRT's int8 DIV refuses, at run time, a divisor element at its zero point: "div.cc:262 data[i] != zero_point".
@@ -978,7 +976,7 @@ def _div_guard_match(g: Graph) -> list:
         if v.size == 0 or not np.isfinite(v).all() or float(v.min()) < 0 or float(v.max()) <= 0:
             continue
         floor = float(v.max()) * DIV_GUARD_STEPS / 255.0
-        found.append(_Match([n.name], {"div": n, "floor": floor, "below": float((v < floor).mean())}))
+        found.append(_Match([n.name], {"div": n, "floor": floor}))
     return found
 
 
@@ -1000,6 +998,8 @@ register(Rewrite(
         "only the elements int8 could not represent (the measured FP32 change is recorded)"))
 
 
+# Applied before every onnx2tf conversion: exact, and without them onnx2tf 1.28 writes a PADV2 whose -3.4e38 pad
+# value gets an int8 scale of ~1e36 (LiteRT aborts on resnet18; googlenet's XNNPACK refuses the model).
 ALWAYS_REWRITES = ("maxpool_pad", "pad_into_conv")
 DEFAULT_ORDER = ("maxpool_pad", "pad_into_conv", "gelu_tanh", "layernorm", "l2_normalize", "channel_shuffle",
                  "broadcast_rank", "static_reshape", "div_guard")
@@ -1060,10 +1060,10 @@ def apply_rewrites(src_path: Path, dst_path: Path, names=None, check_inputs: np.
     x = np.ascontiguousarray(check_inputs, np.float32)
     model = onnx.load(str(src_path))
     signature = _io_signature(model)
+    vx = x if value_inputs is None else np.ascontiguousarray(value_inputs, np.float32)
     records = []
     for name in (DEFAULT_ORDER if names is None else names):
         rw = get_rewrite(name)
-        vx = x if value_inputs is None else np.ascontiguousarray(value_inputs, np.float32)
         matched = rw.node_names(model, vx)
         if not matched:
             continue
@@ -1177,8 +1177,8 @@ def convert_with_rewrites(convert: Callable[[Path], "object"], src: Path, check:
     try:
         return convert(src), done
     except ConversionError as failed:
-        rest = retry if retry is not None else tuple(
-            n for n in DEFAULT_ORDER if n not in ALWAYS_REWRITES and (n not in ON_FAILURE or ON_FAILURE[n] in str(failed)))
+        called_for = [n for n in DEFAULT_ORDER if n not in ALWAYS_REWRITES and ON_FAILURE.get(n, "") in str(failed)]
+        rest = retry if retry is not None else tuple(called_for)
         try:
             more = apply_rewrites(src, Path(work) / "retry.onnx", rest, check, copy_unchanged=False,
                                   value_inputs=values)
