@@ -111,12 +111,18 @@ def line(cfg: ExportConfig, folder, log=print, reuse=None, worker=None):
     fp32_ready = (run.Fp32Reference(onnx, inp.model, inp.x_test, batch_size=cfg.batch_size,
                                     fp32_runtime=cfg.fp32_runtime)
                   if cfg.convert_in != "process" and not _conversion_reused(cfg, t, reuse) else None)
-    tfl = step("convert", convert.convert, onnx, inp.calib.array(), inp.pre, t, converter=cfg.converter,
-               source=convert.torch_source(inp.model, cfg.model, cfg.weights), check=convert.check_sample(inp.model, onnx, inp.x_test, t, cfg),
-               worker=worker, in_process=cfg.convert_in == "process", work=work, reuse=reuse, verbose=cfg.verbose)
-    insp = step("inspect", inspect.inspect, tfl.path, t, tfl.converter)
-    ran = step("run", run.run, tfl, onnx, inp.model, inp.x_test, t, batch_size=cfg.batch_size,
-               fp32_runtime=cfg.fp32_runtime, progress=inp.progress, fp32_ready=fp32_ready)
+    try:
+        tfl = step("convert", convert.convert, onnx, inp.calib.array(), inp.pre, t, converter=cfg.converter,
+                   source=convert.torch_source(inp.model, cfg.model, cfg.weights),
+                   check=convert.check_sample(inp.model, onnx, inp.x_test, t, cfg), worker=worker,
+                   in_process=cfg.convert_in == "process", work=work, reuse=reuse, verbose=cfg.verbose)
+        insp = step("inspect", inspect.inspect, tfl.path, t, tfl.converter)
+        ran = step("run", run.run, tfl, onnx, inp.model, inp.x_test, t, batch_size=cfg.batch_size,
+                   fp32_runtime=cfg.fp32_runtime, progress=inp.progress, fp32_ready=fp32_ready)
+    except BaseException:  # the FP32 thread must not be inside onnxruntime/PyTorch when the process exits
+        if fp32_ready is not None:
+            fp32_ready.cancel()
+        raise
     mic = step("micro", micro.micro, tfl, inp.x_test, ran.tflite.raw_outputs, t, limit=cfg.micro_limit,
                progress=inp.progress)
     cmp = step("compare", compare.compare, ran, insp, inp.labels)
@@ -199,14 +205,17 @@ def export(cfg: ExportConfig, log=print, reuse=None) -> tuple[int, Path, object]
 def _start_worker(cfg: ExportConfig):
     """The conversion worker (cfg.convert_in == "worker"): its TensorFlow/onnx2tf imports overlap the first
     stages. None: convert in this process."""
-    from pipeline.conversion import AUTO, get_converter, routes
-    first = next(iter(routes())) if cfg.converter == AUTO else cfg.converter
-    get_converter(first)  # an unknown --converter fails before anything starts
-    if cfg.convert_in != "worker":
+    from pipeline.conversion import AUTO, first_worker_route, get_converter, routes
+    if cfg.converter != AUTO:
+        get_converter(cfg.converter)  # an unknown --converter fails before anything starts
+    first = first_worker_route(cfg.converter)
+    if cfg.convert_in != "worker" or first is None:
         return None
     try:
         from pipeline.conversion.worker import ConverterProcess
-        return ConverterProcess(first, cfg.verbose)
+        # niced when a route that converts in this process comes first (auto: the direct route), which makes the
+        # worker's TensorFlow imports wasted work whenever that route is kept
+        return ConverterProcess(first, cfg.verbose, low_priority=next(iter(routes())) != first)
     except OSError:  # no process could be started: convert in this process
         return None
 

@@ -2,6 +2,7 @@
 :class:`Converter` interface and registered in :func:`routes` (the order ``--converter auto`` tries them).
 
     onnx_export         PyTorch -> ONNX (the export_onnx stage's exporter)
+    direct              route "direct": this project's own ONNX -> int8 TFLite writer for plain CNN ops
     onnx2tf_tflite      route "onnx2tf": onnx2tf 1.28 in memory + TFLiteConverter
     litert_torch        route "litert-torch": litert-torch + ai-edge-quantizer, from the nn.Module
     onnx2tf_flatbuffer  route "onnx2tf-flatbuffer": onnx2tf 2.x flatbuffer_direct, in an isolated install
@@ -82,14 +83,24 @@ def refuse_float_nodes(route: str, float_nodes) -> None:
 
 @functools.cache
 def routes() -> dict[str, Converter]:
-    """The conversion routes, in the order ``--converter auto`` tries them (README "Conversion routes"): onnx2tf +
-    TFLiteConverter first (the closest to FP32 on the zoo), then litert-torch + ai-edge-quantizer (no ONNX: takes
-    GELU, LayerNorm and attention fully int8), then onnx2tf 2.x flatbuffer_direct (no TensorFlow)."""
+    """The conversion routes, in the order ``--converter auto`` tries them (README "Conversion routes"): the direct
+    writer first (no TensorFlow, no worker to start: it declines at once any op it does not write), then onnx2tf +
+    TFLiteConverter (the closest to FP32 on the zoo), then litert-torch + ai-edge-quantizer (no ONNX: takes GELU,
+    LayerNorm and attention fully int8), then onnx2tf 2.x flatbuffer_direct (no TensorFlow)."""
+    from pipeline.conversion.direct import DirectConverter
     from pipeline.conversion.litert_torch import LiteRtTorchConverter
     from pipeline.conversion.onnx2tf_tflite import Onnx2TfConverter
     from pipeline.conversion.onnx2tf_flatbuffer import Onnx2TfFlatbufferConverter
-    return {"onnx2tf": Onnx2TfConverter(), "litert-torch": LiteRtTorchConverter(),
+    return {"direct": DirectConverter(), "onnx2tf": Onnx2TfConverter(), "litert-torch": LiteRtTorchConverter(),
             "onnx2tf-flatbuffer": Onnx2TfFlatbufferConverter()}
+
+
+def first_worker_route(converter: str) -> str | None:
+    """The route whose worker the export starts before anything else (its imports overlap the first stages): the
+    first route ``converter`` (auto or a route) converts in a worker; None when it converts in the export's own
+    process (the direct route)."""
+    names = list(routes()) if converter == AUTO else [converter]
+    return next((n for n in names if not getattr(get_converter(n), "in_process", False)), None)
 
 
 AUTO = "auto"

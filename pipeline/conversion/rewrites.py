@@ -325,10 +325,30 @@ def _input_shape(model, batch: int) -> tuple[int, ...] | None:
     return tuple(shape)
 
 
+def exposed_session(model, names=None, optimize: bool = False):
+    """An onnxruntime CPU session of ``model`` whose outputs also hold the tensors ``names`` (None: every tensor
+    a node computes whose type is known). Graph optimizations off unless ``optimize``."""
+    import onnx
+    import onnxruntime as ort
+    m = _copy(model)
+    types = elem_types(m)
+    have = {o.name for o in m.graph.output}
+    wanted = [o for n in m.graph.node for o in n.output if o and o in types] if names is None else names
+    for name in wanted:
+        if name not in have:
+            m.graph.output.append(onnx.helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.FLOAT),
+                                                                     None))
+            have.add(name)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if not optimize:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
 def _probe_values(model, batch: int, shapes_only: bool) -> dict:
     """Every tensor the graph computes, at batch ``batch`` on zeros (onnxruntime): name -> shape (or value)."""
     import onnx
-    import onnxruntime as ort
     init_names = {t.name for t in model.graph.initializer}
     real_inputs = [i for i in model.graph.input if i.name not in init_names]
     if len(real_inputs) != 1:
@@ -336,19 +356,8 @@ def _probe_values(model, batch: int, shapes_only: bool) -> dict:
     shape = _input_shape(model, batch)
     if shape is None:
         return {}
-    m = _copy(model)
-    types = elem_types(m)
-    have = {o.name for o in m.graph.output}
-    for n in m.graph.node:
-        for o in n.output:
-            if o and o not in have and o in types:
-                m.graph.output.append(onnx.helper.make_tensor_value_info(o, types[o], None))
-                have.add(o)
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
-        sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        sess = exposed_session(model)
         dtype = onnx.helper.tensor_dtype_to_np_dtype(real_inputs[0].type.tensor_type.elem_type)
         vals = sess.run(None, {real_inputs[0].name: np.zeros(shape, dtype)})
     except Exception:  # noqa: BLE001
@@ -938,20 +947,9 @@ DIV_GUARD_STEPS = 2  # the floor, in int8 steps of the divisor's observed range 
 
 def _values_on(model, names: list[str], x: np.ndarray) -> dict[str, np.ndarray]:
     """The values of the tensors ``names`` on the real inputs ``x`` (onnxruntime, the graph's own batch)."""
-    import onnx
-    import onnxruntime as ort
-    m = _copy(model)
-    types = elem_types(m)
-    have = {o.name for o in m.graph.output}
-    for name in names:
-        if name not in have:
-            m.graph.output.append(onnx.helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.FLOAT),
-                                                                     None))
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = exposed_session(model, names, optimize=True)
     iname = sess.get_inputs()[0].name
-    step = _fixed_batch(model) or len(x)
+    step = fixed_batch_size(model) or len(x)
     wanted = [o.name for o in sess.get_outputs()]
     parts = [dict(zip(wanted, sess.run(None, {iname: x[i:i + step]}))) for i in range(0, len(x), step)]
     return {n: np.concatenate([np.ravel(p[n]) for p in parts]) for n in names}
@@ -1018,7 +1016,8 @@ def _run(model_bytes: bytes, x: np.ndarray, batch: int | None) -> list[np.ndarra
     return [np.concatenate([p[k] for p in parts]) for k in range(len(parts[0]))]
 
 
-def _fixed_batch(model) -> int | None:
+def fixed_batch_size(model) -> int | None:
+    """The graph input's fixed batch size, None when the batch is dynamic."""
     d = model.graph.input[0].type.tensor_type.shape.dim
     return d[0].dim_value if d and d[0].HasField("dim_value") else None
 
@@ -1034,7 +1033,7 @@ def _io_signature(model) -> list:
 
 def compare(before, after, x: np.ndarray) -> tuple[float, float, list[np.ndarray]]:
     """Max abs difference of all FP32 outputs and top-1 agreement of the first, onnxruntime, on ``x``."""
-    batch = _fixed_batch(before)
+    batch = fixed_batch_size(before)
     a = _run(before.SerializeToString(), x, batch)
     b = _run(after.SerializeToString(), x, batch)
     diff = max(float(np.abs(p.astype(np.float64) - q).max()) if p.size else 0.0 for p, q in zip(a, b))

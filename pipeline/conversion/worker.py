@@ -47,7 +47,7 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(0)
 
 
-def _serve(name: str, verbose: bool, conn, parent_pid: int | None = None) -> None:
+def _serve(name: str, verbose: bool, conn, parent_pid: int | None = None, low_priority: bool = False) -> None:
     # Started with SIGINT and SIGTERM held (stop_signals_deferred): Ctrl-C is the parent's, which reports it and
     # terminates this process; then the held signals are let through.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -55,6 +55,11 @@ def _serve(name: str, verbose: bool, conn, parent_pid: int | None = None) -> Non
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     if parent_pid is not None:
         _die_with_parent(parent_pid)
+    if low_priority:  # an early worker that may not be needed: its imports yield the CPU to the export's own work
+        try:
+            os.nice(10)
+        except OSError:
+            pass
     from pipeline.conversion.offline import block_network
     block_network()  # a conversion never touches the network (conversion/offline.py)
     try:
@@ -74,8 +79,11 @@ def _serve(name: str, verbose: bool, conn, parent_pid: int | None = None) -> Non
             return
         if msg is None:
             return
-        onnx, representative, pre, kwargs, source, check = msg
+        onnx, representative, pre, kwargs, source, check, converted = msg
         try:
+            if converted is not None:  # converted in the export's process (the direct route): the check run only
+                conn.send(("ok", (converted, check_run(converted, check) if check is not None else None)))
+                return
             if preload_error is not None:
                 raise ConversionError(f"cannot import the {name} converter: {_short(preload_error)}; "
                                       "re-run ./setup.sh to reinstall the pinned packages")
@@ -138,13 +146,14 @@ def signal_text(exitcode: int | None) -> str:
 class ConverterProcess:
     """One conversion in a spawned worker that imports the converter's dependencies at once."""
 
-    def __init__(self, name: str, verbose: bool = False):
+    def __init__(self, name: str, verbose: bool = False, low_priority: bool = False):
         self.name = get_converter(name).name  # unknown names fail here, in this process
         self.route = name  # the registry key (routes())
         self._answered = False
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve, args=(name, verbose, child, os.getpid()), name="pipeline-convert",
+        self._proc = ctx.Process(target=_serve, args=(name, verbose, child, os.getpid(), low_priority),
+                                 name="pipeline-convert",
                                  daemon=True)
         with stop_signals_deferred():  # a Ctrl-C while it starts up would end it with a traceback (see _serve)
             self._proc.start()
@@ -156,20 +165,26 @@ class ConverterProcess:
         finally:
             self.close()
 
-    def convert_checked(self, onnx, representative: np.ndarray, pre, *, source=None, check=None, **kwargs):
+    def check_only(self, art: TfliteArtifact, check) -> np.ndarray:
+        """The outputs of ``art`` (converted in the export's own process) on ``check``, run here in the worker."""
+        return self.convert_checked(None, np.zeros(0, np.float32), None, check=check, converted=art)[1]
+
+    def convert_checked(self, onnx, representative: np.ndarray, pre, *, source=None, check=None, converted=None,
+                        **kwargs):
         """(TfliteArtifact, outputs on ``check`` or None). ``source``: (model spec, weights) for routes that
         convert the PyTorch model; ``check``: (inputs, kernels, batch) run on LiteRT in the worker.
 
         After an answer the worker exits by itself (its TensorFlow teardown takes about a second and a half):
         the caller's ``close()``, at the end of the export, reaps it instead of waiting here."""
         try:
-            self._conn.send((onnx, np.ascontiguousarray(representative), pre, kwargs, source, check))
+            self._conn.send((onnx, np.ascontiguousarray(representative), pre, kwargs, source, check, converted))
             status, payload = self._conn.recv()
             self._answered = True
         except (EOFError, OSError):
             self._proc.join(10)
-            message = (f"the {self.name} conversion process {signal_text(self._proc.exitcode)} while converting "
-                       f"{onnx.path.name}; re-run with -v to see its output")
+            what = f"converting {onnx.path.name}" if converted is None else f"running {converted.path.name} on LiteRT"
+            message = (f"the {self.name} conversion process {signal_text(self._proc.exitcode)} while {what}; "
+                       "re-run with -v to see its output")
             self.close()
             raise ConversionError(message) from None
         if status == "ok":

@@ -68,13 +68,22 @@ def _route(name, onnx, representative, pre, source, worker, in_process, kwargs, 
     run = (check.inputs, check.kernels, check.batch) if check is not None else None
     if worker is not None and worker.route == name:
         return worker.convert_checked(onnx, representative, pre, source=source, check=run, **kwargs)
-    if not in_process:
+    if not in_process and not getattr(get_converter(name), "in_process", False):
         proc = ConverterProcess(name, kwargs["verbose"])
         try:
             return proc.convert_checked(onnx, representative, pre, source=source, check=run, **kwargs)
         finally:
             proc.close()
     route = get_converter(name)
+    if getattr(route, "in_process", False) and not in_process:  # converts here; its check runs in a worker
+        art = route.convert(onnx, representative, pre, **kwargs)
+        if run is None:
+            return art, None
+        proc = ConverterProcess(name, kwargs["verbose"])
+        try:
+            return art, proc.check_only(art, run)
+        finally:
+            proc.close()
     art = (route.convert_torch(torch_module(name, source), representative, pre, **kwargs)
            if getattr(route, "needs", "onnx") == "torch" else route.convert(onnx, representative, pre, **kwargs))
     return art, (check_run(art, run) if run is not None else None)
@@ -89,6 +98,7 @@ def _auto(target, check: Check | None, args) -> TfliteArtifact:
     import tempfile
 
     from pipeline.stages.inspect import inspect
+    worker = args[4]
     tried: list[dict] = []
     below: list[tuple[float, int, TfliteArtifact, Path]] = []  # (agreement, order, artifact, its file set aside)
     with tempfile.TemporaryDirectory(prefix="edge-int8-routes-") as aside:
@@ -110,6 +120,8 @@ def _auto(target, check: Check | None, args) -> TfliteArtifact:
             except PipelineError as e:
                 tried.append({"route": name, "kept": False, "reason": str(e)})
                 continue
+            if worker is not None and worker.route != name:  # the early worker's route is not needed: stop its imports
+                worker.close()
             tried.append({"route": name, "kept": True,
                           "reason": "converted, met the precision contract" + (
                               f", top-1 agreement {agreement:.2%} with FP32 on {len(check.inputs)} test inputs"

@@ -32,20 +32,36 @@ class Fp32Reference:
         self._args = (onnx, model, x_test, batch_size, fp32_runtime)
         self._out: tuple | None = None
         self._error: BaseException | None = None
+        self._cancelled = threading.Event()
         self._thread = threading.Thread(target=self._work, name="fp32-reference", daemon=True)
         self._thread.start()
 
     def _work(self) -> None:
         try:
-            self._out = _fp32(*self._args, bar=None)
+            self._out = _fp32(*self._args, bar=self._between_batches)
         except BaseException as e:  # noqa: BLE001 - handed to the run stage, which raises it
             self._error = e
+
+    def _between_batches(self, n: int) -> None:
+        if self._cancelled.is_set():
+            raise _Cancelled()
+
+    def cancel(self) -> None:
+        """Stop after the batch running now and wait for that: the export failed before the run stage. (A thread
+        still inside onnxruntime or PyTorch when the interpreter exits aborts the process: "terminate called
+        without an active exception".)"""
+        self._cancelled.set()
+        self._thread.join()
 
     def result(self) -> tuple:
         self._thread.join()
         if self._error is not None:
             raise self._error
         return self._out
+
+
+class _Cancelled(Exception):
+    pass
 
 
 def _fp32(onnx, model, x_test: np.ndarray, batch_size: int, fp32_runtime: str, bar) -> tuple:

@@ -1,0 +1,641 @@
+"""Route ``direct``: this project's own ONNX -> fully-int8 TFLite writer, for the ops of plain CNNs.
+
+No TensorFlow, no onnx2tf, no PyTorch: the ONNX graph is calibrated on onnxruntime over the representative
+dataset (every activation's min/max over the whole set) and written straight into a TFLite flatbuffer
+(``ai_edge_litert``'s schema, object API) that follows TFLite's int8 quantization spec:
+
+- activations int8, asymmetric, one scale and zero point per tensor, the range widened to hold 0;
+- convolution and fully-connected weights int8, symmetric (zero point 0, values in [-127, 127]), one scale per
+  output channel (``per_channel=False``: one per tensor); biases int32 at scale input_scale x weight_scale;
+- ops whose int8 kernels require it keep their input's quantization (MAX_POOL_2D, AVERAGE_POOL_2D, PAD,
+  RESHAPE, TRANSPOSE); LOGISTIC and SOFTMAX get the fixed output scale 1/256, zero point -128;
+- int8 input and output; NHWC layout for 4-D tensors (weights transposed here), with a dynamic batch when the
+  ONNX graph has one.
+
+Covered (:data:`OPS`): Conv (groups 1 or depthwise), Gemm, MatMul (+ Add of a constant) with constant weights,
+Relu / Clip(0, 6) (fused into the op before when it is its only consumer), MaxPool, AveragePool,
+GlobalAveragePool, ReduceMean over H and W, Add and Mul of two activations (with broadcast), Concat along
+channels, Sigmoid, HardSwish, Softmax, Flatten and Reshape to [N, features], Identity and Dropout.
+Any other op, attribute or shape is declined before anything is written (:func:`unsupported`: one line naming
+the node), and ``--converter auto`` goes on to the next route. The file is then judged like every route's:
+the inspect stage's precision contract and the quick check against FP32 on LiteRT.
+
+It converts in the export's own process (a graph walk and onnxruntime, which the export already runs); the
+quick check of ``auto`` runs the written model on LiteRT in a worker process, so a kernel that aborts on it
+fails this route with the signal named.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.conversion import TfliteArtifact, refuse_float_nodes
+from pipeline.errors import ConversionError
+
+NAME = "direct"
+
+# ONNX op -> what the writer needs of it (checked by unsupported())
+OPS = ("Conv", "Gemm", "MatMul", "Relu", "Clip", "MaxPool", "AveragePool", "GlobalAveragePool", "ReduceMean",
+       "Add", "Mul", "Concat", "Sigmoid", "HardSwish", "Softmax", "Flatten", "Reshape", "Identity", "Dropout",
+       "Constant")
+_PASS = ("Identity", "Dropout")
+_ACT = {"Relu": "RELU", "Relu6": "RELU6"}
+
+
+@dataclass
+class _Q:
+    scale: np.ndarray
+    zero_point: np.ndarray
+    dim: int = 0
+
+    def as_t(self, schema):
+        q = schema.QuantizationParametersT()
+        q.scale = [float(s) for s in np.ravel(self.scale)]
+        q.zeroPoint = [int(z) for z in np.ravel(self.zero_point)]
+        q.quantizedDimension = int(self.dim)
+        return q
+
+
+def _act_q(lo: float, hi: float) -> _Q:
+    """TFLite's asymmetric int8 for a tensor seen in [lo, hi] (widened to hold 0)."""
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    scale = (hi - lo) / 255.0
+    if not np.isfinite(scale):
+        raise ConversionError("direct route: a tensor took non-finite values on the representative dataset")
+    # a floor: LiteRT quantizes a fused RELU6's bound (6 / scale) into int32 and refuses the op when it overflows
+    # (seen on a randomly initialised mobilenet_v2 whose tensor was all zeros)
+    scale = max(scale, MIN_SCALE)
+    zp = int(np.clip(np.round(-128.0 - lo / scale), -128, 127))
+    return _Q(np.array([scale], np.float64), np.array([zp], np.int64))
+
+
+MIN_SCALE = 1e-8
+_FIXED_OUT = _Q(np.array([1.0 / 256.0]), np.array([-128]))  # LOGISTIC, SOFTMAX int8 output
+
+
+@dataclass
+class _Val:
+    """An ONNX value as written: its TFLite tensor, and whether it is a 4-D NCHW value stored as NHWC."""
+    tensor: int
+    nhwc: bool
+    q: _Q
+
+
+@dataclass
+class _Graph:
+    nodes: list
+    consts: dict
+    input: object
+    output: str
+    consumers: dict = field(default_factory=dict)
+
+
+def _attrs(node) -> dict:
+    import onnx
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _load(model) -> _Graph:
+    """The graph with Constant nodes folded into constants and Identity/Dropout kept as nodes."""
+    import onnx
+    from onnx import numpy_helper
+    consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    nodes = []
+    for n in model.graph.node:
+        if n.op_type in _PASS and n.input[0] in consts:  # a shared constant under another name (a folded BN bias)
+            consts[n.output[0]] = consts[n.input[0]]
+            continue
+        if n.op_type == "Constant":
+            a = _attrs(n)
+            if "value" not in a:
+                raise ConversionError(f"direct route: Constant node {n.name or n.output[0]} has no tensor value")
+            consts[n.output[0]] = numpy_helper.to_array(a["value"])
+            continue
+        nodes.append(n)
+    inputs = [i for i in model.graph.input if i.name not in consts]
+    if len(inputs) != 1 or len(model.graph.output) != 1:
+        raise ConversionError("direct route: the graph must have one input and one output "
+                              f"(it has {len(inputs)} and {len(model.graph.output)})")
+    if inputs[0].type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+        raise ConversionError("direct route: the graph input must be float32")
+    g = _Graph(nodes, consts, inputs[0], model.graph.output[0].name)
+    for n in nodes:
+        for i in n.input:
+            g.consumers.setdefault(i, []).append(n)
+    return g
+
+
+def _clip_bounds(node, consts) -> tuple[float | None, float | None]:
+    a = _attrs(node)
+    lo, hi = a.get("min"), a.get("max")
+    if len(node.input) > 1 and node.input[1]:
+        lo = float(consts[node.input[1]]) if node.input[1] in consts else "?"
+    if len(node.input) > 2 and node.input[2]:
+        hi = float(consts[node.input[2]]) if node.input[2] in consts else "?"
+    return lo, hi
+
+
+def _activation(node, consts) -> str | None:
+    """'RELU' / 'RELU6' when the node is one TFLite can fuse or run as an int8 activation op, else None."""
+    if node.op_type == "Relu":
+        return "RELU"
+    if node.op_type == "Clip":
+        lo, hi = _clip_bounds(node, consts)
+        if lo == 0.0 and hi is None:
+            return "RELU"
+        if lo == 0.0 and hi == 6.0:
+            return "RELU6"
+    return None
+
+
+def unsupported(model) -> str | None:
+    """Why this route cannot write ``model`` (one line naming the node), or None when every node is covered.
+    A graph scan only: nothing runs."""
+    try:
+        g = _load(model)
+    except ConversionError as e:
+        return str(e)
+    rank = len(g.input.type.tensor_type.shape.dim)
+    if rank not in (2, 4):
+        return f"direct route: a rank-{rank} input (it takes N x C x H x W images or N x features)"
+    for n in g.nodes:
+        what = f"{n.op_type} node {n.name or n.output[0]}"
+        if n.op_type not in OPS:
+            return f"direct route: no int8 writer for op {n.op_type} (node {n.name or n.output[0]})"
+        a = _attrs(n)
+        if n.op_type == "Clip" and _activation(n, g.consts) is None:
+            return f"direct route: {what} clips to {_clip_bounds(n, g.consts)}; only Clip(0) and Clip(0, 6) are written"
+        if n.op_type in ("Conv", "MaxPool", "AveragePool"):
+            if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+                return f"direct route: {what} uses auto_pad"
+            if len(a.get("kernel_shape", [1, 1])) != 2:
+                return f"direct route: {what} is not 2-D"
+            if n.op_type != "Conv" and a.get("ceil_mode", 0):
+                return f"direct route: {what} uses ceil_mode"
+        if n.op_type == "MaxPool" and (any(d != 1 for d in a.get("dilations", [1, 1])) or len(n.output) > 1):
+            return f"direct route: {what} has dilations or an indices output"
+        if n.op_type == "AveragePool" and any(a.get("pads", [0] * 4)) and not a.get("count_include_pad", 0) == 0:
+            return f"direct route: {what} counts its padding"
+        if n.op_type == "Conv":
+            w = g.consts.get(n.input[1])
+            if w is None or w.ndim != 4:
+                return f"direct route: {what} has no constant 4-D weight"
+            if len(n.input) > 2 and n.input[2] and n.input[2] not in g.consts:
+                return f"direct route: {what} has a computed bias"
+            groups = int(a.get("group", 1))
+            if groups != 1 and not (w.shape[1] == 1 and w.shape[0] % groups == 0):
+                return f"direct route: {what} is a grouped convolution ({groups} groups); depthwise ones are written"
+        if n.op_type == "Gemm":
+            if a.get("transA", 0) or n.input[1] not in g.consts or (len(n.input) > 2 and n.input[2]
+                                                                     and n.input[2] not in g.consts):
+                return f"direct route: {what} needs constant weights and bias and no transA"
+        if n.op_type == "MatMul" and (n.input[1] not in g.consts or g.consts[n.input[1]].ndim != 2):
+            return f"direct route: {what} multiplies two activations (attention); only constant 2-D weights are written"
+        if n.op_type in ("Add", "Mul"):
+            consts = [i for i in n.input if i in g.consts]
+            if consts and not (n.op_type == "Add" and _bias_of_matmul(n, g) is not None):
+                return f"direct route: {what} takes a constant; only two activations (or a MatMul's bias) are written"
+        if n.op_type == "Concat" and int(a.get("axis", 0)) not in (1, -3 if rank == 4 else 1):
+            return f"direct route: {what} concatenates along axis {a.get('axis')}; only channels are written"
+        if n.op_type == "Softmax" and int(a.get("axis", -1)) not in (-1, 1):
+            return f"direct route: {what} is not over the last axis of N x classes"
+        if n.op_type == "ReduceMean":
+            axes = a.get("axes") if "axes" in a else (g.consts.get(n.input[1]) if len(n.input) > 1 else None)
+            if axes is None or sorted(int(x) % 4 for x in np.ravel(axes)) != [2, 3]:
+                return f"direct route: {what} is not a mean over H and W"
+        if n.op_type == "Flatten" and int(a.get("axis", 1)) != 1:
+            return f"direct route: {what} flattens at axis {a.get('axis')}"
+        if n.op_type == "Reshape":
+            shape = g.consts.get(n.input[1])
+            if shape is None or np.ndim(shape) != 1 or len(shape) != 2:
+                return f"direct route: {what} reshapes to {None if shape is None else list(shape)}; only [N, features]"
+    return None
+
+
+def _bias_of_matmul(add, g: _Graph):
+    """The constant bias when ``add`` is MatMul(x, W) + b (b of shape [out]) and the MatMul feeds only it."""
+    ins = list(add.input)
+    const = [i for i in ins if i in g.consts]
+    other = [i for i in ins if i not in g.consts]
+    if len(const) != 1 or len(other) != 1:
+        return None
+    prod = next((n for n in g.nodes if other[0] in n.output), None)
+    if prod is None or prod.op_type != "MatMul" or len(g.consumers.get(other[0], [])) != 1:
+        return None
+    b = np.ravel(g.consts[const[0]])
+    w = g.consts.get(prod.input[1])
+    return b if w is not None and w.ndim == 2 and b.size == w.shape[1] else None
+
+
+def calibrate(model, names: list[str], x: np.ndarray) -> tuple[dict, dict]:
+    """({tensor: (min, max)}, {tensor: shape at batch n}) of ``names`` over the samples ``x``, on onnxruntime."""
+    from pipeline.conversion.rewrites import exposed_session, fixed_batch_size
+    sess = exposed_session(model, names)
+    iname = sess.get_inputs()[0].name
+    outs = [o.name for o in sess.get_outputs()]
+    step = fixed_batch_size(model) or 64
+    ranges: dict = {}
+    shapes: dict = {}
+    for i in range(0, len(x), step):
+        xb = np.ascontiguousarray(x[i:i + step], np.float32)
+        if fixed_batch_size(model) and len(xb) < step:  # a fixed-batch graph: pad the last batch with its first
+            xb = np.concatenate([xb, np.repeat(xb[:1], step - len(xb), axis=0)])
+        for name, v in zip(outs, sess.run(None, {iname: xb})):
+            if name not in names or v.dtype.kind != "f":
+                continue
+            lo, hi = float(np.min(v)), float(np.max(v))
+            old = ranges.get(name)
+            ranges[name] = (lo, hi) if old is None else (min(old[0], lo), max(old[1], hi))
+            if name not in shapes:  # None: a tensor whose first axis is not the batch
+                shapes[name] = tuple(v.shape[1:]) if v.ndim and v.shape[0] == len(xb) else None
+    return ranges, shapes
+
+
+def _same_pads(size: int, k: int, s: int, d: int) -> tuple[int, int]:
+    """TFLite's SAME padding (before, after) for one spatial axis."""
+    eff = (k - 1) * d + 1
+    out = -(-size // s)
+    total = max((out - 1) * s + eff - size, 0)
+    return total // 2, total - total // 2
+
+
+class _Writer:
+    def __init__(self, schema, batch: int, fp32: bool = False):
+        self.s = schema
+        self.batch = batch  # -1: dynamic
+        self.fp32 = fp32  # write float32 tensors, no quantization (dtype INT8 -> FLOAT32, INT32 biases too)
+        self.tensors: list = []
+        self.buffers = [schema.BufferT()]
+        self.opcodes: dict[int, int] = {}
+        self.codes: list = []
+        self.ops: list = []
+
+    def tensor(self, name: str, shape, dtype: int, q: _Q | None = None, data: np.ndarray | None = None,
+               float_data: np.ndarray | None = None) -> int:
+        """A tensor; ``float_data``: what a constant holds in the float32 model (its unquantized values)."""
+        t = self.s.TensorT()
+        t.name = name
+        shape = [int(v) for v in shape]
+        t.shape = [1 if v == -1 else v for v in shape]
+        if -1 in shape:
+            t.shapeSignature = shape
+        if self.fp32 and q is not None:  # the float model: quantized tensors are float32, constants unquantized
+            if data is not None:
+                if float_data is None:
+                    raise ConversionError(f"direct route: no float32 value for constant {name}")
+                data = np.asarray(float_data, np.float32)
+            dtype, q = self.s.TensorType.FLOAT32, None
+        t.type = dtype
+        t.buffer = 0
+        if data is not None:
+            b = self.s.BufferT()
+            b.data = np.frombuffer(np.ascontiguousarray(data).tobytes(), np.uint8)
+            self.buffers.append(b)
+            t.buffer = len(self.buffers) - 1
+        if q is not None:
+            t.quantization = q.as_t(self.s)
+        self.tensors.append(t)
+        return len(self.tensors) - 1
+
+    def const_i32(self, name: str, values) -> int:
+        a = np.asarray(values, np.int32)
+        return self.tensor(name, a.shape, self.s.TensorType.INT32, data=a)
+
+    def op(self, code: int, inputs: list[int], outputs: list[int], opt_type: int = 0, opt=None, version: int = 1):
+        if code not in self.opcodes:
+            c = self.s.OperatorCodeT()
+            c.builtinCode = code
+            c.deprecatedBuiltinCode = min(code, 127)
+            c.version = version
+            self.codes.append(c)
+            self.opcodes[code] = len(self.codes) - 1
+        o = self.s.OperatorT()
+        o.opcodeIndex = self.opcodes[code]
+        o.inputs = [int(i) for i in inputs]
+        o.outputs = [int(i) for i in outputs]
+        o.builtinOptionsType = opt_type
+        o.builtinOptions = opt
+        self.ops.append(o)
+
+    def finish(self, inputs: list[int], outputs: list[int], description: str) -> bytes:
+        import flatbuffers
+        sg = self.s.SubGraphT()
+        sg.tensors, sg.inputs, sg.outputs, sg.operators, sg.name = self.tensors, inputs, outputs, self.ops, "main"
+        m = self.s.ModelT()
+        m.version = 3
+        m.operatorCodes = self.codes
+        m.subgraphs = [sg]
+        m.buffers = self.buffers
+        m.description = description
+        sig = self.s.SignatureDefT()
+        sig.signatureKey = "serving_default"
+        sig.subgraphIndex = 0
+        sig.inputs = [self._tmap("input", inputs[0])]
+        sig.outputs = [self._tmap("output", outputs[0])]
+        m.signatureDefs = [sig]
+        b = flatbuffers.Builder(1024)
+        b.Finish(m.Pack(b), file_identifier=b"TFL3")
+        return bytes(b.Output())
+
+    def _tmap(self, name: str, index: int):
+        t = self.s.TensorMapT()
+        t.name, t.tensorIndex = name, index
+        return t
+
+
+def _weight_q(w: np.ndarray, axis: int, per_channel: bool) -> tuple[np.ndarray, _Q]:
+    """Symmetric int8 weights (zero point 0, [-127, 127]) with one scale per ``axis`` slice, or one in all."""
+    red = tuple(i for i in range(w.ndim) if i != axis)
+    amax = np.max(np.abs(w), axis=red) if per_channel else np.array([np.abs(w).max()])
+    scale = np.where(amax > 0, amax / 127.0, 1e-6).astype(np.float64)  # an all-zero channel: any scale holds it
+    shape = [1] * w.ndim
+    if per_channel:
+        shape[axis] = -1
+    q = np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8)
+    return q, _Q(scale, np.zeros(scale.size, np.int64), axis if per_channel else 0)
+
+
+class DirectConverter:
+    name = NAME
+    needs = "onnx"
+    in_process = True  # converts in the export's process (graph walk + onnxruntime); the check runs in a worker
+
+    def preload(self, verbose: bool = False) -> None:
+        """Nothing: it converts in the export's process; its check worker needs only LiteRT."""
+
+    def unsupported(self, onnx_path: Path) -> str | None:
+        import onnx
+        return unsupported(onnx.load(str(onnx_path)))
+
+    def convert(self, onnx, representative: np.ndarray, pre, *, per_channel: bool = True, out_path: Path,
+                verbose: bool = False, precision: str = "int8", float_fallback: bool = False,
+                float_nodes: tuple = ()) -> TfliteArtifact:
+        import onnx as onnx_lib
+        refuse_float_nodes(self.name, float_nodes)
+        if float_fallback:
+            raise ConversionError("the direct route keeps no layer in float (this target allows float fallback: "
+                                  "the onnx2tf route can)")
+        if precision not in ("int8", "fp32"):
+            raise ConversionError(f"the direct route writes int8 and float32 models, not precision {precision!r}; "
+                                  "use --converter onnx2tf")
+        t0 = time.perf_counter()
+        model = onnx_lib.load(str(onnx.path))
+        why = unsupported(model)
+        if why is not None:
+            raise ConversionError(why)
+        g = _load(model)
+        names = [o for n in g.nodes for o in n.output if o] + [g.input.name]
+        ranges, shapes = calibrate(model, names, np.asarray(representative, np.float32))
+        t_cal = time.perf_counter() - t0
+        data = _lower(g, ranges, shapes, per_channel, onnx.dynamic_batch, fp32=precision == "fp32")
+        Path(out_path).write_bytes(data)
+        return TfliteArtifact(path=Path(out_path), bytes=len(data), converter=self.name,
+                              input_layout="NHWC" if len(shapes[g.input.name]) == 3 else "NCHW",
+                              calibration_samples=len(representative),
+                              timings_s={"calibrate_s": round(t_cal, 3),
+                                         "write_s": round(time.perf_counter() - t0 - t_cal, 3)})
+
+
+def _lower(g: _Graph, ranges: dict, shapes: dict, per_channel: bool, dynamic_batch: bool, fp32: bool = False) -> bytes:
+    """The TFLite flatbuffer. ``fp32``: the same graph, same tensor names, in float32 (the layer-wise debugger's
+    reference)."""
+    from ai_edge_litert import schema_py_generated as s
+    B, T, O = s.BuiltinOperator, s.TensorType, s.BuiltinOptions
+    batch = -1 if dynamic_batch else _batch_of(g)
+    w = _Writer(s, batch, fp32)
+    vals: dict[str, _Val] = {}
+
+    def bshape(name: str, nhwc: bool) -> list[int]:
+        sh = list(shapes[name])
+        if nhwc:
+            sh = [sh[1], sh[2], sh[0]]
+        return [batch, *sh]
+
+    def q_of(name: str) -> _Q:
+        if name not in ranges:
+            raise ConversionError(f"direct route: tensor {name} was not seen in calibration")
+        return _act_q(*ranges[name])
+
+    def act_out(name: str, nhwc: bool, q: _Q | None = None) -> _Val:
+        v = _Val(w.tensor(name, bshape(name, nhwc), T.INT8, q or q_of(name)), nhwc, q or q_of(name))
+        vals[name] = v
+        return v
+
+    def fused(node) -> tuple[str, int]:
+        """(output name after a fusable activation, TFLite fused activation)."""
+        out = node.output[0]
+        users = g.consumers.get(out, [])
+        if out != g.output and len(users) == 1 and _activation(users[0], g.consts) is not None:
+            kind = _activation(users[0], g.consts)
+            return users[0].output[0], getattr(s.ActivationFunctionType, kind)
+        return out, s.ActivationFunctionType.NONE
+
+    done: set[str] = set()
+    xin = g.input.name
+    nhwc_in = len(shapes[xin]) == 3
+    vals[xin] = act_out(xin, nhwc_in)
+    in_index = vals[xin].tensor
+    for n in g.nodes:
+        if n.output[0] in done:
+            continue
+        a = _attrs(n)
+        op = n.op_type
+        if op in _PASS:
+            vals[n.output[0]] = vals[n.input[0]]
+            continue
+        src = vals[n.input[0]] if n.input[0] in vals else None
+        if op == "Conv":
+            out, act = fused(n)
+            wt = g.consts[n.input[1]].astype(np.float64)
+            bias = g.consts[n.input[2]].astype(np.float64) if len(n.input) > 2 and n.input[2] else np.zeros(wt.shape[0])
+            groups = int(a.get("group", 1))
+            kh, kw = wt.shape[2], wt.shape[3]
+            sh, sw = (list(a.get("strides", [1, 1])) + [1])[:2]
+            dh, dw = (list(a.get("dilations", [1, 1])) + [1])[:2]
+            x, padding = _pad_for(w, s, src, n.input[0], shapes, a.get("pads", [0, 0, 0, 0]), (kh, kw), (sh, sw),
+                                  (dh, dw), pool=None)
+            if groups == 1:
+                wq, wqp = _weight_q(wt.transpose(0, 2, 3, 1), 0, per_channel)
+                code, opt_t, opt = B.CONV_2D, O.Conv2DOptions, s.Conv2DOptionsT()
+            else:
+                wq, wqp = _weight_q(wt.transpose(1, 2, 3, 0), 3, per_channel)
+                code, opt_t, opt = B.DEPTHWISE_CONV_2D, O.DepthwiseConv2DOptions, s.DepthwiseConv2DOptionsT()
+                opt.depthMultiplier = wt.shape[0] // groups
+            opt.padding, opt.strideH, opt.strideW = padding, int(sh), int(sw)
+            opt.dilationHFactor, opt.dilationWFactor, opt.fusedActivationFunction = int(dh), int(dw), act
+            wi = w.tensor(n.input[1], wq.shape, T.INT8, wqp, wq,
+                          wt.transpose(0, 2, 3, 1) if groups == 1 else wt.transpose(1, 2, 3, 0))
+            bi = _bias(w, f"{n.output[0]}_bias", bias, x.q, wqp)
+            y = act_out(out, True)
+            w.op(code, [x.tensor, wi, bi], [y.tensor], opt_t, opt, version=3)
+            done.add(out)
+        elif op in ("Gemm", "MatMul"):
+            wt = g.consts[n.input[1]].astype(np.float64)
+            bias = np.zeros(0)
+            out_node = n
+            if op == "Gemm":
+                if not a.get("transB", 0):
+                    wt = wt.T
+                wt = wt * float(a.get("alpha", 1.0))
+                if len(n.input) > 2 and n.input[2]:
+                    bias = np.ravel(np.broadcast_to(g.consts[n.input[2]], (wt.shape[0],))) * float(a.get("beta", 1.0))
+            else:
+                wt = wt.T
+                users = g.consumers.get(n.output[0], [])
+                if len(users) == 1 and users[0].op_type == "Add" and _bias_of_matmul(users[0], g) is not None:
+                    bias, out_node = _bias_of_matmul(users[0], g).astype(np.float64), users[0]
+                    done.add(users[0].output[0])
+            if bias.size == 0:
+                bias = np.zeros(wt.shape[0])
+            out, act = fused(out_node)
+            x = _flat(w, s, src, n.input[0], shapes)
+            wq, wqp = _weight_q(wt, 0, per_channel)
+            wi = w.tensor(n.input[1], wq.shape, T.INT8, wqp, wq, wt)
+            bi = _bias(w, f"{n.output[0]}_bias", bias, x.q, wqp)
+            y = act_out(out, False)
+            opt = s.FullyConnectedOptionsT()
+            opt.fusedActivationFunction = act
+            w.op(B.FULLY_CONNECTED, [x.tensor, wi, bi], [y.tensor], O.FullyConnectedOptions, opt, version=5)
+            done.add(out)
+        elif op in ("Relu", "Clip"):
+            kind = _activation(n, g.consts)
+            y = act_out(n.output[0], src.nhwc)
+            w.op(B.RELU if kind == "RELU" else B.RELU6, [src.tensor], [y.tensor], version=2)
+        elif op in ("MaxPool", "AveragePool"):
+            kh, kw = a["kernel_shape"]
+            sh, sw = (list(a.get("strides", [1, 1])) + [1])[:2]
+            x, padding = _pad_for(w, s, src, n.input[0], shapes, a.get("pads", [0, 0, 0, 0]), (kh, kw), (sh, sw),
+                                  (1, 1), pool=op)
+            opt = s.Pool2DOptionsT()
+            opt.padding, opt.strideH, opt.strideW, opt.filterHeight, opt.filterWidth = padding, sh, sw, kh, kw
+            y = act_out(n.output[0], True, x.q)
+            w.op(B.MAX_POOL_2D if op == "MaxPool" else B.AVERAGE_POOL_2D, [x.tensor], [y.tensor],
+                 O.Pool2DOptions, opt, version=2)
+        elif op in ("GlobalAveragePool", "ReduceMean"):
+            opt = s.ReducerOptionsT()
+            opt.keepDims = op == "GlobalAveragePool" or bool(a.get("keepdims", 1))
+            y = act_out(n.output[0], opt.keepDims)
+            w.op(B.MEAN, [src.tensor, w.const_i32(f"{n.output[0]}_axes", [1, 2])], [y.tensor], O.ReducerOptions, opt,
+                 version=2)
+        elif op in ("Add", "Mul"):
+            xs = [vals[i] for i in n.input]
+            out, act = fused(n) if op == "Add" else (n.output[0], s.ActivationFunctionType.NONE)
+            if xs[0].nhwc != xs[1].nhwc:
+                raise ConversionError(f"direct route: {op} node {n.name or out} mixes a feature map and a vector")
+            y = act_out(out, xs[0].nhwc)
+            opt = s.AddOptionsT() if op == "Add" else s.MulOptionsT()
+            opt.fusedActivationFunction = act
+            w.op(B.ADD if op == "Add" else B.MUL, [xs[0].tensor, xs[1].tensor], [y.tensor],
+                 O.AddOptions if op == "Add" else O.MulOptions, opt, version=2)
+            done.add(out)
+        elif op == "Concat":
+            xs = [vals[i] for i in n.input]
+            if len({v.nhwc for v in xs}) != 1:
+                raise ConversionError(f"direct route: Concat node {n.name or n.output[0]} mixes feature maps and vectors")
+            y = act_out(n.output[0], xs[0].nhwc)
+            # LiteRT's int8 CONCATENATION wants every input at the output's scale and zero point: requantize
+            xs = [v if _same_q(v.q, y.q) else _requantize(w, v, f"{name}_requant", bshape(name, v.nhwc), y.q)
+                  for v, name in zip(xs, n.input)]
+            opt = s.ConcatenationOptionsT()
+            opt.axis = 3 if xs[0].nhwc else 1
+            w.op(B.CONCATENATION, [v.tensor for v in xs], [y.tensor], O.ConcatenationOptions, opt, version=2)
+        elif op == "Sigmoid":
+            y = act_out(n.output[0], src.nhwc, _FIXED_OUT)
+            w.op(B.LOGISTIC, [src.tensor], [y.tensor], version=2)
+        elif op == "HardSwish":
+            y = act_out(n.output[0], src.nhwc)
+            w.op(B.HARD_SWISH, [src.tensor], [y.tensor], version=1)
+        elif op == "Softmax":
+            if src.nhwc:
+                raise ConversionError(f"direct route: Softmax node {n.name or n.output[0]} is over a feature map")
+            opt = s.SoftmaxOptionsT()
+            opt.beta = 1.0
+            y = act_out(n.output[0], False, _FIXED_OUT)
+            w.op(B.SOFTMAX, [src.tensor], [y.tensor], O.SoftmaxOptions, opt, version=2)
+        elif op in ("Flatten", "Reshape"):
+            c = int(np.prod(shapes[n.input[0]]))
+            if shapes[n.output[0]] != (c,):
+                raise ConversionError(f"direct route: {op} node {n.name or n.output[0]} does not make N x {c}")
+            vals[n.output[0]] = _flat(w, s, src, n.input[0], shapes)
+        else:  # unsupported() lets no other op through
+            raise ConversionError(f"direct route: no int8 writer for op {op}")
+    out = vals[g.output]
+    if out.nhwc:
+        raise ConversionError("direct route: the model's output is a 4-D feature map, not N x classes")
+    if out.tensor == in_index:
+        raise ConversionError("direct route: the graph computes nothing")
+    return w.finish([in_index], [out.tensor], "pipeline direct int8 writer")
+
+
+def _same_q(a: _Q, b: _Q) -> bool:
+    return np.array_equal(a.scale, b.scale) and np.array_equal(a.zero_point, b.zero_point)
+
+
+def _requantize(w: _Writer, v: _Val, name: str, shape: list[int], q: _Q) -> _Val:
+    """``v`` at the quantization ``q`` (QUANTIZE int8 -> int8; the float model needs nothing)."""
+    if w.fp32:
+        return v
+    t = w.tensor(name, shape, w.s.TensorType.INT8, q)
+    w.op(w.s.BuiltinOperator.QUANTIZE, [v.tensor], [t], version=2)
+    return _Val(t, v.nhwc, q)
+
+
+def _bias(w: _Writer, name: str, bias: np.ndarray, xq: _Q, wq: _Q) -> int:
+    """The int32 bias at scale input_scale x weight_scale (per channel when the weights are)."""
+    bscale = (xq.scale[0] * wq.scale).astype(np.float64)  # one per channel, or one for per-tensor weights
+    bq = np.clip(np.round(bias / np.broadcast_to(bscale, bias.shape)), -2**31, 2**31 - 1).astype(np.int32)
+    return w.tensor(name, bq.shape, w.s.TensorType.INT32, _Q(bscale, np.zeros(bscale.size, np.int64), 0), bq, bias)
+
+
+def _batch_of(g: _Graph) -> int:
+    d = g.input.type.tensor_type.shape.dim[0]
+    return int(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0 else 1
+
+
+def _flat(w: _Writer, s, src: _Val, name: str, shapes: dict) -> _Val:
+    """``src`` as N x features in ONNX's (NCHW) order: NHWC maps with H = W = 1 reshape as they are, others are
+    transposed to NCHW first (int8 keeps the quantization through both)."""
+    if not src.nhwc:
+        return src
+    c, h, wd = shapes[name]
+    x = src
+    if h * wd != 1:
+        t = w.tensor(f"{name}_nchw", [w.batch, c, h, wd], s.TensorType.INT8, src.q)
+        w.op(s.BuiltinOperator.TRANSPOSE, [src.tensor, w.const_i32(f"{name}_perm", [0, 3, 1, 2])], [t],
+             s.BuiltinOptions.TransposeOptions, s.TransposeOptionsT(), version=2)
+        x = _Val(t, False, src.q)
+    y = w.tensor(f"{name}_flat", [w.batch, c * h * wd], s.TensorType.INT8, src.q)
+    opt = s.ReshapeOptionsT()
+    opt.newShape = [-1, c * h * wd]
+    w.op(s.BuiltinOperator.RESHAPE, [x.tensor, w.const_i32(f"{name}_shape", [-1, c * h * wd])], [y],
+         s.BuiltinOptions.ReshapeOptions, opt, version=1)
+    return _Val(y, False, src.q)
+
+
+def _pad_for(w: _Writer, s, src: _Val, name: str, shapes: dict, pads, k, stride, dil, *, pool):
+    """(input value, TFLite padding) for a window op with ONNX ``pads`` [top, left, bottom, right]: VALID, SAME
+    where SAME pads the same, else an explicit PAD (zero in real terms for a convolution and an average pool that
+    counts nothing it pads... which unsupported() rules out; the int8 minimum for a max pool) then VALID."""
+    c, h, wd = shapes[name]
+    pt, pl, pb, pr = (list(pads) + [0, 0, 0, 0])[:4]
+    if not any((pt, pl, pb, pr)):
+        return src, s.Padding.VALID
+    if (_same_pads(h, k[0], stride[0], dil[0]) == (pt, pb) and _same_pads(wd, k[1], stride[1], dil[1]) == (pl, pr)):
+        return src, s.Padding.SAME
+    if pool == "AveragePool":
+        raise ConversionError(f"direct route: an AveragePool over {name} pads unlike TFLite's SAME")
+    shape = [w.batch, h + pt + pb, wd + pl + pr, c]
+    t = w.tensor(f"{name}_padded", shape, s.TensorType.INT8, src.q)
+    paddings = w.const_i32(f"{name}_pads", [[0, 0], [pt, pb], [pl, pr], [0, 0]])
+    if pool == "MaxPool":
+        low = w.tensor(f"{name}_padvalue", [], s.TensorType.INT8, src.q, np.array(-128, np.int8),
+                       np.array(np.finfo(np.float32).min, np.float32))
+        w.op(s.BuiltinOperator.PADV2, [src.tensor, paddings, low], [t], s.BuiltinOptions.PadV2Options,
+             s.PadV2OptionsT(), version=2)
+    else:
+        w.op(s.BuiltinOperator.PAD, [src.tensor, paddings], [t], s.BuiltinOptions.PadOptions, s.PadOptionsT(),
+             version=2)
+    return _Val(t, True, src.q), s.Padding.VALID

@@ -1,0 +1,223 @@
+"""Route ``direct`` (pipeline/conversion/direct.py): this project's own ONNX -> fully-int8 TFLite writer.
+
+Each small model below holds one family of the ops the writer covers; it is exported to ONNX (dynamic batch),
+written by the route from a representative set, inspected (fully int8, int8 input and output) and run on LiteRT's
+reference kernels and XNNPACK against onnxruntime's FP32 outputs on other inputs: the int8 outputs must stay within
+a few output quantization steps and agree on the top-1. A graph with an op the writer does not cover is declined
+with one line naming the node, before anything is written. LiteRT runs in a subprocess (an int8 model it cannot
+run could abort it, which would take pytest with it)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pipeline.conversion.direct import DirectConverter, unsupported
+from pipeline.conversion.onnx_export import OnnxArtifact
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Plain(nn.Module):
+    """Conv+BN+ReLU (fused), a stride-2 conv whose PyTorch padding is not TFLite's SAME (explicit PAD), a padded
+    max pool (PADV2 at the int8 minimum), global average pool, flatten, linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 16, 3, 1, 1), nn.BatchNorm2d(16)
+        self.c2 = nn.Conv2d(16, 24, 3, 2, 1)
+        self.p = nn.MaxPool2d(3, 2, 1)
+        self.h = nn.Linear(24, 7)
+
+    def forward(self, x):
+        y = torch.relu(self.b1(self.c1(x)))
+        y = self.p(torch.relu(self.c2(y)))
+        return self.h(torch.flatten(F.adaptive_avg_pool2d(y, 1), 1))
+
+
+class Mobile(nn.Module):
+    """Depthwise (multiplier 1 and 2) and pointwise convs, ReLU6, a residual Add, SiLU (Sigmoid x Mul), an SE
+    gate (mean, Mul broadcast over H x W), HardSwish, an average pool, Flatten of a 2x2 map (TRANSPOSE first)
+    and a MatMul + bias head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, 2, 1)
+        self.dw = nn.Conv2d(8, 8, 3, 1, 1, groups=8)
+        self.pw = nn.Conv2d(8, 8, 1)
+        self.dw2 = nn.Conv2d(8, 16, 5, 1, 2, groups=8)
+        self.se1, self.se2 = nn.Conv2d(16, 4, 1), nn.Conv2d(4, 16, 1)
+        self.pool = nn.AvgPool2d(4)
+        self.w = nn.Parameter(torch.randn(64, 6) * 0.2)
+        self.b = nn.Parameter(torch.randn(6) * 0.1)
+
+    def forward(self, x):
+        y = F.relu6(self.stem(x))
+        y = y + self.pw(F.relu6(self.dw(y)))
+        y = F.silu(self.dw2(y))
+        y = y * torch.sigmoid(self.se2(torch.relu(self.se1(y.mean((2, 3), keepdim=True)))))
+        y = F.hardswish(self.pool(y))
+        return torch.flatten(y, 1) @ self.w + self.b
+
+
+class Branches(nn.Module):
+    """Concat of two branches along channels, Softmax output."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 6, 1), nn.Conv2d(3, 10, 3, 1, 1)
+        self.h = nn.Linear(16, 5)
+
+    def forward(self, x):
+        y = torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], 1)
+        return torch.softmax(self.h(y.mean((2, 3))), 1)
+
+
+class Gelu(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c, self.h = nn.Conv2d(3, 8, 3), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.h(F.gelu(self.c(x)).mean((2, 3)))
+
+
+def _onnx(module: nn.Module, path: Path, size: int = 16, batch=None) -> OnnxArtifact:
+    torch.manual_seed(0)
+    module.eval()
+    x = torch.randn(2 if batch is None else batch, 3, size, size)
+    torch.onnx.export(module, x, str(path), input_names=["input"], output_names=["output"], opset_version=17,
+                      do_constant_folding=True, dynamo=False,
+                      dynamic_axes=None if batch else {"input": {0: "n"}, "output": {0: "n"}})
+    return OnnxArtifact(path=path, bytes=path.stat().st_size, opset=17, input_name="input", output_name="output",
+                        dynamic_batch=batch is None, max_abs_error=None, tolerance=None, samples=0, source="exported")
+
+
+def _fp32(path: Path, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+    s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return np.concatenate([s.run(None, {"input": x[i:i + 1]})[0] for i in range(len(x))]) \
+        if s.get_inputs()[0].shape[0] == 1 else s.run(None, {"input": x})[0]
+
+
+_RUN = textwrap.dedent('''
+    import json, sys
+    import numpy as np
+    from pipeline.runtime.litert import TfliteRunner
+    from pipeline.tflite.inspect import inspect
+    model, inputs, kernels, out = sys.argv[1:5]
+    x = np.load(inputs)
+    info = inspect(model)
+    r = TfliteRunner(model, kernels=kernels, threads=2, batch_size=16 if info.dynamic_batch else 1)
+    res = r.run(x)
+    np.save(out, res.outputs)
+    o = info.outputs[0]
+    print(json.dumps({"fully_int8": info.fully_int8, "ops": sorted(info.ops), "offending": list(info.offending),
+                      "in": info.inputs[0].dtype, "out": o.dtype,
+                      "out_scale": float(o.scale[0]) if o.scale else None}))
+''')
+
+
+def _litert(model: Path, x: np.ndarray, kernels: str, tmp: Path) -> tuple[dict, np.ndarray]:
+    np.save(tmp / "x.npy", x)
+    p = subprocess.run([sys.executable, "-c", _RUN, str(model), str(tmp / "x.npy"), kernels, str(tmp / "y.npy")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout.strip().splitlines()[-1]), np.load(tmp / "y.npy")
+
+
+def _convert(art: OnnxArtifact, tmp: Path, precision: str = "int8", per_channel: bool = True, n: int = 200):
+    rng = np.random.default_rng(1)
+    rep = rng.standard_normal((n, 3, 16, 16)).astype(np.float32)
+    return DirectConverter().convert(art, rep, None, per_channel=per_channel, out_path=tmp / f"m_{precision}.tflite",
+                                     precision=precision)
+
+
+@pytest.mark.parametrize("net", [Plain, Mobile, Branches])
+@pytest.mark.parametrize("kernels", ["ref", "xnnpack"])
+def test_int8_close_to_fp32_on_litert(net, kernels, tmp_path):
+    torch.manual_seed(0)
+    art = _convert(_onnx(net(), tmp_path / "m.onnx"), tmp_path)
+    assert art.converter == "direct" and art.input_layout == "NHWC"
+    x = np.random.default_rng(7).standard_normal((64, 3, 16, 16)).astype(np.float32)
+    ref = _fp32(tmp_path / "m.onnx", x)
+    info, y = _litert(art.path, x, kernels, tmp_path)
+    assert info["fully_int8"] and info["in"] == "int8" and info["out"] == "int8", info
+    steps = float(np.abs(y - ref).max()) / info["out_scale"]
+    assert steps <= 8, (steps, info)  # a few output steps: activations and weights each rounded once per layer
+    assert np.mean(y.argmax(1) == ref.argmax(1)) >= 0.9
+    if net is Plain:
+        assert {"PAD", "PADV2", "MAX_POOL_2D", "MEAN", "FULLY_CONNECTED"} <= set(info["ops"]), info["ops"]
+    if net is Mobile:
+        assert {"DEPTHWISE_CONV_2D", "ADD", "MUL", "LOGISTIC", "HARD_SWISH", "AVERAGE_POOL_2D", "TRANSPOSE"} \
+            <= set(info["ops"]), info["ops"]
+
+
+def test_float32_model_matches_onnxruntime(tmp_path):
+    """precision fp32 (the layer-wise debugger's reference): same graph and names, float weights, no rounding."""
+    art = _convert(_onnx(Mobile(), tmp_path / "m.onnx"), tmp_path, precision="fp32")
+    x = np.random.default_rng(3).standard_normal((16, 3, 16, 16)).astype(np.float32)
+    info, y = _litert(art.path, x, "ref", tmp_path)
+    assert info["in"] == "float32" and not info["fully_int8"]
+    np.testing.assert_allclose(y, _fp32(tmp_path / "m.onnx", x), atol=2e-4, rtol=1e-4)
+
+
+def test_per_tensor_weights_and_fixed_batch(tmp_path):
+    art = _convert(_onnx(Plain(), tmp_path / "m.onnx", batch=1), tmp_path, per_channel=False)
+    x = np.random.default_rng(5).standard_normal((20, 3, 16, 16)).astype(np.float32)
+    info, y = _litert(art.path, x, "ref", tmp_path)
+    assert info["fully_int8"]
+    assert np.abs(y - _fp32(tmp_path / "m.onnx", x)).max() / info["out_scale"] <= 10
+
+
+def test_declines_an_op_it_does_not_write_naming_the_node(tmp_path):
+    from pipeline.errors import ConversionError
+    art = _onnx(Gelu(), tmp_path / "g.onnx")
+    why = unsupported(onnx.load(str(art.path)))
+    # GELU's erf form: Div, Erf, Add, Mul by constants; the first node the writer has no int8 form for is named
+    assert why is not None and "no int8 writer for op Div (node /Div)" in why and "\n" not in why
+    with pytest.raises(ConversionError, match="no int8 writer for op Div"):
+        _convert(art, tmp_path)
+    assert not (tmp_path / "m_int8.tflite").exists()
+
+
+def test_grouped_conv_and_other_clips_are_declined(tmp_path):
+    class G(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(4, 8, 3, groups=2)
+
+        def forward(self, x):
+            return self.c(x).mean((2, 3))
+
+    class C(nn.Module):
+        def forward(self, x):
+            return torch.clamp(x, -1.5, 2.0).mean((2, 3))
+
+    g = torch.onnx.export(G(), torch.randn(1, 4, 8, 8), str(tmp_path / "g.onnx"), dynamo=False) or None
+    assert g is None and "grouped" in unsupported(onnx.load(str(tmp_path / "g.onnx")))
+    torch.onnx.export(C(), torch.randn(1, 3, 8, 8), str(tmp_path / "c.onnx"), dynamo=False)
+    assert "Clip" in unsupported(onnx.load(str(tmp_path / "c.onnx")))
+
+
+def test_auto_keeps_direct_for_refcnn_and_records_it(tmp_path):
+    """The default export of the zoo's reference CNN: the direct route converts it, passes the quick check on
+    LiteRT in a worker, and the export's gates pass on the whole test split."""
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, "-m", "pipeline.export", "--model", "zoo:refcnn", "--calib-size", "200",
+                        "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["conversion"]["converter"] == "direct"
+    tried = rep["conversion"]["routes_tried"]
+    assert [t["route"] for t in tried] == ["direct"] and tried[0]["kept"] and "agreement" in tried[0]["reason"]
+    assert rep["quantization"]["fully_int8"] and rep["accuracy"]["agreement"] >= 0.98
