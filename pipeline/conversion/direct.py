@@ -39,7 +39,7 @@ NAME = "direct"
 
 # ONNX op -> what the writer needs of it (checked by unsupported())
 OPS = ("Conv", "Gemm", "MatMul", "Relu", "Clip", "MaxPool", "AveragePool", "GlobalAveragePool", "ReduceMean",
-       "Add", "Mul", "Concat", "Sigmoid", "HardSwish", "Softmax", "Flatten", "Reshape", "Identity", "Dropout",
+       "Add", "Mul", "Sub", "Div", "HardSigmoid", "BatchNormalization", "Concat", "Sigmoid", "HardSwish", "Softmax", "Flatten", "Reshape", "Identity", "Dropout",
        "Constant")
 _PASS = ("Identity", "Dropout")
 _ACT = {"Relu": "RELU", "Relu6": "RELU6"}
@@ -65,14 +65,12 @@ def _act_q(lo: float, hi: float) -> _Q:
     scale = (hi - lo) / 255.0
     if not np.isfinite(scale):
         raise ConversionError("direct route: a tensor took non-finite values on the representative dataset")
-    # a floor: LiteRT quantizes a fused RELU6's bound (6 / scale) into int32 and refuses the op when it overflows
-    # (seen on a randomly initialised mobilenet_v2 whose tensor was all zeros)
-    scale = max(scale, MIN_SCALE)
+    if scale == 0.0:  # always 0: any scale holds it exactly
+        scale = 1.0 / 255.0
     zp = int(np.clip(np.round(-128.0 - lo / scale), -128, 127))
     return _Q(np.array([scale], np.float64), np.array([zp], np.int64))
 
 
-MIN_SCALE = 1e-8
 _FIXED_OUT = _Q(np.array([1.0 / 256.0]), np.array([-128]))  # LOGISTIC, SOFTMAX int8 output
 
 
@@ -173,7 +171,7 @@ def unsupported(model) -> str | None:
                 return f"direct route: {what} uses auto_pad"
             if len(a.get("kernel_shape", [1, 1])) != 2:
                 return f"direct route: {what} is not 2-D"
-            if n.op_type != "Conv" and a.get("ceil_mode", 0):
+            if n.op_type == "AveragePool" and a.get("ceil_mode", 0):
                 return f"direct route: {what} uses ceil_mode"
         if n.op_type == "MaxPool" and (any(d != 1 for d in a.get("dilations", [1, 1])) or len(n.output) > 1):
             return f"direct route: {what} has dilations or an indices output"
@@ -186,18 +184,32 @@ def unsupported(model) -> str | None:
             if len(n.input) > 2 and n.input[2] and n.input[2] not in g.consts:
                 return f"direct route: {what} has a computed bias"
             groups = int(a.get("group", 1))
-            if groups != 1 and not (w.shape[1] == 1 and w.shape[0] % groups == 0):
-                return f"direct route: {what} is a grouped convolution ({groups} groups); depthwise ones are written"
+            if groups != 1 and w.shape[0] % groups:
+                return f"direct route: {what} has {w.shape[0]} outputs for {groups} groups"
         if n.op_type == "Gemm":
             if a.get("transA", 0) or n.input[1] not in g.consts or (len(n.input) > 2 and n.input[2]
                                                                      and n.input[2] not in g.consts):
                 return f"direct route: {what} needs constant weights and bias and no transA"
         if n.op_type == "MatMul" and (n.input[1] not in g.consts or g.consts[n.input[1]].ndim != 2):
             return f"direct route: {what} multiplies two activations (attention); only constant 2-D weights are written"
-        if n.op_type in ("Add", "Mul"):
-            consts = [i for i in n.input if i in g.consts]
-            if consts and not (n.op_type == "Add" and _bias_of_matmul(n, g) is not None):
-                return f"direct route: {what} takes a constant; only two activations (or a MatMul's bias) are written"
+        if n.op_type in ("Add", "Mul", "Sub", "Div"):
+            consts = [k for k, i in enumerate(n.input) if i in g.consts]
+            if len(consts) == 2:
+                return f"direct route: {what} computes a constant"
+            if n.op_type in ("Sub", "Div") and not consts:
+                return f"direct route: {what} of two activations"
+            if n.op_type in ("Sub", "Div") and consts != [1]:
+                return f"direct route: {what} {'subtracts from' if n.op_type == 'Sub' else 'divides'} a constant"
+            if n.op_type == "Div" and np.any(g.consts[n.input[1]] == 0):
+                return f"direct route: {what} divides by zero"
+            if consts and np.ndim(g.consts[n.input[consts[0]]]) > rank:
+                return f"direct route: {what} broadcasts a constant of higher rank"
+        if n.op_type == "BatchNormalization" and (any(i not in g.consts for i in n.input[1:5]) or len(n.output) > 1
+                                                  or a.get("training_mode", 0)):
+            return f"direct route: {what} is not an inference BatchNormalization with constant statistics"
+        if n.op_type == "HardSigmoid" and abs(float(a.get("alpha", 0.2)) * 6.0 - 1.0) > 1e-6:
+            return (f"direct route: {what} has alpha {a.get('alpha', 0.2)}; the written form "
+                    "(ReLU6(x + beta/alpha) / 6) needs 1/6")
         if n.op_type == "Concat" and int(a.get("axis", 0)) not in (1, -3 if rank == 4 else 1):
             return f"direct route: {what} concatenates along axis {a.get('axis')}; only channels are written"
         if n.op_type == "Softmax" and int(a.get("axis", -1)) not in (-1, 1):
@@ -300,6 +312,10 @@ class _Writer:
         self.tensors.append(t)
         return len(self.tensors) - 1
 
+    def s_name(self, v) -> str:
+        """The name of the tensor of ``v`` (a _Val)."""
+        return self.tensors[v.tensor].name
+
     def const_i32(self, name: str, values) -> int:
         a = np.asarray(values, np.int32)
         return self.tensor(name, a.shape, self.s.TensorType.INT32, data=a)
@@ -388,9 +404,15 @@ class DirectConverter:
             raise ConversionError(why)
         g = _load(model)
         names = [o for n in g.nodes for o in n.output if o] + [g.input.name]
-        ranges, shapes = calibrate(model, names, np.asarray(representative, np.float32))
-        t_cal = time.perf_counter() - t0
-        data = _lower(g, ranges, shapes, per_channel, onnx.dynamic_batch, fp32=precision == "fp32")
+        try:
+            ranges, shapes = calibrate(model, names, np.asarray(representative, np.float32))
+            t_cal = time.perf_counter() - t0
+            data = _lower(g, ranges, shapes, per_channel, onnx.dynamic_batch, fp32=precision == "fp32")
+        except ConversionError:
+            raise
+        except Exception as e:  # noqa: BLE001 - this route runs in the export's process: one line, next route
+            first = " ".join(str(e).split())[:300]
+            raise ConversionError(f"direct route: {type(e).__name__}: {first}") from None
         Path(out_path).write_bytes(data)
         return TfliteArtifact(path=Path(out_path), bytes=len(data), converter=self.name,
                               input_layout="NHWC" if len(shapes[g.input.name]) == 3 else "NCHW",
@@ -409,6 +431,9 @@ def _lower(g: _Graph, ranges: dict, shapes: dict, per_channel: bool, dynamic_bat
     vals: dict[str, _Val] = {}
 
     def bshape(name: str, nhwc: bool) -> list[int]:
+        if shapes.get(name) is None or nhwc and len(shapes[name]) != 3:
+            raise ConversionError(f"direct route: tensor {name} is not N x C x H x W or N x features with the batch "
+                                  "first")
         sh = list(shapes[name])
         if nhwc:
             sh = [sh[1], sh[2], sh[0]]
@@ -429,7 +454,7 @@ def _lower(g: _Graph, ranges: dict, shapes: dict, per_channel: bool, dynamic_bat
         out = node.output[0]
         users = g.consumers.get(out, [])
         if out != g.output and len(users) == 1 and _activation(users[0], g.consts) is not None:
-            kind = _activation(users[0], g.consts)
+            kind = _relu6_or_relu(_activation(users[0], g.consts), q_of(users[0].output[0]))
             return users[0].output[0], getattr(s.ActivationFunctionType, kind)
         return out, s.ActivationFunctionType.NONE
 
@@ -456,7 +481,12 @@ def _lower(g: _Graph, ranges: dict, shapes: dict, per_channel: bool, dynamic_bat
             sh, sw = (list(a.get("strides", [1, 1])) + [1])[:2]
             dh, dw = (list(a.get("dilations", [1, 1])) + [1])[:2]
             x, padding = _pad_for(w, s, src, n.input[0], shapes, a.get("pads", [0, 0, 0, 0]), (kh, kw), (sh, sw),
-                                  (dh, dw), pool=None)
+                                  (dh, dw), pool=None, out=n.output[0])
+            if groups != 1 and wt.shape[1] != 1:  # grouped: SPLIT, one CONV_2D per group, CONCATENATION
+                _grouped_conv(w, x, padding, wt, bias, groups, (sh, sw), (dh, dw), act, per_channel,
+                              act_out(out, True), shapes[n.output[0]])
+                done.add(out)
+                continue
             if groups == 1:
                 wq, wqp = _weight_q(wt.transpose(0, 2, 3, 1), 0, per_channel)
                 code, opt_t, opt = B.CONV_2D, O.Conv2DOptions, s.Conv2DOptionsT()
@@ -491,6 +521,9 @@ def _lower(g: _Graph, ranges: dict, shapes: dict, per_channel: bool, dynamic_bat
             if bias.size == 0:
                 bias = np.zeros(wt.shape[0])
             out, act = fused(out_node)
+            if not src.nhwc and len(shapes[n.input[0]] or ()) != 1:
+                raise ConversionError(f"direct route: {op} node {n.name or out} takes a rank-"
+                                      f"{len(shapes[n.input[0]] or ()) + 1} input; only N x features is written")
             x = _flat(w, s, src, n.input[0], shapes)
             wq, wqp = _weight_q(wt, 0, per_channel)
             wi = w.tensor(n.input[1], wq.shape, T.INT8, wqp, wq, wt)
@@ -501,14 +534,14 @@ def _lower(g: _Graph, ranges: dict, shapes: dict, per_channel: bool, dynamic_bat
             w.op(B.FULLY_CONNECTED, [x.tensor, wi, bi], [y.tensor], O.FullyConnectedOptions, opt, version=5)
             done.add(out)
         elif op in ("Relu", "Clip"):
-            kind = _activation(n, g.consts)
+            kind = _relu6_or_relu(_activation(n, g.consts), q_of(n.output[0]))
             y = act_out(n.output[0], src.nhwc)
             w.op(B.RELU if kind == "RELU" else B.RELU6, [src.tensor], [y.tensor], version=2)
         elif op in ("MaxPool", "AveragePool"):
             kh, kw = a["kernel_shape"]
             sh, sw = (list(a.get("strides", [1, 1])) + [1])[:2]
             x, padding = _pad_for(w, s, src, n.input[0], shapes, a.get("pads", [0, 0, 0, 0]), (kh, kw), (sh, sw),
-                                  (1, 1), pool=op)
+                                  (1, 1), pool=op, out=n.output[0])
             opt = s.Pool2DOptionsT()
             opt.padding, opt.strideH, opt.strideW, opt.filterHeight, opt.filterWidth = padding, sh, sw, kh, kw
             y = act_out(n.output[0], True, x.q)
@@ -520,8 +553,15 @@ def _lower(g: _Graph, ranges: dict, shapes: dict, per_channel: bool, dynamic_bat
             y = act_out(n.output[0], opt.keepDims)
             w.op(B.MEAN, [src.tensor, w.const_i32(f"{n.output[0]}_axes", [1, 2])], [y.tensor], O.ReducerOptions, opt,
                  version=2)
-        elif op in ("Add", "Mul"):
-            xs = [vals[i] for i in n.input]
+        elif op in ("Add", "Mul", "Sub", "Div"):
+            if any(i in g.consts for i in n.input):  # an activation and a constant (second for Sub and Div)
+                k = 0 if n.input[1] in g.consts else 1
+                x, c = vals[n.input[k]], g.consts[n.input[1 - k]].astype(np.float64)
+                c = -c if op == "Sub" else 1.0 / c if op == "Div" else c
+                op = "Add" if op == "Sub" else "Mul" if op == "Div" else op
+                xs = [x, _const_operand(w, f"{n.output[0]}_const", c, x)]
+            else:
+                xs = [vals[i] for i in n.input]
             out, act = fused(n) if op == "Add" else (n.output[0], s.ActivationFunctionType.NONE)
             if xs[0].nhwc != xs[1].nhwc:
                 raise ConversionError(f"direct route: {op} node {n.name or out} mixes a feature map and a vector")
@@ -542,6 +582,34 @@ def _lower(g: _Graph, ranges: dict, shapes: dict, per_channel: bool, dynamic_bat
             opt = s.ConcatenationOptionsT()
             opt.axis = 3 if xs[0].nhwc else 1
             w.op(B.CONCATENATION, [v.tensor for v in xs], [y.tensor], O.ConcatenationOptions, opt, version=2)
+        elif op == "BatchNormalization":  # not folded into a conv (after a Concat, densenet): a 1x1 depthwise conv
+            if not src.nhwc:
+                raise ConversionError(f"direct route: BatchNormalization node {n.name or n.output[0]} on a vector")
+            gamma, beta, mean, var = (g.consts[i].astype(np.float64) for i in n.input[1:5])
+            k = gamma / np.sqrt(var + float(a.get("epsilon", 1e-5)))
+            out, act = fused(n)
+            wq, wqp = _weight_q(k.reshape(1, 1, 1, -1), 3, per_channel)
+            wi = w.tensor(f"{n.output[0]}_scale", wq.shape, T.INT8, wqp, wq, k.reshape(1, 1, 1, -1))
+            bi = _bias(w, f"{n.output[0]}_shift", beta - mean * k, src.q, wqp)
+            opt = s.DepthwiseConv2DOptionsT()
+            opt.padding, opt.strideH, opt.strideW, opt.depthMultiplier = s.Padding.VALID, 1, 1, 1
+            opt.dilationHFactor, opt.dilationWFactor, opt.fusedActivationFunction = 1, 1, act
+            y = act_out(out, True)
+            w.op(B.DEPTHWISE_CONV_2D, [src.tensor, wi, bi], [y.tensor], O.DepthwiseConv2DOptions, opt, version=3)
+            done.add(out)
+        elif op == "HardSigmoid":  # clip(x / 6 + beta, 0, 1) = ReLU6(x + 6 beta) / 6: ADD with a fused RELU6, MUL
+            beta6 = float(a.get("beta", 0.5)) * 6.0
+            lo, hi = ranges[n.input[0]]
+            mid = f"{n.output[0]}_relu6"
+            q_mid = _act_q(min(max(lo + beta6, 0.0), 6.0), min(max(hi + beta6, 0.0), 6.0))
+            t = w.tensor(mid, bshape(n.input[0], src.nhwc), T.INT8, q_mid)
+            opt = s.AddOptionsT()
+            opt.fusedActivationFunction = getattr(s.ActivationFunctionType, _relu6_or_relu("RELU6", q_mid))
+            w.op(B.ADD, [src.tensor, _const_operand(w, f"{mid}_shift", np.array([beta6]), src).tensor], [t],
+                 O.AddOptions, opt, version=2)
+            y = act_out(n.output[0], src.nhwc)
+            w.op(B.MUL, [t, _const_operand(w, f"{mid}_sixth", np.array([1.0 / 6.0]), src).tensor], [y.tensor],
+                 O.MulOptions, s.MulOptionsT(), version=2)
         elif op == "Sigmoid":
             y = act_out(n.output[0], src.nhwc, _FIXED_OUT)
             w.op(B.LOGISTIC, [src.tensor], [y.tensor], version=2)
@@ -568,6 +636,60 @@ def _lower(g: _Graph, ranges: dict, shapes: dict, per_channel: bool, dynamic_bat
     if out.tensor == in_index:
         raise ConversionError("direct route: the graph computes nothing")
     return w.finish([in_index], [out.tensor], "pipeline direct int8 writer")
+
+
+def _relu6_or_relu(kind: str, q: _Q) -> str:
+    """RELU for a RELU6 whose output cannot reach 6 in int8 (its largest value, (127 - zero point) x scale, is
+    below 6): the same in int8, and LiteRT would refuse the RELU6 when 6 / scale overflows int32 (seen on a randomly
+    initialised mobilenet_v2 whose activations were about 1e-9)."""
+    if kind == "RELU6" and (127 - int(q.zero_point[0])) * float(q.scale[0]) < 6.0:
+        return "RELU"
+    return kind
+
+
+def _const_operand(w: _Writer, name: str, c: np.ndarray, like: _Val) -> _Val:
+    """The constant ``c`` (ONNX-broadcast against ``like``) as an int8 tensor of its own range, laid out like
+    ``like`` (NHWC for a feature map)."""
+    c = np.asarray(c, np.float64)
+    rank = 4 if like.nhwc else 2
+    c = c.reshape((1,) * (rank - c.ndim) + c.shape) if c.ndim < rank else c
+    if like.nhwc:
+        c = c.transpose(0, 2, 3, 1)
+    q = _act_q(float(c.min()), float(c.max()))
+    data = np.clip(np.round(c / q.scale[0]) + q.zero_point[0], -128, 127).astype(np.int8)
+    return _Val(w.tensor(name, c.shape, w.s.TensorType.INT8, q, data, c.astype(np.float32)), like.nhwc, q)
+
+
+def _grouped_conv(w: _Writer, x: _Val, padding: int, wt: np.ndarray, bias: np.ndarray, groups: int, stride, dil,
+                  act: int, per_channel: bool, y: _Val, out_chw) -> None:
+    """A grouped convolution: its input SPLIT along channels, one CONV_2D per group, written at the output's
+    quantization so that the CONCATENATION needs no requantization."""
+    s = w.s
+    t = w.tensors[x.tensor]
+    n, hp, wp, cin = t.shapeSignature or t.shape
+    cin_g, cout_g = wt.shape[1], wt.shape[0] // groups
+    if cin != cin_g * groups:
+        raise ConversionError(f"direct route: a grouped convolution takes {cin} channels, not {cin_g} x {groups}")
+    parts = [w.tensor(f"{w.s_name(y)}_in{i}", [n, hp, wp, cin_g], s.TensorType.INT8, x.q) for i in range(groups)]
+    opt = s.SplitOptionsT()
+    opt.numSplits = groups
+    w.op(s.BuiltinOperator.SPLIT, [w.const_i32(f"{w.s_name(y)}_axis", np.array(3)), x.tensor], parts,
+         s.BuiltinOptions.SplitOptions, opt, version=3)
+    outs = []
+    for i, part in enumerate(parts):
+        wg = wt[i * cout_g:(i + 1) * cout_g].transpose(0, 2, 3, 1)
+        wq, wqp = _weight_q(wg, 0, per_channel)
+        wi = w.tensor(f"{w.s_name(y)}_w{i}", wq.shape, s.TensorType.INT8, wqp, wq, wg)
+        bi = _bias(w, f"{w.s_name(y)}_b{i}", bias[i * cout_g:(i + 1) * cout_g], x.q, wqp)
+        o = w.tensor(f"{w.s_name(y)}_g{i}", [n, out_chw[1], out_chw[2], cout_g], s.TensorType.INT8, y.q)
+        copt = s.Conv2DOptionsT()
+        copt.padding, copt.strideH, copt.strideW = padding, int(stride[0]), int(stride[1])
+        copt.dilationHFactor, copt.dilationWFactor, copt.fusedActivationFunction = int(dil[0]), int(dil[1]), act
+        w.op(s.BuiltinOperator.CONV_2D, [part, wi, bi], [o], s.BuiltinOptions.Conv2DOptions, copt, version=3)
+        outs.append(o)
+    copt = s.ConcatenationOptionsT()
+    copt.axis = 3
+    w.op(s.BuiltinOperator.CONCATENATION, outs, [y.tensor], s.BuiltinOptions.ConcatenationOptions, copt, version=2)
 
 
 def _same_q(a: _Q, b: _Q) -> bool:
@@ -615,12 +737,18 @@ def _flat(w: _Writer, s, src: _Val, name: str, shapes: dict) -> _Val:
     return _Val(y, False, src.q)
 
 
-def _pad_for(w: _Writer, s, src: _Val, name: str, shapes: dict, pads, k, stride, dil, *, pool):
-    """(input value, TFLite padding) for a window op with ONNX ``pads`` [top, left, bottom, right]: VALID, SAME
-    where SAME pads the same, else an explicit PAD (zero in real terms for a convolution and an average pool that
-    counts nothing it pads... which unsupported() rules out; the int8 minimum for a max pool) then VALID."""
+def _pad_for(w: _Writer, s, src: _Val, name: str, shapes: dict, pads, k, stride, dil, *, pool, out: str):
+    """(input value, TFLite padding) for a window op with ONNX ``pads`` [top, left, bottom, right] whose output
+    is ``out``: VALID, SAME where SAME pads the same, else an explicit PAD (zero in real terms for a convolution; the
+    int8 minimum for a max pool, also the extra bottom/right rows a ceil_mode max pool reads) then VALID."""
     c, h, wd = shapes[name]
     pt, pl, pb, pr = (list(pads) + [0, 0, 0, 0])[:4]
+    oh, ow = shapes[out][1:]
+    # the padded size VALID needs for the output ONNX computed (more than the pads when ceil_mode rounds up)
+    pb += max(0, (oh - 1) * stride[0] + (k[0] - 1) * dil[0] + 1 - (h + pt + pb))
+    pr += max(0, (ow - 1) * stride[1] + (k[1] - 1) * dil[1] + 1 - (wd + pl + pr))
+    if pool != "MaxPool" and (pb, pr) != tuple((list(pads) + [0, 0, 0, 0])[2:4]):
+        raise ConversionError(f"direct route: the window op on {name} reads past its padding (ceil_mode)")
     if not any((pt, pl, pb, pr)):
         return src, s.Padding.VALID
     if (_same_pads(h, k[0], stride[0], dil[0]) == (pt, pb) and _same_pads(wd, k[1], stride[1], dil[1]) == (pl, pr)):
