@@ -251,3 +251,50 @@ def test_auto_keeps_direct_for_refcnn_and_records_it(tmp_path):
     tried = rep["conversion"]["routes_tried"]
     assert [t["route"] for t in tried] == ["direct"] and tried[0]["kept"] and "agreement" in tried[0]["reason"]
     assert rep["quantization"]["fully_int8"] and rep["accuracy"]["agreement"] >= 0.98
+
+
+class _Stub:
+    def __init__(self, name, strict=False):
+        self.name, self.strict_check = name, strict
+
+
+@pytest.mark.parametrize("direct_agrees, next_agrees, kept", [
+    (0.99, 0.95, "direct"),  # at the gate: kept at once, the next route is never tried
+    (0.96, 0.93, "direct"),  # below the gate, but closer than the next route, which passes the 90% bar
+    (0.93, 0.99, "onnx2tf"),  # below the gate, and the next route comes closer
+    (0.50, 0.70, "onnx2tf"),  # nothing reaches its bar: the closest is kept anyway
+])
+def test_auto_keeps_direct_only_at_the_agreement_gate_or_when_closest(direct_agrees, next_agrees, kept, tmp_path,
+                                                                      monkeypatch):
+    """The selection of ``auto`` with stand-in routes: each writes its own file to the shared path and returns
+    outputs agreeing with FP32 on the given share of the 100 check inputs."""
+    import dataclasses
+
+    from pipeline.conversion import TfliteArtifact
+    from pipeline.stages import convert as C
+    stubs = {"direct": _Stub("direct", strict=True), "onnx2tf": _Stub("onnx2tf")}
+    agree = {"direct": direct_agrees, "onnx2tf": next_agrees}
+    fp32 = np.eye(4, dtype=np.float32)[np.arange(100) % 4]
+    dest = tmp_path / "model_int8.tflite"
+    calls = []
+
+    def route(name, *args, check):
+        calls.append(name)
+        dest.write_text(name)
+        out = fp32.copy()
+        k = int(round((1 - agree[name]) * 100))
+        out[:k] = np.roll(out[:k], 1, axis=1)  # the first k inputs flip
+        return TfliteArtifact(path=dest, bytes=1, converter=name, input_layout="NHWC", calibration_samples=1), out
+
+    monkeypatch.setattr(C, "routes", lambda: stubs)
+    monkeypatch.setattr(C, "_route", route)
+    monkeypatch.setattr("pipeline.stages.inspect.inspect", lambda *a, **k: None)
+    target = dataclasses.make_dataclass("T", [("precision", str), ("allow_float_fallback", bool)])("int8", False)
+    check = C.Check(inputs=np.zeros((100, 1)), fp32=fp32, kernels="ref", batch=1, min_agreement=0.98)
+    art = C._auto(target, check, (None, None, None, None, None, False, {}))
+    assert art.converter == kept and dest.read_text() == kept  # the kept route's own file is at the path
+    assert calls == (["direct"] if direct_agrees >= 0.98 else ["direct", "onnx2tf"])
+    tried = {t["route"]: t for t in art.routes_tried}
+    assert tried[kept]["kept"] and sum(t["kept"] for t in art.routes_tried) == 1
+    if direct_agrees < 0.98:
+        assert "below the 98% this route must reach to be kept at once" in tried["direct"]["reason"]

@@ -271,7 +271,7 @@ def test_a_dead_conversion_worker_is_a_clear_error(converted, tmp_path):
 
 def test_unknown_converter_is_a_usage_error():
     from pipeline.errors import UsageError
-    with pytest.raises(UsageError, match="unknown converter 'nope'; choose auto or one of onnx2tf, litert-torch, onnx2tf-flatbuffer"):
+    with pytest.raises(UsageError, match="unknown converter 'nope'; choose auto or one of direct, onnx2tf, litert-torch, onnx2tf-flatbuffer"):
         get_converter("nope")
 
 

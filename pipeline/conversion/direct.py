@@ -378,6 +378,7 @@ class DirectConverter:
     name = NAME
     needs = "onnx"
     in_process = True  # converts in the export's process (graph walk + onnxruntime); the check runs in a worker
+    strict_check = True  # auto keeps it at once only when its quick check meets the export's agreement gate
 
     def preload(self, verbose: bool = False) -> None:
         """Nothing: it converts in the export's process; its check worker needs only LiteRT."""

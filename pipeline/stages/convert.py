@@ -5,7 +5,9 @@ representative dataset, by one conversion route (:func:`pipeline.conversion.onnx
 1. converts (in its own worker process: a route that aborts or segfaults is one line naming the signal),
 2. meets the target's precision contract (the inspect stage's rule: fully int8 for int8 targets), and
 3. passes a quick check against FP32: on the first ``CHECK_IMAGES`` test inputs, run on LiteRT in the worker
-   with the target's kernels and batch, top-1 agreement with the FP32 model of at least ``CHECK_AGREEMENT``.
+   with the target's kernels and batch, top-1 agreement with the FP32 model of at least ``CHECK_AGREEMENT``
+   (a route marked ``strict_check``, the direct writer, at least the export's ``--min-agreement``: below it the
+   next routes are tried, and it is kept after all when none comes closer).
 The report's ``conversion.routes_tried`` lists every route tried and why each failed (one line each).
 """
 from __future__ import annotations
@@ -33,6 +35,7 @@ class Check:
     fp32: np.ndarray
     kernels: str
     batch: int
+    min_agreement: float = CHECK_AGREEMENT  # the export's --min-agreement gate (a route with strict_check needs it)
 
 
 def convert(onnx: OnnxArtifact, representative: np.ndarray, pre: Preprocessing, target, *, converter: str,
@@ -109,23 +112,37 @@ def _auto(target, check: Check | None, args) -> TfliteArtifact:
                 agreement = None
                 if check is not None:
                     agreement = float(np.mean(out.argmax(1) == check.fp32.argmax(1)))
-                    if not np.isfinite(out).all() or agreement < CHECK_AGREEMENT:
+                    # this project's own writer (direct) is kept at once only when it meets the export's gate:
+                    # below it, the other routes get their chance and the closest to FP32 is kept
+                    strict = getattr(routes()[name], "strict_check", False)
+                    bar = max(CHECK_AGREEMENT, check.min_agreement) if strict else CHECK_AGREEMENT
+                    if not np.isfinite(out).all() or agreement < bar:
                         if np.isfinite(out).all():
                             keep = Path(aside) / f"{i}-{art.path.name}"
                             shutil.copy2(art.path, keep)
                             below.append((agreement, -i, art, keep))
                         raise ConversionError(f"top-1 agreement with FP32 {agreement:.1%} on {len(out)} test inputs "
-                                              f"(LiteRT {check.kernels}), below the {CHECK_AGREEMENT:.0%} a route "
-                                              "must reach to be kept")
+                                              f"(LiteRT {check.kernels}), below the {bar:.0%} "
+                                              + ("this route must reach to be kept at once (the export's agreement "
+                                                 "gate)" if strict else "a route must reach to be kept"))
             except PipelineError as e:
                 tried.append({"route": name, "kept": False, "reason": str(e)})
                 continue
             if worker is not None and worker.route != name:  # the early worker's route is not needed: stop its imports
                 worker.close()
-            tried.append({"route": name, "kept": True,
-                          "reason": "converted, met the precision contract" + (
-                              f", top-1 agreement {agreement:.2%} with FP32 on {len(check.inputs)} test inputs"
-                              if check is not None else "")})
+            passed = "converted, met the precision contract" + (
+                f", top-1 agreement {agreement:.2%} with FP32 on {len(check.inputs)} test inputs"
+                if check is not None else "")
+            closer = [b for b in below if agreement is not None and b[0] > agreement]
+            if closer:  # a strict route set aside below its bar is still closer to FP32 than this one: that one
+                best, neg_i, art_b, keep = max(closer, key=lambda b: (b[0], b[1]))
+                shutil.copy2(keep, art_b.path)
+                tried.append({"route": name, "kept": False, "reason": passed + f"; not kept: route "
+                              f"{tried[-neg_i]['route']} came closer ({best:.2%})"})
+                tried[-neg_i] = {**tried[-neg_i], "kept": True, "reason": tried[-neg_i]["reason"] + (
+                    f"; kept: closer to FP32 than route {name}, and the export's accuracy gates judge it")}
+                return dataclasses.replace(art_b, routes_tried=tuple(tried), bytes=art_b.path.stat().st_size)
+            tried.append({"route": name, "kept": True, "reason": passed})
             return dataclasses.replace(art, routes_tried=tuple(tried))
         if below:
             why = "this one came closest"
@@ -138,8 +155,8 @@ def _auto(target, check: Check | None, args) -> TfliteArtifact:
             agreement, neg_i, art, keep = max(pool, key=lambda b: (b[0], b[1]))
             shutil.copy2(keep, art.path)
             tried[-neg_i] = {**tried[-neg_i], "kept": True,
-                             "reason": tried[-neg_i]["reason"] + f"; kept anyway: no route reached "
-                                       f"{CHECK_AGREEMENT:.0%}, {why}, and the export's accuracy gates judge it"}
+                             "reason": tried[-neg_i]["reason"] + f"; kept anyway: no route reached its bar, "
+                                       f"{why}, and the export's accuracy gates judge it"}
             return dataclasses.replace(art, routes_tried=tuple(tried), bytes=art.path.stat().st_size)
     raise ConversionError("no conversion route made this model " + target.precision + ": "
                           + "; ".join(f"[{t['route']}] {t['reason']}" for t in tried))
@@ -176,4 +193,4 @@ def check_sample(model, onnx: OnnxArtifact, x_test: np.ndarray, target, cfg) -> 
     x = x_test[:CHECK_IMAGES]
     ref = models.onnx_reference(onnx.path) if cfg.fp32_runtime == "onnxruntime" and model.kind != "onnx" else model
     return Check(inputs=x, fp32=models.run_fp32(ref, x, batch_size=cfg.batch_size), kernels=target.run_kernels,
-                 batch=min(cfg.batch_size, len(x)))
+                 batch=min(cfg.batch_size, len(x)), min_agreement=cfg.min_agreement)
