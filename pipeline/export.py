@@ -203,21 +203,22 @@ def export(cfg: ExportConfig, log=print, reuse=None) -> tuple[int, Path, object]
 
 
 def _start_worker(cfg: ExportConfig):
-    """The conversion worker (cfg.convert_in == "worker"): its TensorFlow/onnx2tf imports overlap the first
-    stages. None: convert in this process."""
-    from pipeline.conversion import AUTO, first_worker_route, get_converter, routes
-    if cfg.converter != AUTO:
-        get_converter(cfg.converter)  # an unknown --converter fails before anything starts
-    first = first_worker_route(cfg.converter)
-    if cfg.convert_in != "worker" or first is None:
+    """The conversion workers (cfg.convert_in == "worker", conversion.early_routes): their imports overlap the first
+    stages; the second, started only for auto behind a light first route, is niced. None: convert in this process."""
+    from pipeline.conversion import early_routes, get_converter
+    names = early_routes(cfg.converter)
+    get_converter(names[0])  # an unknown --converter fails before anything starts
+    if cfg.convert_in != "worker":
         return None
+    from pipeline.conversion.worker import ConverterProcess, EarlyWorkers
+    procs = []
     try:
-        from pipeline.conversion.worker import ConverterProcess
-        # niced when a route that converts in this process comes first (auto: the direct route), which makes the
-        # worker's TensorFlow imports wasted work whenever that route is kept
-        return ConverterProcess(first, cfg.verbose, low_priority=next(iter(routes())) != first)
-    except OSError:  # no process could be started: convert in this process
-        return None
+        for i, name in enumerate(names):
+            procs.append(ConverterProcess(name, cfg.verbose, low_priority=i > 0))
+    except OSError:  # no process could be started: convert in this process (or in the ones that started)
+        if not procs:
+            return None
+    return EarlyWorkers(procs)
 
 
 # --------------------------------------------------------------------------- CLI

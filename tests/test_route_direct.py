@@ -110,6 +110,20 @@ class Wide(nn.Module):
         return self.h(y.mean((2, 3)))
 
 
+class Odd(nn.Module):
+    """LeakyReLU, an explicit zero F.pad, Tanh, a global max pool."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3)
+        self.h = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = F.leaky_relu(self.c1(x), 0.1)
+        y = torch.tanh(self.c2(F.pad(y, (1, 2, 0, 1))))
+        return self.h(torch.flatten(F.adaptive_max_pool2d(y, 1), 1))
+
+
 class Gelu(nn.Module):
     def __init__(self):
         super().__init__()
@@ -170,7 +184,7 @@ def _convert(art: OnnxArtifact, tmp: Path, precision: str = "int8", per_channel:
                                      precision=precision)
 
 
-@pytest.mark.parametrize("net", [Plain, Mobile, Branches, Wide])
+@pytest.mark.parametrize("net", [Plain, Mobile, Branches, Wide, Odd])
 @pytest.mark.parametrize("kernels", ["ref", "xnnpack"])
 def test_int8_close_to_fp32_on_litert(net, kernels, tmp_path):
     torch.manual_seed(0)
@@ -190,6 +204,8 @@ def test_int8_close_to_fp32_on_litert(net, kernels, tmp_path):
             <= set(info["ops"]), info["ops"]
     if net is Branches:
         assert {"CONCATENATION", "QUANTIZE", "DEPTHWISE_CONV_2D", "SOFTMAX"} <= set(info["ops"]), info["ops"]
+    if net is Odd:
+        assert {"LEAKY_RELU", "PAD", "TANH", "MAX_POOL_2D"} <= set(info["ops"]), info["ops"]
     if net is Wide:
         assert {"SPLIT", "CONCATENATION", "MUL", "ADD"} <= set(info["ops"]), info["ops"]  # ceil_mode pool: SAME here
 

@@ -84,7 +84,7 @@ def refuse_float_nodes(route: str, float_nodes) -> None:
 @functools.cache
 def routes() -> dict[str, Converter]:
     """The conversion routes, in the order ``--converter auto`` tries them (README "Conversion routes"): the direct
-    writer first (no TensorFlow, no worker to start: it declines at once any op it does not write), then onnx2tf +
+    writer first (no TensorFlow: it declines at once any op it does not write), then onnx2tf +
     TFLiteConverter (the closest to FP32 on the zoo), then litert-torch + ai-edge-quantizer (no ONNX: takes GELU,
     LayerNorm and attention fully int8), then onnx2tf 2.x flatbuffer_direct (no TensorFlow)."""
     from pipeline.conversion.direct import DirectConverter
@@ -95,12 +95,15 @@ def routes() -> dict[str, Converter]:
             "onnx2tf-flatbuffer": Onnx2TfFlatbufferConverter()}
 
 
-def first_worker_route(converter: str) -> str | None:
-    """The route whose worker the export starts before anything else (its imports overlap the first stages): the
-    first route ``converter`` (auto or a route) converts in a worker; None when it converts in the export's own
-    process (the direct route)."""
-    names = list(routes()) if converter == AUTO else [converter]
-    return next((n for n in names if not getattr(get_converter(n), "in_process", False)), None)
+def early_routes(converter: str) -> list[str]:
+    """The routes whose workers the export starts before anything else (their imports overlap the first stages):
+    for ``auto`` the first route and the first route that imports TensorFlow (when the first is the direct writer,
+    which imports little, that is the next one: started niced, it is wanted only when the first route fails);
+    for a named route, that route."""
+    names = list(routes())
+    if converter != AUTO:
+        return [converter]
+    return names[:2] if getattr(routes()[names[0]], "light", False) else names[:1]
 
 
 AUTO = "auto"

@@ -12,17 +12,18 @@ dataset (every activation's min/max over the whole set) and written straight int
 - int8 input and output; NHWC layout for 4-D tensors (weights transposed here), with a dynamic batch when the
   ONNX graph has one.
 
-Covered (:data:`OPS`): Conv (groups 1 or depthwise), Gemm, MatMul (+ Add of a constant) with constant weights,
-Relu / Clip(0, 6) (fused into the op before when it is its only consumer), MaxPool, AveragePool,
-GlobalAveragePool, ReduceMean over H and W, Add and Mul of two activations (with broadcast), Concat along
-channels, Sigmoid, HardSwish, Softmax, Flatten and Reshape to [N, features], Identity and Dropout.
+Covered (:data:`OPS`): Conv (plain, depthwise, grouped), BatchNormalization left unfolded, Gemm and MatMul with
+constant weights (+ an Add of a constant bias), Relu / Clip(0) / Clip(0, 6) (fused into the op before when it is
+its only consumer), LeakyRelu, MaxPool (ceil_mode too), AveragePool, GlobalAveragePool, GlobalMaxPool, ReduceMean
+over H and W, Add and Mul of two activations (with broadcast) or with a constant, Sub and Div by a constant, Pad
+with zeros over H and W, Concat along channels, Sigmoid, HardSigmoid (alpha 1/6), HardSwish, Tanh, Softmax,
+Flatten and Reshape to [N, features], Identity and Dropout.
 Any other op, attribute or shape is declined before anything is written (:func:`unsupported`: one line naming
 the node), and ``--converter auto`` goes on to the next route. The file is then judged like every route's:
 the inspect stage's precision contract and the quick check against FP32 on LiteRT.
 
-It converts in the export's own process (a graph walk and onnxruntime, which the export already runs); the
-quick check of ``auto`` runs the written model on LiteRT in a worker process, so a kernel that aborts on it
-fails this route with the signal named.
+It converts in a worker process like every route (its imports, onnx, onnxruntime and LiteRT, are light: the
+export starts it first), so an onnxruntime or LiteRT kernel that aborts fails this route with the signal named.
 """
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ NAME = "direct"
 
 # ONNX op -> what the writer needs of it (checked by unsupported())
 OPS = ("Conv", "Gemm", "MatMul", "Relu", "Clip", "MaxPool", "AveragePool", "GlobalAveragePool", "ReduceMean",
-       "Add", "Mul", "Sub", "Div", "HardSigmoid", "BatchNormalization", "Concat", "Sigmoid", "HardSwish", "Softmax", "Flatten", "Reshape", "Identity", "Dropout",
+       "Add", "Mul", "Sub", "Div", "HardSigmoid", "BatchNormalization", "Concat", "LeakyRelu", "Tanh",
+       "GlobalMaxPool", "Pad", "Sigmoid", "HardSwish", "Softmax", "Flatten", "Reshape", "Identity", "Dropout",
        "Constant")
 _PASS = ("Identity", "Dropout")
 _ACT = {"Relu": "RELU", "Relu6": "RELU6"}
@@ -71,6 +73,7 @@ def _act_q(lo: float, hi: float) -> _Q:
     return _Q(np.array([scale], np.float64), np.array([zp], np.int64))
 
 
+_TANH_OUT = _Q(np.array([1.0 / 128.0]), np.array([0]))  # TANH int8 output
 _FIXED_OUT = _Q(np.array([1.0 / 256.0]), np.array([-128]))  # LOGISTIC, SOFTMAX int8 output
 
 
@@ -89,6 +92,33 @@ class _Graph:
     input: object
     output: str
     consumers: dict = field(default_factory=dict)
+
+
+_FOLD_LIMIT = 1 << 26  # bytes: a constant subgraph computing more than this is left to the other routes
+
+
+def _fold(node, consts: dict, model) -> bool:
+    """Evaluate ``node``, whose inputs are all constants, with onnx's reference evaluator (numpy) and store its
+    outputs as constants; False when it cannot be (the node then stays, and is judged like any other)."""
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+    ins = [i for i in node.input if i]
+    if sum(consts[i].nbytes for i in ins) > _FOLD_LIMIT:
+        return False
+    try:
+        graph = onnx.helper.make_graph(
+            [node], "fold", [onnx.helper.make_tensor_value_info(i, onnx.helper.np_dtype_to_tensor_dtype(consts[i].dtype),
+                                                                consts[i].shape) for i in ins],
+            [onnx.helper.make_empty_tensor_value_info(o) for o in node.output if o])
+        m = onnx.helper.make_model(graph, opset_imports=list(model.opset_import))
+        outs = ReferenceEvaluator(m).run(None, {i: consts[i] for i in ins})
+    except Exception:  # noqa: BLE001 - not foldable here: left as a node
+        return False
+    if any(np.asarray(o).nbytes > _FOLD_LIMIT for o in outs):
+        return False
+    for name, v in zip([o for o in node.output if o], outs):
+        consts[name] = np.asarray(v)
+    return True
 
 
 def _attrs(node) -> dict:
@@ -112,6 +142,8 @@ def _load(model) -> _Graph:
                 raise ConversionError(f"direct route: Constant node {n.name or n.output[0]} has no tensor value")
             consts[n.output[0]] = numpy_helper.to_array(a["value"])
             continue
+        if n.input and all(i == "" or i in consts for i in n.input) and _fold(n, consts, model):
+            continue  # computed from constants only (F.pad's pads, a reshaped weight): now a constant
         nodes.append(n)
     inputs = [i for i in model.graph.input if i.name not in consts]
     if len(inputs) != 1 or len(model.graph.output) != 1:
@@ -204,6 +236,18 @@ def unsupported(model) -> str | None:
                 return f"direct route: {what} divides by zero"
             if consts and np.ndim(g.consts[n.input[consts[0]]]) > rank:
                 return f"direct route: {what} broadcasts a constant of higher rank"
+        if n.op_type == "Pad":
+            mode = a.get("mode", b"constant")
+            pads = g.consts.get(n.input[1]) if len(n.input) > 1 else a.get("pads")
+            value = g.consts.get(n.input[2]) if len(n.input) > 2 and n.input[2] else 0.0
+            if mode not in (b"constant", "constant") or pads is None or np.size(pads) != 8 or rank != 4:
+                return f"direct route: {what} is not a constant padding of a feature map with constant pads"
+            if np.any(np.asarray(pads)[[0, 1, 4, 5]] != 0) or np.any(np.asarray(pads) < 0):
+                return f"direct route: {what} pads the batch or channel axes (or crops)"
+            if value is None or float(np.ravel(value)[0] if np.size(value) else 0.0) != 0.0:
+                return f"direct route: {what} pads with a value other than 0"
+            if len(n.input) > 3 and n.input[3]:
+                return f"direct route: {what} pads selected axes"
         if n.op_type == "BatchNormalization" and (any(i not in g.consts for i in n.input[1:5]) or len(n.output) > 1
                                                   or a.get("training_mode", 0)):
             return f"direct route: {what} is not an inference BatchNormalization with constant statistics"
@@ -377,11 +421,13 @@ def _weight_q(w: np.ndarray, axis: int, per_channel: bool) -> tuple[np.ndarray, 
 class DirectConverter:
     name = NAME
     needs = "onnx"
-    in_process = True  # converts in the export's process (graph walk + onnxruntime); the check runs in a worker
+    light = True  # its worker imports onnx, onnxruntime and LiteRT only (conversion.early_routes)
     strict_check = True  # auto keeps it at once only when its quick check meets the export's agreement gate
 
     def preload(self, verbose: bool = False) -> None:
-        """Nothing: it converts in the export's process; its check worker needs only LiteRT."""
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+        from ai_edge_litert import interpreter  # noqa: F401  (the quick check)
 
     def unsupported(self, onnx_path: Path) -> str | None:
         import onnx
@@ -411,7 +457,7 @@ class DirectConverter:
             data = _lower(g, ranges, shapes, per_channel, onnx.dynamic_batch, fp32=precision == "fp32")
         except ConversionError:
             raise
-        except Exception as e:  # noqa: BLE001 - this route runs in the export's process: one line, next route
+        except Exception as e:  # noqa: BLE001 - one line, and auto tries the next route
             first = " ".join(str(e).split())[:300]
             raise ConversionError(f"direct route: {type(e).__name__}: {first}") from None
         Path(out_path).write_bytes(data)
@@ -598,6 +644,28 @@ def _lower(g: _Graph, ranges: dict, shapes: dict, per_channel: bool, dynamic_bat
             y = act_out(out, True)
             w.op(B.DEPTHWISE_CONV_2D, [src.tensor, wi, bi], [y.tensor], O.DepthwiseConv2DOptions, opt, version=3)
             done.add(out)
+        elif op == "Pad":  # zero padding of H and W: PAD pads with the zero point, real 0
+            if not src.nhwc:
+                raise ConversionError(f"direct route: Pad node {n.name or n.output[0]} pads a vector")
+            pads = np.asarray(g.consts[n.input[1]] if len(n.input) > 1 else a["pads"]).astype(int)
+            y = act_out(n.output[0], True, src.q)
+            w.op(B.PAD, [src.tensor, w.const_i32(f"{n.output[0]}_pads", [[0, 0], [pads[2], pads[6]], [pads[3], pads[7]],
+                                                                            [0, 0]])], [y.tensor], O.PadOptions,
+                 s.PadOptionsT(), version=2)
+        elif op == "GlobalMaxPool":
+            c, h, wd = shapes[n.input[0]]
+            opt = s.Pool2DOptionsT()
+            opt.padding, opt.strideH, opt.strideW, opt.filterHeight, opt.filterWidth = s.Padding.VALID, 1, 1, h, wd
+            y = act_out(n.output[0], True, src.q)
+            w.op(B.MAX_POOL_2D, [src.tensor], [y.tensor], O.Pool2DOptions, opt, version=2)
+        elif op == "LeakyRelu":
+            opt = s.LeakyReluOptionsT()
+            opt.alpha = float(a.get("alpha", 0.01))
+            y = act_out(n.output[0], src.nhwc)
+            w.op(B.LEAKY_RELU, [src.tensor], [y.tensor], O.LeakyReluOptions, opt, version=2)
+        elif op == "Tanh":
+            y = act_out(n.output[0], src.nhwc, _TANH_OUT)
+            w.op(B.TANH, [src.tensor], [y.tensor], version=2)
         elif op == "HardSigmoid":  # clip(x / 6 + beta, 0, 1) = ReLU6(x + 6 beta) / 6: ADD with a fused RELU6, MUL
             beta6 = float(a.get("beta", 0.5)) * 6.0
             lo, hi = ranges[n.input[0]]

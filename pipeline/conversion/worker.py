@@ -55,6 +55,7 @@ def _serve(name: str, verbose: bool, conn, parent_pid: int | None = None, low_pr
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     if parent_pid is not None:
         _die_with_parent(parent_pid)
+    niceness = os.getpriority(os.PRIO_PROCESS, 0)
     if low_priority:  # an early worker that may not be needed: its imports yield the CPU to the export's own work
         try:
             os.nice(10)
@@ -79,11 +80,13 @@ def _serve(name: str, verbose: bool, conn, parent_pid: int | None = None, low_pr
             return
         if msg is None:
             return
-        onnx, representative, pre, kwargs, source, check, converted = msg
+        if low_priority:  # needed after all: back to the export's priority where allowed (root; else stays niced)
+            try:
+                os.setpriority(os.PRIO_PROCESS, 0, niceness)
+            except OSError:
+                pass
+        onnx, representative, pre, kwargs, source, check = msg
         try:
-            if converted is not None:  # converted in the export's process (the direct route): the check run only
-                conn.send(("ok", (converted, check_run(converted, check) if check is not None else None)))
-                return
             if preload_error is not None:
                 raise ConversionError(f"cannot import the {name} converter: {_short(preload_error)}; "
                                       "re-run ./setup.sh to reinstall the pinned packages")
@@ -165,26 +168,20 @@ class ConverterProcess:
         finally:
             self.close()
 
-    def check_only(self, art: TfliteArtifact, check) -> np.ndarray:
-        """The outputs of ``art`` (converted in the export's own process) on ``check``, run here in the worker."""
-        return self.convert_checked(None, np.zeros(0, np.float32), None, check=check, converted=art)[1]
-
-    def convert_checked(self, onnx, representative: np.ndarray, pre, *, source=None, check=None, converted=None,
-                        **kwargs):
+    def convert_checked(self, onnx, representative: np.ndarray, pre, *, source=None, check=None, **kwargs):
         """(TfliteArtifact, outputs on ``check`` or None). ``source``: (model spec, weights) for routes that
         convert the PyTorch model; ``check``: (inputs, kernels, batch) run on LiteRT in the worker.
 
         After an answer the worker exits by itself (its TensorFlow teardown takes about a second and a half):
         the caller's ``close()``, at the end of the export, reaps it instead of waiting here."""
         try:
-            self._conn.send((onnx, np.ascontiguousarray(representative), pre, kwargs, source, check, converted))
+            self._conn.send((onnx, np.ascontiguousarray(representative), pre, kwargs, source, check))
             status, payload = self._conn.recv()
             self._answered = True
         except (EOFError, OSError):
             self._proc.join(10)
-            what = f"converting {onnx.path.name}" if converted is None else f"running {converted.path.name} on LiteRT"
-            message = (f"the {self.name} conversion process {signal_text(self._proc.exitcode)} while {what}; "
-                       "re-run with -v to see its output")
+            message = (f"the {self.name} conversion process {signal_text(self._proc.exitcode)} while converting "
+                       f"{onnx.path.name}; re-run with -v to see its output")
             self.close()
             raise ConversionError(message) from None
         if status == "ok":
@@ -196,8 +193,13 @@ class ConverterProcess:
             cls = ConversionError
         raise cls(message)
 
-    def close(self) -> None:
-        if self._proc is None:
+    def get(self, route: str) -> "ConverterProcess | None":
+        """This worker when it runs ``route``."""
+        return self if route == self.route else None
+
+    def close(self, keep: str | None = None) -> None:
+        """End the worker (not when it runs route ``keep``)."""
+        if self._proc is None or keep == self.route:
             return
         if self._answered:  # it has sent its result and is exiting: let it finish (its exit handlers release the
             self._proc.join(30)  # semaphores it made; killed there, the resource tracker reports them leaked)
@@ -206,3 +208,18 @@ class ConverterProcess:
         self._proc.join(10)
         self._conn.close()
         self._proc = None
+
+
+class EarlyWorkers:
+    """The workers an export starts before anything else, one per route (``--converter auto``: the direct writer's,
+    light, and the onnx2tf route's, niced): each route's imports overlap the first stages."""
+
+    def __init__(self, procs: list[ConverterProcess]):
+        self.procs = {p.route: p for p in procs}
+
+    def get(self, route: str) -> ConverterProcess | None:
+        return self.procs.get(route)
+
+    def close(self, keep: str | None = None) -> None:
+        for p in self.procs.values():
+            p.close(keep)

@@ -43,8 +43,8 @@ def convert(onnx: OnnxArtifact, representative: np.ndarray, pre: Preprocessing, 
             reuse: Reuse | None, verbose: bool = False) -> TfliteArtifact:
     """``source``: (model spec, weights, parameters) from :func:`torch_source`, for routes that convert the PyTorch
     model;
-    ``worker``: a ConverterProcess started early by the export for the first route (its imports overlap the stages
-    before), or None; ``in_process``: convert in this process instead of a worker per route."""
+    ``worker``: the EarlyWorkers (or one ConverterProcess) the export started before anything else (their imports
+    overlap the stages before), or None; ``in_process``: convert in this process instead of a worker per route."""
     dest = work / f"model_{target.precision}.tflite"
     key = conversion_key(converter, target)
     if reuse is not None and (art := reuse.get(key, dest)) is not None:
@@ -69,24 +69,16 @@ def _route(name, onnx, representative, pre, source, worker, in_process, kwargs, 
     from pipeline.conversion import get_converter
     from pipeline.conversion.worker import ConverterProcess, check_run, torch_module
     run = (check.inputs, check.kernels, check.batch) if check is not None else None
-    if worker is not None and worker.route == name:
-        return worker.convert_checked(onnx, representative, pre, source=source, check=run, **kwargs)
-    if not in_process and not getattr(get_converter(name), "in_process", False):
+    early = worker.get(name) if worker is not None else None
+    if early is not None:
+        return early.convert_checked(onnx, representative, pre, source=source, check=run, **kwargs)
+    if not in_process:
         proc = ConverterProcess(name, kwargs["verbose"])
         try:
             return proc.convert_checked(onnx, representative, pre, source=source, check=run, **kwargs)
         finally:
             proc.close()
     route = get_converter(name)
-    if getattr(route, "in_process", False) and not in_process:  # converts here; its check runs in a worker
-        art = route.convert(onnx, representative, pre, **kwargs)
-        if run is None:
-            return art, None
-        proc = ConverterProcess(name, kwargs["verbose"])
-        try:
-            return art, proc.check_only(art, run)
-        finally:
-            proc.close()
     art = (route.convert_torch(torch_module(name, source), representative, pre, **kwargs)
            if getattr(route, "needs", "onnx") == "torch" else route.convert(onnx, representative, pre, **kwargs))
     return art, (check_run(art, run) if run is not None else None)
@@ -128,8 +120,8 @@ def _auto(target, check: Check | None, args) -> TfliteArtifact:
             except PipelineError as e:
                 tried.append({"route": name, "kept": False, "reason": str(e)})
                 continue
-            if worker is not None and worker.route != name:  # the early worker's route is not needed: stop its imports
-                worker.close()
+            if worker is not None:  # the other early workers' routes are not needed: stop their imports
+                worker.close(keep=name)
             passed = "converted, met the precision contract" + (
                 f", top-1 agreement {agreement:.2%} with FP32 on {len(check.inputs)} test inputs"
                 if check is not None else "")
