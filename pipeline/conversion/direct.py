@@ -94,6 +94,7 @@ class _Graph:
     consumers: dict = field(default_factory=dict)
 
 
+CALIB_BATCH_BYTES = 1 << 28  # calibration batches hold about this much of activations (256 MiB)
 _FOLD_LIMIT = 1 << 26  # bytes: a constant subgraph computing more than this is left to the other routes
 
 
@@ -292,7 +293,10 @@ def calibrate(model, names: list[str], x: np.ndarray) -> tuple[dict, dict]:
     sess = exposed_session(model, names)
     iname = sess.get_inputs()[0].name
     outs = [o.name for o in sess.get_outputs()]
-    step = fixed_batch_size(model) or 64
+    step = fixed_batch_size(model)
+    if not step:  # every activation of a batch is held at once: batches of about CALIB_BATCH_BYTES
+        per_sample = sum(v.nbytes for v in sess.run(None, {iname: np.ascontiguousarray(x[:1], np.float32)}))
+        step = int(np.clip(CALIB_BATCH_BYTES // max(per_sample, 1), 1, 64))
     ranges: dict = {}
     shapes: dict = {}
     for i in range(0, len(x), step):
