@@ -111,7 +111,7 @@ class Wide(nn.Module):
 
 
 class Odd(nn.Module):
-    """LeakyReLU, an explicit zero F.pad, Tanh, a global max pool."""
+    """LeakyReLU, an explicit zero F.pad, Tanh, a ceil_mode average pool that counts no padding, a global max pool."""
 
     def __init__(self):
         super().__init__()
@@ -120,7 +120,8 @@ class Odd(nn.Module):
 
     def forward(self, x):
         y = F.leaky_relu(self.c1(x), 0.1)
-        y = torch.tanh(self.c2(F.pad(y, (1, 2, 0, 1))))
+        y = torch.tanh(self.c2(F.pad(y, (1, 2, 0, 1))))  # 13 x 15: the pool below has partial windows
+        y = F.avg_pool2d(y, 2, 2, ceil_mode=True, count_include_pad=False)  # timm's avg_down: TFLite SAME
         return self.h(torch.flatten(F.adaptive_max_pool2d(y, 1), 1))
 
 
@@ -195,7 +196,9 @@ def test_int8_close_to_fp32_on_litert(net, kernels, tmp_path):
     info, y = _litert(art.path, x, kernels, tmp_path)
     assert info["fully_int8"] and info["in"] == "int8" and info["out"] == "int8", info
     steps = float(np.abs(y - ref).max()) / info["out_scale"]
-    assert steps <= 8, (steps, info)  # a few output steps: activations and weights each rounded once per layer
+    # a few output steps: activations and weights each rounded once per layer (Odd: TANH's fixed 1/128 output
+    # scale is coarse against its small range; its float model written the same way matches to 6e-8)
+    assert steps <= 12, (steps, info)
     assert np.mean(y.argmax(1) == ref.argmax(1)) >= 0.9
     if net is Plain:
         assert {"PAD", "PADV2", "MAX_POOL_2D", "MEAN", "FULLY_CONNECTED"} <= set(info["ops"]), info["ops"]
@@ -205,14 +208,16 @@ def test_int8_close_to_fp32_on_litert(net, kernels, tmp_path):
     if net is Branches:
         assert {"CONCATENATION", "QUANTIZE", "DEPTHWISE_CONV_2D", "SOFTMAX"} <= set(info["ops"]), info["ops"]
     if net is Odd:
-        assert {"LEAKY_RELU", "PAD", "TANH", "MAX_POOL_2D"} <= set(info["ops"]), info["ops"]
+        assert {"LEAKY_RELU", "PAD", "TANH", "AVERAGE_POOL_2D", "MAX_POOL_2D"} <= set(info["ops"]), info["ops"]
     if net is Wide:
         assert {"SPLIT", "CONCATENATION", "MUL", "ADD"} <= set(info["ops"]), info["ops"]  # ceil_mode pool: SAME here
 
 
-def test_float32_model_matches_onnxruntime(tmp_path):
+@pytest.mark.parametrize("net", [Mobile, Branches, Wide, Odd])
+def test_float32_model_matches_onnxruntime(net, tmp_path):
     """precision fp32 (the layer-wise debugger's reference): same graph and names, float weights, no rounding."""
-    art = _convert(_onnx(Mobile(), tmp_path / "m.onnx"), tmp_path, precision="fp32")
+    torch.manual_seed(0)
+    art = _convert(_onnx(net(), tmp_path / "m.onnx"), tmp_path, precision="fp32")
     x = np.random.default_rng(3).standard_normal((16, 3, 16, 16)).astype(np.float32)
     info, y = _litert(art.path, x, "ref", tmp_path)
     assert info["in"] == "float32" and not info["fully_int8"]

@@ -204,8 +204,6 @@ def unsupported(model) -> str | None:
                 return f"direct route: {what} uses auto_pad"
             if len(a.get("kernel_shape", [1, 1])) != 2:
                 return f"direct route: {what} is not 2-D"
-            if n.op_type == "AveragePool" and a.get("ceil_mode", 0):
-                return f"direct route: {what} uses ceil_mode"
         if n.op_type == "MaxPool" and (any(d != 1 for d in a.get("dilations", [1, 1])) or len(n.output) > 1):
             return f"direct route: {what} has dilations or an indices output"
         if n.op_type == "AveragePool" and any(a.get("pads", [0] * 4)) and not a.get("count_include_pad", 0) == 0:
@@ -591,6 +589,9 @@ def _lower(g: _Graph, ranges: dict, shapes: dict, per_channel: bool, dynamic_bat
         elif op in ("MaxPool", "AveragePool"):
             kh, kw = a["kernel_shape"]
             sh, sw = (list(a.get("strides", [1, 1])) + [1])[:2]
+            if op == "AveragePool" and a.get("ceil_mode", 0) and a.get("count_include_pad", 0):
+                raise ConversionError(f"direct route: AveragePool node {n.name or n.output[0]} uses ceil_mode and "
+                                      "counts its padding")
             x, padding = _pad_for(w, s, src, n.input[0], shapes, a.get("pads", [0, 0, 0, 0]), (kh, kw), (sh, sw),
                                   (1, 1), pool=op, out=n.output[0])
             opt = s.Pool2DOptionsT()
@@ -820,13 +821,14 @@ def _pad_for(w: _Writer, s, src: _Val, name: str, shapes: dict, pads, k, stride,
     # the padded size VALID needs for the output ONNX computed (more than the pads when ceil_mode rounds up)
     pb += max(0, (oh - 1) * stride[0] + (k[0] - 1) * dil[0] + 1 - (h + pt + pb))
     pr += max(0, (ow - 1) * stride[1] + (k[1] - 1) * dil[1] + 1 - (wd + pl + pr))
-    if pool != "MaxPool" and (pb, pr) != tuple((list(pads) + [0, 0, 0, 0])[2:4]):
-        raise ConversionError(f"direct route: the window op on {name} reads past its padding (ceil_mode)")
+    ceil_extra = (pb, pr) != tuple((list(pads) + [0, 0, 0, 0])[2:4])
+    if ceil_extra and pool is None:
+        raise ConversionError(f"direct route: the convolution on {name} reads past its padding")
     if not any((pt, pl, pb, pr)):
         return src, s.Padding.VALID
     if (_same_pads(h, k[0], stride[0], dil[0]) == (pt, pb) and _same_pads(wd, k[1], stride[1], dil[1]) == (pl, pr)):
         return src, s.Padding.SAME
-    if pool == "AveragePool":
+    if pool == "AveragePool":  # SAME averages over the window inside the input only: count_include_pad=0
         raise ConversionError(f"direct route: an AveragePool over {name} pads unlike TFLite's SAME")
     shape = [w.batch, h + pt + pb, wd + pl + pr, c]
     t = w.tensor(f"{name}_padded", shape, s.TensorType.INT8, src.q)
