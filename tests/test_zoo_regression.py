@@ -217,7 +217,8 @@ def regenerate(names: list[str]) -> None:
             folder = write_golden(GOLDEN_DIR / name, tflite, fixed_inputs(entry), kernels=kernels, meta={
                 "model": f"zoo:{name}", "weights_sha256": sha256(entry.weights_path),
                 "inputs_description": f"first {PER_CLASS} test images per class, preprocessed",
-                "fully_int8": report.quantization["fully_int8"], "versions": versions()})
+                "fully_int8": report.quantization["fully_int8"], "versions": versions(),
+                "converter": report.conversion.get("converter")})
         print(f"zoo:{name}: golden outputs written to {folder}")
 
 

@@ -7,7 +7,8 @@ this order for ``auto`` (``ORDER``): cross-layer equalization with bias absorpti
 replaced by ReLU, as Nagel et al. do; the change is in the record and in the accuracy figures), then bias
 correction of the weight rounding (for the weight granularity the target uses), then percentile clipping of the
 activation ranges. Each attempt converts by the route that made the first model (an ONNX route: the
-litert-torch route, which converts the PyTorch module, is replaced by onnx2tf), runs on the target's kernels and
+litert-torch route, which converts the PyTorch module, and the direct writer, which has no int8 form for the
+per-channel Min and the clips the tools insert, are replaced by onnx2tf), runs on the target's kernels and
 is compared with the ORIGINAL FP32 model's outputs, so whatever a tool changes in FP32 counts against it. The
 first attempt whose drop and agreement pass the export's gates is kept: its model becomes ``model_<precision>.tflite``
 and its graph ``model_recovered.onnx``; otherwise the first model stays and the report lists every attempt.
@@ -109,7 +110,7 @@ def recover(mode: str, cmp, onnx, tfl, ran, inp, target, *, work: Path, max_drop
     tools = ORDER + ((FLOAT_FALLBACK,) if target.allow_float_fallback else ()) if mode == AUTO else tuple(mode.split(","))
     skipped = tuple(not_tried(target, per_tensor_asked))
     route = route_key(tfl.converter)
-    if route == "litert-torch":
+    if route in ("litert-torch", "direct"):  # the tools' graphs hold ops only onnx2tf writes (per-channel Min, Clip)
         route = "onnx2tf"
     calib = inp.calib.array()
     model = onnx_lib.load(str(onnx.path))
