@@ -184,11 +184,14 @@ def _activation(node, consts) -> str | None:
 
 def unsupported(model) -> str | None:
     """Why this route cannot write ``model`` (one line naming the node), or None when every node is covered.
-    A graph scan only: nothing runs."""
+    A graph scan only (constant subgraphs folded): nothing runs."""
     try:
-        g = _load(model)
+        return _unsupported(_load(model))
     except ConversionError as e:
         return str(e)
+
+
+def _unsupported(g: _Graph) -> str | None:
     rank = len(g.input.type.tensor_type.shape.dim)
     if rank not in (2, 4):
         return f"direct route: a rank-{rank} input (it takes N x C x H x W images or N x features)"
@@ -448,10 +451,10 @@ class DirectConverter:
                                   "use --converter onnx2tf")
         t0 = time.perf_counter()
         model = onnx_lib.load(str(onnx.path))
-        why = unsupported(model)
+        g = _load(model)
+        why = _unsupported(g)
         if why is not None:
             raise ConversionError(why)
-        g = _load(model)
         names = [o for n in g.nodes for o in n.output if o] + [g.input.name]
         try:
             ranges, shapes = calibrate(model, names, np.asarray(representative, np.float32))
