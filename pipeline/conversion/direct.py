@@ -497,7 +497,8 @@ def _lower(g: _Graph, ranges: dict, shapes: dict, per_channel: bool, dynamic_bat
         return _act_q(*ranges[name])
 
     def act_out(name: str, nhwc: bool, q: _Q | None = None) -> _Val:
-        v = _Val(w.tensor(name, bshape(name, nhwc), T.INT8, q or q_of(name)), nhwc, q or q_of(name))
+        q = q or q_of(name)
+        v = _Val(w.tensor(name, bshape(name, nhwc), T.INT8, q), nhwc, q)
         vals[name] = v
         return v
 
@@ -567,8 +568,9 @@ def _lower(g: _Graph, ranges: dict, shapes: dict, per_channel: bool, dynamic_bat
             else:
                 wt = wt.T
                 users = g.consumers.get(n.output[0], [])
-                if len(users) == 1 and users[0].op_type == "Add" and _bias_of_matmul(users[0], g) is not None:
-                    bias, out_node = _bias_of_matmul(users[0], g).astype(np.float64), users[0]
+                b = _bias_of_matmul(users[0], g) if len(users) == 1 and users[0].op_type == "Add" else None
+                if b is not None:
+                    bias, out_node = b.astype(np.float64), users[0]
                     done.add(users[0].output[0])
             if bias.size == 0:
                 bias = np.zeros(wt.shape[0])
@@ -747,18 +749,19 @@ def _grouped_conv(w: _Writer, x: _Val, padding: int, wt: np.ndarray, bias: np.nd
     cin_g, cout_g = wt.shape[1], wt.shape[0] // groups
     if cin != cin_g * groups:
         raise ConversionError(f"direct route: a grouped convolution takes {cin} channels, not {cin_g} x {groups}")
-    parts = [w.tensor(f"{w.s_name(y)}_in{i}", [n, hp, wp, cin_g], s.TensorType.INT8, x.q) for i in range(groups)]
+    base = w.s_name(y)
+    parts = [w.tensor(f"{base}_in{i}", [n, hp, wp, cin_g], s.TensorType.INT8, x.q) for i in range(groups)]
     opt = s.SplitOptionsT()
     opt.numSplits = groups
-    w.op(s.BuiltinOperator.SPLIT, [w.const_i32(f"{w.s_name(y)}_axis", np.array(3)), x.tensor], parts,
+    w.op(s.BuiltinOperator.SPLIT, [w.const_i32(f"{base}_axis", np.array(3)), x.tensor], parts,
          s.BuiltinOptions.SplitOptions, opt, version=3)
     outs = []
     for i, part in enumerate(parts):
         wg = wt[i * cout_g:(i + 1) * cout_g].transpose(0, 2, 3, 1)
         wq, wqp = _weight_q(wg, 0, per_channel)
-        wi = w.tensor(f"{w.s_name(y)}_w{i}", wq.shape, s.TensorType.INT8, wqp, wq, wg)
-        bi = _bias(w, f"{w.s_name(y)}_b{i}", bias[i * cout_g:(i + 1) * cout_g], x.q, wqp)
-        o = w.tensor(f"{w.s_name(y)}_g{i}", [n, out_chw[1], out_chw[2], cout_g], s.TensorType.INT8, y.q)
+        wi = w.tensor(f"{base}_w{i}", wq.shape, s.TensorType.INT8, wqp, wq, wg)
+        bi = _bias(w, f"{base}_b{i}", bias[i * cout_g:(i + 1) * cout_g], x.q, wqp)
+        o = w.tensor(f"{base}_g{i}", [n, out_chw[1], out_chw[2], cout_g], s.TensorType.INT8, y.q)
         copt = s.Conv2DOptionsT()
         copt.padding, copt.strideH, copt.strideW = padding, int(stride[0]), int(stride[1])
         copt.dilationHFactor, copt.dilationWFactor, copt.fusedActivationFunction = int(dil[0]), int(dil[1]), act
