@@ -217,7 +217,7 @@ def _oversubscribed(threads: int) -> str:
 
 
 def measure_latency(model_path: Path, x_nchw: np.ndarray, kernels: str, threads: int, input_layout: str = "NHWC",
-                    warmup_runs: int = 5, min_runs: int = 50, min_secs: float = 0.5,
+                    warmup_runs: int = 5, min_runs: int = 50, min_secs: float = 0.25,
                     max_secs: float = 5.0) -> Latency:
     """Time ``invoke()`` at batch 1 on one real input, as benchmark_model does: init, first, then at
     least ``warmup_runs`` warmup runs, then at least ``min_runs`` runs and ``min_secs`` seconds
