@@ -187,3 +187,31 @@ def run_main(run: Callable[[], T], *, interrupted_note: str = "", then: Callable
         print(f"error: terminated (SIGTERM){interrupted_note}", file=sys.stderr)
         return TERMINATED_STATUS
     return then(result) if then is not None else result  # type: ignore[return-value]
+
+
+def exit_program(status: int):
+    """End a command run as a program (``python -m pipeline.export``) with ``status``, as ``SystemExit`` would,
+    without the interpreter's teardown: unloading PyTorch's modules and libraries at exit took about 0.6 s here
+    (median of 5: ``python -c "import torch"`` 1.89 s, the same ending in ``os._exit`` 1.29 s), paid after the
+    work is done. What SystemExit's teardown does that matters still runs: other non-daemon threads are joined,
+    the ``atexit`` handlers run (multiprocessing reaps its children, temporary folders are removed), Python's and
+    C's buffered output is flushed. Only for ``__main__``: never call it from code that a test or a caller imports.
+    """
+    import atexit
+    import ctypes
+    import os
+    import threading
+    for t in threading.enumerate():
+        if t is not threading.current_thread() and not t.daemon:
+            t.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (| head): nothing more can be shown
+            pass
+    try:
+        ctypes.CDLL(None).fflush(None)  # output a C library buffered
+    except (OSError, AttributeError):
+        pass
+    os._exit(status)
