@@ -161,6 +161,37 @@ def test_a_ctrl_c_that_comes_late_still_exits_130():
     assert (proc.returncode, proc.stderr) == (130, "error: interrupted\n")
 
 
+def test_exit_program_keeps_what_a_normal_exit_does(tmp_path):
+    """exit_program skips the interpreter's teardown, not what SystemExit's shutdown guarantees: a non-daemon thread
+    still working is joined, atexit handlers run, multiprocessing reaps a child, and output buffered by Python and
+    by a C library (printf into a pipe) reaches the reader; the status is the one given."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    code = ("import atexit, ctypes, multiprocessing, pathlib, sys, threading, time\n"
+            "from pipeline import cli\n"
+            "out = pathlib.Path(sys.argv[1])\n"
+            "def late():\n    time.sleep(0.5)\n    (out / 'thread').write_text('done')\n"
+            "if __name__ == '__main__':\n"
+            "    threading.Thread(target=late).start()\n"
+            "    atexit.register(lambda: (out / 'atexit').write_text('ran'))\n"
+            "    child = multiprocessing.get_context('spawn').Process(target=time.sleep, args=(0.3,))\n"
+            "    child.start()\n"
+            "    sys.stdout.write('python-buffered')\n"
+            "    ctypes.CDLL(None).printf(b' c-buffered')\n"
+            "    cli.exit_program(3)\n")
+    script = tmp_path / "prog.py"
+    script.write_text(code)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=60,
+                          env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+                               "PYTHONUNBUFFERED": ""})
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout == "python-buffered c-buffered"
+    assert (tmp_path / "thread").read_text() == "done"
+    assert (tmp_path / "atexit").read_text() == "ran"
+
+
 @pytest.fixture(autouse=True)
 def _sigint_handler_restored():
     """run_main ignores SIGINT once it has mapped a Ctrl-C (the process is about to exit): not pytest's."""
