@@ -232,6 +232,37 @@ def test_per_tensor_weights_and_fixed_batch(tmp_path):
     assert np.abs(y - _fp32(tmp_path / "m.onnx", x)).max() / info["out_scale"] <= 10
 
 
+class Vanishing(nn.Module):
+    """A near-zero signal into a head with an ordinary bias (a deep randomly initialised net: googlenet's last
+    block is calibrated to a range of ~1e-11): at scale input_scale x weight_scale the int32 biases would be ~1e13
+    steps. Conv (per-channel and per-tensor) and Linear heads."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 8, 3, 1, 1)
+        self.h = nn.Linear(8, 6)
+        with torch.no_grad():
+            self.c.weight.mul_(1e-12)
+            self.c.bias.mul_(1e-12)
+            self.h.bias.copy_(torch.linspace(-0.03, 0.05, 6))
+
+    def forward(self, x):
+        y = torch.relu(self.c(x))
+        return self.h(torch.flatten(F.adaptive_avg_pool2d(y, 1), 1))
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_a_bias_that_would_overflow_int32_keeps_its_value(per_channel, tmp_path):
+    torch.manual_seed(0)
+    art = _convert(_onnx(Vanishing(), tmp_path / "m.onnx"), tmp_path, per_channel=per_channel)
+    x = np.random.default_rng(5).standard_normal((20, 3, 16, 16)).astype(np.float32)
+    info, y = _litert(art.path, x, "ref", tmp_path)
+    ref = _fp32(tmp_path / "m.onnx", x)
+    assert info["fully_int8"]
+    # the logits are the bias (0.08 wide): clamped biases left ~1e-7 of it
+    assert np.abs(y - ref).max() / info["out_scale"] <= 1.0, (y[0], ref[0])
+
+
 def test_declines_an_op_it_does_not_write_naming_the_node(tmp_path):
     from pipeline.errors import ConversionError
     art = _onnx(Gelu(), tmp_path / "g.onnx")

@@ -411,11 +411,23 @@ class _Writer:
         return t
 
 
-def _weight_q(w: np.ndarray, axis: int, per_channel: bool) -> tuple[np.ndarray, _Q]:
-    """Symmetric int8 weights (zero point 0, [-127, 127]) with one scale per ``axis`` slice, or one in all."""
+BIAS_MAX = 2 ** 30  # an int32 bias stays within this, leaving the accumulator room for the products' sum
+
+
+def _weight_q(w: np.ndarray, axis: int, per_channel: bool, bias: np.ndarray | None = None,
+              in_scale: float | None = None) -> tuple[np.ndarray, _Q]:
+    """Symmetric int8 weights (zero point 0, [-127, 127]) with one scale per ``axis`` slice, or one in all.
+
+    With the op's ``bias`` and its input's scale, a weight scale is raised where the int32 bias (at scale
+    input_scale x weight_scale) would pass BIAS_MAX: a tensor calibrated to a near-zero range (1.6e-13 after the
+    last block of a randomly initialised googlenet) made the bias 1e14 steps, clamped to 2^31 - 1, and the logits
+    lost their bias. The input's contribution is then below the weights' new resolution anyway."""
     red = tuple(i for i in range(w.ndim) if i != axis)
     amax = np.max(np.abs(w), axis=red) if per_channel else np.array([np.abs(w).max()])
     scale = np.where(amax > 0, amax / 127.0, 1e-6).astype(np.float64)  # an all-zero channel: any scale holds it
+    if bias is not None and in_scale is not None and in_scale > 0:
+        need = np.abs(np.asarray(bias, np.float64)) / (float(in_scale) * BIAS_MAX)
+        scale = np.maximum(scale, need if per_channel else np.array([need.max(initial=0.0)]))
     shape = [1] * w.ndim
     if per_channel:
         shape[axis] = -1
@@ -541,10 +553,10 @@ def _lower(g: _Graph, ranges: dict, shapes: dict, per_channel: bool, dynamic_bat
                 done.add(out)
                 continue
             if groups == 1:
-                wq, wqp = _weight_q(wt.transpose(0, 2, 3, 1), 0, per_channel)
+                wq, wqp = _weight_q(wt.transpose(0, 2, 3, 1), 0, per_channel, bias, x.q.scale[0])
                 code, opt_t, opt = B.CONV_2D, O.Conv2DOptions, s.Conv2DOptionsT()
             else:
-                wq, wqp = _weight_q(wt.transpose(1, 2, 3, 0), 3, per_channel)
+                wq, wqp = _weight_q(wt.transpose(1, 2, 3, 0), 3, per_channel, bias, x.q.scale[0])
                 code, opt_t, opt = B.DEPTHWISE_CONV_2D, O.DepthwiseConv2DOptions, s.DepthwiseConv2DOptionsT()
                 opt.depthMultiplier = wt.shape[0] // groups
             opt.padding, opt.strideH, opt.strideW = padding, int(sh), int(sw)
@@ -579,7 +591,7 @@ def _lower(g: _Graph, ranges: dict, shapes: dict, per_channel: bool, dynamic_bat
                 raise ConversionError(f"direct route: {op} node {n.name or out} takes a rank-"
                                       f"{len(shapes[n.input[0]] or ()) + 1} input; only N x features is written")
             x = _flat(w, s, src, n.input[0], shapes)
-            wq, wqp = _weight_q(wt, 0, per_channel)
+            wq, wqp = _weight_q(wt, 0, per_channel, bias, x.q.scale[0])
             wi = w.tensor(n.input[1], wq.shape, T.INT8, wqp, wq, wt)
             bi = _bias(w, f"{n.output[0]}_bias", bias, x.q, wqp)
             y = act_out(out, False)
@@ -645,7 +657,7 @@ def _lower(g: _Graph, ranges: dict, shapes: dict, per_channel: bool, dynamic_bat
             gamma, beta, mean, var = (g.consts[i].astype(np.float64) for i in n.input[1:5])
             k = gamma / np.sqrt(var + float(a.get("epsilon", 1e-5)))
             out, act = fused(n)
-            wq, wqp = _weight_q(k.reshape(1, 1, 1, -1), 3, per_channel)
+            wq, wqp = _weight_q(k.reshape(1, 1, 1, -1), 3, per_channel, beta - mean * k, src.q.scale[0])
             wi = w.tensor(f"{n.output[0]}_scale", wq.shape, T.INT8, wqp, wq, k.reshape(1, 1, 1, -1))
             bi = _bias(w, f"{n.output[0]}_shift", beta - mean * k, src.q, wqp)
             opt = s.DepthwiseConv2DOptionsT()
@@ -758,7 +770,7 @@ def _grouped_conv(w: _Writer, x: _Val, padding: int, wt: np.ndarray, bias: np.nd
     outs = []
     for i, part in enumerate(parts):
         wg = wt[i * cout_g:(i + 1) * cout_g].transpose(0, 2, 3, 1)
-        wq, wqp = _weight_q(wg, 0, per_channel)
+        wq, wqp = _weight_q(wg, 0, per_channel, bias[i * cout_g:(i + 1) * cout_g], x.q.scale[0])
         wi = w.tensor(f"{base}_w{i}", wq.shape, s.TensorType.INT8, wqp, wq, wg)
         bi = _bias(w, f"{base}_b{i}", bias[i * cout_g:(i + 1) * cout_g], x.q, wqp)
         o = w.tensor(f"{base}_g{i}", [n, out_chw[1], out_chw[2], cout_g], s.TensorType.INT8, y.q)
