@@ -263,6 +263,60 @@ def test_a_bias_that_would_overflow_int32_keeps_its_value(per_channel, tmp_path)
     assert np.abs(y - ref).max() / info["out_scale"] <= 1.0, (y[0], ref[0])
 
 
+class Affine(nn.Module):
+    """A learnable affine block at its initial bias (hgnetv2's: x * scale + bias, bias all zero) after a tiny
+    signal: the zero constant written at a 1/255 scale beside an activation of scale ~1e-9 gave an ADD whose output
+    multiplier was over 1, and LiteRT aborted allocating tensors. Then a residual Add whose inputs nearly cancel."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 8, 3, 1, 1)
+        self.scale = nn.Parameter(torch.ones(1))
+        self.bias = nn.Parameter(torch.zeros(1))
+        self.h = nn.Linear(8, 4)
+        with torch.no_grad():
+            self.c.weight.mul_(1e-8)
+            self.c.bias.mul_(1e-8)
+
+    def forward(self, x):
+        y = torch.relu(self.c(x)) * self.scale + self.bias
+        y = (y + 1.0) + (y * -0.999 - 1.0)  # nearly cancels: a tiny output range from two 1.0-wide inputs
+        return self.h(torch.flatten(F.adaptive_avg_pool2d(y, 1), 1))
+
+
+def test_adds_at_extreme_scale_ratios_run_on_litert(tmp_path):
+    torch.manual_seed(0)
+    art = _convert(_onnx(Affine(), tmp_path / "m.onnx"), tmp_path)
+    x = np.random.default_rng(5).standard_normal((20, 3, 16, 16)).astype(np.float32)
+    info, y = _litert(art.path, x, "ref", tmp_path)  # before: the subprocess died with SIGABRT here
+    assert info["fully_int8"] and "ADD" in info["ops"]
+    assert np.abs(y - _fp32(tmp_path / "m.onnx", x)).max() / info["out_scale"] <= 2.0
+
+
+def test_a_route_the_user_names_runs_its_check_in_the_worker(tmp_path, monkeypatch):
+    """--converter NAME: the route's quick check is not judged, but it runs in the worker as for auto, so a model
+    LiteRT aborts on fails there as one line (hgnetv2_b0's, before the ADD fix, killed the export itself)."""
+    import dataclasses
+
+    from pipeline.conversion import TfliteArtifact
+    from pipeline.stages import convert as C
+    seen = {}
+
+    def route(name, *args, check):
+        seen[name] = check
+        return TfliteArtifact(path=tmp_path / "m.tflite", bytes=1, converter=name, input_layout="NHWC",
+                              calibration_samples=1), None
+
+    monkeypatch.setattr(C, "_route", route)
+    monkeypatch.setattr(C, "with_record", lambda art, pre: art)
+    target = dataclasses.make_dataclass("T", [("precision", str), ("allow_float_fallback", bool),
+                                              ("per_channel_weights", bool)])("int8", False, True)
+    check = C.Check(inputs=np.zeros((4, 1)), fp32=np.eye(4, dtype=np.float32), kernels="ref", batch=1)
+    art = C.convert(None, np.zeros((1, 1)), None, target, converter="direct", source=None, check=check,
+                    work=tmp_path, reuse=None)
+    assert art.converter == "direct" and seen == {"direct": check}
+
+
 def test_declines_an_op_it_does_not_write_naming_the_node(tmp_path):
     from pipeline.errors import ConversionError
     art = _onnx(Gelu(), tmp_path / "g.onnx")

@@ -634,7 +634,7 @@ def _lower(g: _Graph, ranges: dict, shapes: dict, per_channel: bool, dynamic_bat
             out, act = fused(n) if op == "Add" else (n.output[0], s.ActivationFunctionType.NONE)
             if xs[0].nhwc != xs[1].nhwc:
                 raise ConversionError(f"direct route: {op} node {n.name or out} mixes a feature map and a vector")
-            y = act_out(out, xs[0].nhwc)
+            y = act_out(out, xs[0].nhwc, _add_out_q(q_of(out), xs) if op == "Add" else None)
             opt = s.AddOptionsT() if op == "Add" else s.MulOptionsT()
             opt.fusedActivationFunction = act
             w.op(B.ADD if op == "Add" else B.MUL, [xs[0].tensor, xs[1].tensor], [y.tensor],
@@ -738,6 +738,16 @@ def _relu6_or_relu(kind: str, q: _Q) -> str:
     return kind
 
 
+ADD_SCALE_RATIO = 2 ** 18  # LiteRT's int8 ADD needs 2 max(input scales) / (2^20 output scale) below 1
+
+
+def _add_out_q(q: _Q, xs: list) -> _Q:
+    """ADD's output quantization, widened (same zero point) where an input's scale is too large for it, as when
+    two inputs cancel: LiteRT aborts while allocating tensors on an ADD whose output multiplier is not below 1."""
+    need = max(float(v.q.scale[0]) for v in xs) / ADD_SCALE_RATIO
+    return q if float(q.scale[0]) >= need else _Q(np.array([need]), q.zero_point, q.dim)
+
+
 def _const_operand(w: _Writer, name: str, c: np.ndarray, like: _Val) -> _Val:
     """The constant ``c`` (ONNX-broadcast against ``like``) as an int8 tensor of its own range, laid out like
     ``like`` (NHWC for a feature map)."""
@@ -746,7 +756,10 @@ def _const_operand(w: _Writer, name: str, c: np.ndarray, like: _Val) -> _Val:
     c = c.reshape((1,) * (rank - c.ndim) + c.shape) if c.ndim < rank else c
     if like.nhwc:
         c = c.transpose(0, 2, 3, 1)
-    q = _act_q(float(c.min()), float(c.max()))
+    # an all-zero constant (a learnable affine block's bias at its initial value) takes the activation's
+    # quantization: at _act_q's 1/255 for a zero range, ADD beside an activation of scale 5e-9 needed an output
+    # multiplier over 1 and LiteRT aborted while allocating tensors (hgnetv2_b0, random init)
+    q = like.q if not c.any() else _act_q(float(c.min()), float(c.max()))
     data = np.clip(np.round(c / q.scale[0]) + q.zero_point[0], -128, 127).astype(np.int8)
     return _Val(w.tensor(name, c.shape, w.s.TensorType.INT8, q, data, c.astype(np.float32)), like.nhwc, q)
 

@@ -180,8 +180,10 @@ class ConverterProcess:
             self._answered = True
         except (EOFError, OSError):
             self._proc.join(10)
-            message = (f"the {self.name} conversion process {signal_text(self._proc.exitcode)} while converting "
-                       f"{onnx.path.name}; re-run with -v to see its output")
+            during = f"converting {onnx.path.name}" + (" or running the converted model on LiteRT (the quick "
+                                                          "check)" if check is not None else "")
+            message = (f"the {self.name} conversion process {signal_text(self._proc.exitcode)} while {during}; "
+                       "re-run with -v to see its output")
             self.close()
             raise ConversionError(message) from None
         if status == "ok":

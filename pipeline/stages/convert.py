@@ -53,8 +53,8 @@ def convert(onnx: OnnxArtifact, representative: np.ndarray, pre: Preprocessing, 
     if target.allow_float_fallback:  # int8 with float fallback (onnx2tf route; the others make fully-int8 models)
         kwargs["float_fallback"] = True
     args = (onnx, representative, pre, source, worker, in_process, kwargs)
-    if converter != AUTO:
-        art = _route(converter, *args, check=None)[0]
+    if converter != AUTO:  # the route the user named: its check run is not judged, only run where a crash is
+        art = _route(converter, *args, check=check)[0]  # contained (a model LiteRT aborts on fails in the worker)
     else:
         art = _auto(target, check, args)
     art = with_record(art, pre)
