@@ -134,6 +134,25 @@ class Gelu(nn.Module):
         return self.h(F.gelu(self.c(x)).mean((2, 3)))
 
 
+class Cuts(nn.Module):
+    """A ghost module (Concat, then Slice of the first channels), an unequal torch.split (ONNX Split: SPLIT_V), a
+    Slice of H with negative bounds and one of the feature vector."""
+
+    def __init__(self):
+        super().__init__()
+        self.p, self.d = nn.Conv2d(3, 6, 1), nn.Conv2d(6, 6, 3, 1, 1, groups=6)
+        self.a, self.b = nn.Conv2d(3, 4, 3, 1, 1), nn.Conv2d(6, 4, 1)
+        self.h = nn.Linear(6, 5)
+
+    def forward(self, x):
+        y = self.p(x)
+        y = torch.cat([y, torch.relu(self.d(y))], 1)[:, :9]  # ghost: keep 9 of 12 channels
+        u, v = torch.split(y, [3, 6], dim=1)
+        y = torch.cat([self.a(u), self.b(v)], 1)[:, :, 1:-1, :]
+        z = torch.flatten(F.adaptive_avg_pool2d(y, 1), 1)
+        return self.h(z[:, 1:7])
+
+
 def _onnx(module: nn.Module, path: Path, size: int = 16, batch=None) -> OnnxArtifact:
     torch.manual_seed(0)
     module.eval()
@@ -185,7 +204,7 @@ def _convert(art: OnnxArtifact, tmp: Path, precision: str = "int8", per_channel:
                                      precision=precision)
 
 
-@pytest.mark.parametrize("net", [Plain, Mobile, Branches, Wide, Odd])
+@pytest.mark.parametrize("net", [Plain, Mobile, Branches, Wide, Odd, Cuts])
 @pytest.mark.parametrize("kernels", ["ref", "xnnpack"])
 def test_int8_close_to_fp32_on_litert(net, kernels, tmp_path):
     torch.manual_seed(0)
@@ -210,10 +229,12 @@ def test_int8_close_to_fp32_on_litert(net, kernels, tmp_path):
     if net is Odd:
         assert {"LEAKY_RELU", "PAD", "TANH", "AVERAGE_POOL_2D", "MAX_POOL_2D"} <= set(info["ops"]), info["ops"]
     if net is Wide:
-        assert {"SPLIT", "CONCATENATION", "MUL", "ADD"} <= set(info["ops"]), info["ops"]  # ceil_mode pool: SAME here
+        assert {"SPLIT", "CONCATENATION", "MUL", "ADD"} <= set(info["ops"]), info["ops"]
+    if net is Cuts:
+        assert {"SLICE", "SPLIT_V", "CONCATENATION"} <= set(info["ops"]), info["ops"]  # ceil_mode pool: SAME here
 
 
-@pytest.mark.parametrize("net", [Mobile, Branches, Wide, Odd])
+@pytest.mark.parametrize("net", [Mobile, Branches, Wide, Odd, Cuts])
 def test_float32_model_matches_onnxruntime(net, tmp_path):
     """precision fp32 (the layer-wise debugger's reference): same graph and names, float weights, no rounding."""
     torch.manual_seed(0)

@@ -8,7 +8,7 @@ dataset (every activation's min/max over the whole set) and written straight int
 - convolution and fully-connected weights int8, symmetric (zero point 0, values in [-127, 127]), one scale per
   output channel (``per_channel=False``: one per tensor); biases int32 at scale input_scale x weight_scale;
 - ops whose int8 kernels require it keep their input's quantization (MAX_POOL_2D, AVERAGE_POOL_2D, PAD,
-  RESHAPE, TRANSPOSE); LOGISTIC and SOFTMAX get the fixed output scale 1/256, zero point -128;
+  RESHAPE, TRANSPOSE, SLICE, SPLIT_V); LOGISTIC and SOFTMAX get the fixed output scale 1/256, zero point -128;
 - int8 input and output; NHWC layout for 4-D tensors (weights transposed here), with a dynamic batch when the
   ONNX graph has one.
 
@@ -16,8 +16,9 @@ Covered (:data:`OPS`): Conv (plain, depthwise, grouped), BatchNormalization left
 constant weights (+ an Add of a constant bias), Relu / Clip(0) / Clip(0, 6) (fused into the op before when it is
 its only consumer), LeakyRelu, MaxPool (ceil_mode too), AveragePool, GlobalAveragePool, GlobalMaxPool, ReduceMean
 over H and W, Add and Mul of two activations (with broadcast) or with a constant, Sub and Div by a constant, Pad
-with zeros over H and W, Concat along channels, Sigmoid, HardSigmoid (alpha 1/6), HardSwish, Tanh, Softmax,
-Flatten and Reshape to [N, features], Identity and Dropout.
+with zeros over H and W, Concat along channels, Slice (constant bounds, step 1) and Split along any axis but the
+batch, Sigmoid, HardSigmoid (alpha 1/6), HardSwish, Tanh, Softmax, Flatten and Reshape to [N, features], Identity
+and Dropout.
 Any other op, attribute or shape is declined before anything is written (:func:`unsupported`: one line naming
 the node), and ``--converter auto`` goes on to the next route. The file is then judged like every route's:
 the inspect stage's precision contract and the quick check against FP32 on LiteRT.
@@ -42,7 +43,7 @@ NAME = "direct"
 OPS = ("Conv", "Gemm", "MatMul", "Relu", "Clip", "MaxPool", "AveragePool", "GlobalAveragePool", "ReduceMean",
        "Add", "Mul", "Sub", "Div", "HardSigmoid", "BatchNormalization", "Concat", "LeakyRelu", "Tanh",
        "GlobalMaxPool", "Pad", "Sigmoid", "HardSwish", "Softmax", "Flatten", "Reshape", "Identity", "Dropout",
-       "Constant")
+       "Constant", "Slice", "Split")
 _PASS = ("Identity", "Dropout")
 _ACT = {"Relu": "RELU", "Relu6": "RELU6"}
 
@@ -266,6 +267,8 @@ def _unsupported(g: _Graph) -> str | None:
                 return f"direct route: {what} is not a mean over H and W"
         if n.op_type == "Flatten" and int(a.get("axis", 1)) != 1:
             return f"direct route: {what} flattens at axis {a.get('axis')}"
+        if n.op_type in ("Slice", "Split") and (why := _cut_unsupported(n, g, rank)):
+            return f"direct route: {what} {why}"
         if n.op_type == "Reshape":
             shape = g.consts.get(n.input[1])
             if shape is None or np.ndim(shape) != 1 or len(shape) != 2:
@@ -483,6 +486,34 @@ class DirectConverter:
                               calibration_samples=len(representative),
                               timings_s={"calibrate_s": round(t_cal, 3),
                                          "write_s": round(time.perf_counter() - t0 - t_cal, 3)})
+
+
+_NHWC_AXIS = {1: 3, 2: 1, 3: 2}  # an N x C x H x W axis -> its place in N x H x W x C
+
+
+def _cut_unsupported(n, g: _Graph, rank: int) -> str | None:
+    """Why the writer cannot take this Slice or Split (constant bounds, step 1, not along the batch), or None."""
+    a = _attrs(n)
+    if n.op_type == "Slice":
+        if "starts" in a:  # opset < 10
+            return "is an opset-9 Slice"
+        if any(i and i not in g.consts for i in n.input[1:]):
+            return "has computed bounds"
+        axes = g.consts[n.input[3]] if len(n.input) > 3 and n.input[3] else range(len(g.consts[n.input[1]]))
+        if len(n.input) > 4 and n.input[4] and np.any(g.consts[n.input[4]] != 1):
+            return "has a step other than 1"
+    else:
+        if len(n.input) > 1 and n.input[1] and n.input[1] not in g.consts:
+            return "has computed sizes"
+        axes = [a.get("axis", 0)]
+    if any(int(x) % rank == 0 for x in np.ravel(list(axes))):
+        return "cuts along the batch axis"
+    return None
+
+
+def _cut_axis(axis: int, nhwc: bool, rank: int) -> int:
+    axis = int(axis) % rank
+    return _NHWC_AXIS[axis] if nhwc else axis
 
 
 def _lower(g: _Graph, ranges: dict, shapes: dict, per_channel: bool, dynamic_batch: bool, fp32: bool = False) -> bytes:
@@ -714,6 +745,38 @@ def _lower(g: _Graph, ranges: dict, shapes: dict, per_channel: bool, dynamic_bat
             opt.beta = 1.0
             y = act_out(n.output[0], False, _FIXED_OUT)
             w.op(B.SOFTMAX, [src.tensor], [y.tensor], O.SoftmaxOptions, opt, version=2)
+        elif op == "Slice":  # SLICE: a copy, at the input's quantization
+            dims = [batch, *shapes[n.input[0]]]
+            rank = len(dims)
+            starts, ends = (np.ravel(g.consts[i]).astype(np.int64) for i in n.input[1:3])
+            axes = np.ravel(g.consts[n.input[3]]) if len(n.input) > 3 and n.input[3] else range(len(starts))
+            begin, size = [0] * rank, [-1] * rank
+            for ax, b, e in zip(axes, starts, ends):
+                d = dims[int(ax) % rank]
+                b, e = (min(max(v + d if v < 0 else v, 0), d) for v in (int(b), int(e)))
+                k = _cut_axis(ax, src.nhwc, rank)
+                begin[k], size[k] = b, max(e - b, 0)
+            y = act_out(n.output[0], src.nhwc, src.q)
+            w.op(B.SLICE, [src.tensor, w.const_i32(f"{n.output[0]}_begin", begin),
+                           w.const_i32(f"{n.output[0]}_size", size)], [y.tensor], O.SliceOptions, s.SliceOptionsT(),
+                 version=2)
+        elif op == "Split":  # SPLIT_V: copies, at the input's quantization
+            rank = 1 + len(shapes[n.input[0]])
+            axis = int(a.get("axis", 0))
+            dim = shapes[n.input[0]][axis % rank - 1]
+            if len(n.input) > 1 and n.input[1]:
+                sizes = np.ravel(g.consts[n.input[1]])
+            elif "split" in a:
+                sizes = np.asarray(a["split"])
+            else:
+                sizes = np.full(len(n.output), -(-dim // len(n.output)))
+                sizes[-1] = dim - sizes[:-1].sum()
+            ys = [act_out(o, src.nhwc, src.q) for o in n.output]
+            opt = s.SplitVOptionsT()
+            opt.numSplits = len(ys)
+            w.op(B.SPLIT_V, [src.tensor, w.const_i32(f"{n.output[0]}_sizes", sizes),
+                             w.const_i32(f"{n.output[0]}_axis", np.array(_cut_axis(axis, src.nhwc, rank)))],
+                 [v.tensor for v in ys], O.SplitVOptions, opt, version=2)
         elif op in ("Flatten", "Reshape"):
             c = int(np.prod(shapes[n.input[0]]))
             if shapes[n.output[0]] != (c,):
