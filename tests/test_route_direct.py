@@ -153,6 +153,30 @@ class Cuts(nn.Module):
         return self.h(z[:, 1:7])
 
 
+class Shuffle(nn.Module):
+    """ShuffleNet v2's unit: chunk into two halves (two Slices, their bounds computed from x.size()), a branch, Concat, then torchvision's channel shuffle
+    (view to N x groups x C/groups x H x W, transpose 1 and 2, view back: its shapes computed from x.size())."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 12, 3, 2, 1)
+        self.b = nn.Sequential(nn.Conv2d(6, 6, 1), nn.ReLU(), nn.Conv2d(6, 6, 3, 1, 1, groups=6), nn.Conv2d(6, 6, 1),
+                               nn.ReLU())
+        self.h = nn.Linear(12 * 8 * 8, 5)
+
+    @staticmethod
+    def shuffle(x, groups):
+        n, c, h, w = x.size()
+        return torch.transpose(x.view(n, groups, c // groups, h, w), 1, 2).contiguous().view(n, -1, h, w)
+
+    def forward(self, x):
+        y = torch.relu(self.stem(x))
+        u, v = y.chunk(2, dim=1)
+        y = self.shuffle(torch.cat([u, self.b(v)], 1), 2)
+        y = self.shuffle(y, 3)
+        return self.h(torch.flatten(y, 1))  # NCHW order of the shuffled channels reaches the head
+
+
 def _onnx(module: nn.Module, path: Path, size: int = 16, batch=None) -> OnnxArtifact:
     torch.manual_seed(0)
     module.eval()
@@ -204,7 +228,7 @@ def _convert(art: OnnxArtifact, tmp: Path, precision: str = "int8", per_channel:
                                      precision=precision)
 
 
-@pytest.mark.parametrize("net", [Plain, Mobile, Branches, Wide, Odd, Cuts])
+@pytest.mark.parametrize("net", [Plain, Mobile, Branches, Wide, Odd, Cuts, Shuffle])
 @pytest.mark.parametrize("kernels", ["ref", "xnnpack"])
 def test_int8_close_to_fp32_on_litert(net, kernels, tmp_path):
     torch.manual_seed(0)
@@ -231,10 +255,12 @@ def test_int8_close_to_fp32_on_litert(net, kernels, tmp_path):
     if net is Wide:
         assert {"SPLIT", "CONCATENATION", "MUL", "ADD"} <= set(info["ops"]), info["ops"]
     if net is Cuts:
-        assert {"SLICE", "SPLIT_V", "CONCATENATION"} <= set(info["ops"]), info["ops"]  # ceil_mode pool: SAME here
+        assert {"SLICE", "SPLIT_V", "CONCATENATION"} <= set(info["ops"]), info["ops"]
+    if net is Shuffle:
+        assert {"SLICE", "RESHAPE", "TRANSPOSE"} <= set(info["ops"]), info["ops"]  # ceil_mode pool: SAME here
 
 
-@pytest.mark.parametrize("net", [Mobile, Branches, Wide, Odd, Cuts])
+@pytest.mark.parametrize("net", [Mobile, Branches, Wide, Odd, Cuts, Shuffle])
 def test_float32_model_matches_onnxruntime(net, tmp_path):
     """precision fp32 (the layer-wise debugger's reference): same graph and names, float weights, no rounding."""
     torch.manual_seed(0)
@@ -354,16 +380,22 @@ def test_other_clips_and_computed_shapes_are_declined(tmp_path):
         def forward(self, x):
             return torch.clamp(x, -1.5, 2.0).mean((2, 3))
 
-    class Shuffle(nn.Module):  # shufflenet's channel shuffle, with shapes computed from the input
+    class Swap(nn.Module):  # a 5-D transpose that is not a channel shuffle, its shapes computed from the input
         def forward(self, x):
             n, c, h, w = x.size()
-            return x.view(n, 3, c // 3, h, w).transpose(1, 2).reshape(n, -1).mean(1, keepdim=True)
+            return x.view(n, 3, c // 3, h, w).transpose(2, 3).reshape(n, c, h, w)
+
+    class Tokens(nn.Module):  # a computed reshape outside a shuffle (a transformer's tokens)
+        def forward(self, x):
+            n, c, h, w = x.size()
+            return x.reshape(n, c, h * w).mean(2)
 
     torch.onnx.export(C(), torch.randn(1, 3, 8, 8), str(tmp_path / "c.onnx"), dynamo=False)
     assert "Clip" in unsupported(onnx.load(str(tmp_path / "c.onnx")))
-    torch.onnx.export(Shuffle(), torch.randn(2, 3, 8, 8), str(tmp_path / "s.onnx"), dynamo=False,
-                      input_names=["input"], dynamic_axes={"input": {0: "n"}})
-    assert "no int8 writer for op Shape" in unsupported(onnx.load(str(tmp_path / "s.onnx")))
+    for net, why in ((Swap, "no int8 writer for op Shape"), (Tokens, "no int8 writer for op Shape")):
+        torch.onnx.export(net(), torch.randn(2, 3, 8, 8), str(tmp_path / "s.onnx"), dynamo=False,
+                          input_names=["input"], dynamic_axes={"input": {0: "n"}})
+        assert why in unsupported(onnx.load(str(tmp_path / "s.onnx"))), net
 
 
 def test_auto_keeps_direct_for_refcnn_and_records_it(tmp_path):

@@ -17,7 +17,8 @@ constant weights (+ an Add of a constant bias), Relu / Clip(0) / Clip(0, 6) (fus
 its only consumer), LeakyRelu, MaxPool (ceil_mode too), AveragePool, GlobalAveragePool, GlobalMaxPool, ReduceMean
 over H and W, Add and Mul of two activations (with broadcast) or with a constant, Sub and Div by a constant, Pad
 with zeros over H and W, Concat along channels, Slice (constant bounds, step 1) and Split along any axis but the
-batch, Sigmoid, HardSigmoid (alpha 1/6), HardSwish, Tanh, Softmax, Flatten and Reshape to [N, features], Identity
+batch, channel shuffles (Reshape -> Transpose(0, 2, 1, 3, 4) -> Reshape; target shapes computed from the batch
+size are written from the measured shapes, and a Shape -> Gather of a static dim folds to a constant), Sigmoid, HardSigmoid (alpha 1/6), HardSwish, Tanh, Softmax, Flatten and Reshape to [N, features], Identity
 and Dropout.
 Any other op, attribute or shape is declined before anything is written (:func:`unsupported`: one line naming
 the node), and ``--converter auto`` goes on to the next route. The file is then judged like every route's:
@@ -43,7 +44,7 @@ NAME = "direct"
 OPS = ("Conv", "Gemm", "MatMul", "Relu", "Clip", "MaxPool", "AveragePool", "GlobalAveragePool", "ReduceMean",
        "Add", "Mul", "Sub", "Div", "HardSigmoid", "BatchNormalization", "Concat", "LeakyRelu", "Tanh",
        "GlobalMaxPool", "Pad", "Sigmoid", "HardSwish", "Softmax", "Flatten", "Reshape", "Identity", "Dropout",
-       "Constant", "Slice", "Split")
+       "Constant", "Slice", "Split", "Transpose")
 _PASS = ("Identity", "Dropout")
 _ACT = {"Relu": "RELU", "Relu6": "RELU6"}
 
@@ -93,6 +94,7 @@ class _Graph:
     input: object
     output: str
     consumers: dict = field(default_factory=dict)
+    shuffles: dict = field(default_factory=dict)  # tensor -> (its part of a channel shuffle, the shuffle's nodes)
 
 
 CALIB_BATCH_BYTES = 1 << 28  # calibration batches hold about this much of activations (256 MiB)
@@ -133,11 +135,20 @@ def _load(model) -> _Graph:
     import onnx
     from onnx import numpy_helper
     consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    dims = _static_dims(model)
+    shape_of: dict = {}  # a Shape node's output -> the dims of its input (None where not static: the batch)
     nodes = []
     for n in model.graph.node:
         if n.op_type in _PASS and n.input[0] in consts:  # a shared constant under another name (a folded BN bias)
             consts[n.output[0]] = consts[n.input[0]]
             continue
+        if n.op_type == "Shape" and n.input[0] in dims and not _attrs(n):
+            shape_of[n.output[0]] = dims[n.input[0]]
+        if n.op_type == "Gather" and n.input[0] in shape_of and n.input[1] in consts:  # a static dim, as in chunk()
+            got = np.asarray(shape_of[n.input[0]], object)[consts[n.input[1]].astype(np.int64)]
+            if all(v is not None for v in np.ravel(got)):
+                consts[n.output[0]] = np.asarray(got, np.int64)
+                continue
         if n.op_type == "Constant":
             a = _attrs(n)
             if "value" not in a:
@@ -153,11 +164,70 @@ def _load(model) -> _Graph:
                               f"(it has {len(inputs)} and {len(model.graph.output)})")
     if inputs[0].type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
         raise ConversionError("direct route: the graph input must be float32")
+    used = {i for n in nodes for i in n.input} | {model.graph.output[0].name}
+    while True:  # Shape nodes (and what read only them) whose every use was folded
+        kept = [n for n in nodes if n.op_type not in ("Shape", "Gather") or any(o in used for o in n.output)]
+        if len(kept) == len(nodes):
+            break
+        nodes, used = kept, {i for n in kept for i in n.input} | {model.graph.output[0].name}
     g = _Graph(nodes, consts, inputs[0], model.graph.output[0].name)
     for n in nodes:
         for i in n.input:
             g.consumers.setdefault(i, []).append(n)
+    _find_shuffles(g)  # may drop nodes (and then rebuilds the consumers)
     return g
+
+
+def _static_dims(model) -> dict:
+    """tensor -> its dims (None for the dynamic batch), for graphs that compute shapes (Shape nodes: chunk(),
+    view(n, ...)); measured by running the graph once at batch 2 on zeros (onnxruntime), as ONNX's shape
+    inference loses them after a Reshape to a computed shape. Empty for other graphs: nothing runs for them."""
+    if not any(n.op_type == "Shape" for n in model.graph.node):
+        return {}
+    from pipeline.conversion.rewrites import probe_values
+    consts = {t.name for t in model.graph.initializer}
+    inp = next(i for i in model.graph.input if i.name not in consts)
+    d0 = inp.type.tensor_type.shape.dim[0] if inp.type.tensor_type.shape.dim else None
+    dynamic = d0 is None or not d0.HasField("dim_value") or d0.dim_value <= 0
+    return {name: ((None if dynamic and shape and shape[0] == 2 else shape[0]),) + tuple(shape[1:])
+            for name, shape in probe_values(model, 2, shapes_only=True).items() if shape}
+
+
+def _find_shuffles(g: _Graph) -> None:
+    """Channel shuffles (ShuffleNet's ``x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)``:
+    Reshape -> Transpose(0, 2, 1, 3, 4) -> Reshape), recorded in ``g.shuffles``; the nodes that only compute
+    their target shapes from the batch size (Shape, Gather, Unsqueeze, Concat, ...) are dropped from the graph:
+    the shuffle is written from the calibrated shapes (RESHAPE, TRANSPOSE, RESHAPE in NHWC)."""
+    for t in g.nodes:
+        if t.op_type != "Transpose" or list(_attrs(t).get("perm", [])) != [0, 2, 1, 3, 4]:
+            continue
+        r1 = next((n for n in g.nodes if t.input[0] in n.output and n.op_type == "Reshape"), None)
+        users = g.consumers.get(t.output[0], [])
+        if r1 is None or len(g.consumers.get(r1.output[0], [])) != 1 or len(users) != 1 \
+                or users[0].op_type != "Reshape":
+            continue
+        parts = (r1, t, users[0])
+        g.shuffles.update({r1.output[0]: ("split", parts), t.output[0]: ("transpose", parts),
+                           users[0].output[0]: ("merge", parts)})
+    if not g.shuffles:
+        return
+    dead: set[int] = set()
+
+    def shape_only(c, o: str) -> bool:  # consumer c reads o only as a shuffle Reshape's target shape, or is dead
+        if id(c) in dead:
+            return True
+        return c.op_type == "Reshape" and c.output[0] in g.shuffles and c.input[1] == o and c.input[0] != o
+
+    for n in reversed(g.nodes):  # an ONNX graph lists producers before consumers
+        outs = [o for o in n.output if o]
+        if outs and g.output not in outs and all(g.consumers.get(o) and all(shape_only(c, o) for c in g.consumers[o])
+                                                 for o in outs):
+            dead.add(id(n))
+    g.nodes = [n for n in g.nodes if id(n) not in dead]
+    g.consumers = {}
+    for n in g.nodes:
+        for i in n.input:
+            g.consumers.setdefault(i, []).append(n)
 
 
 def _clip_bounds(node, consts) -> tuple[float | None, float | None]:
@@ -269,7 +339,9 @@ def _unsupported(g: _Graph) -> str | None:
             return f"direct route: {what} flattens at axis {a.get('axis')}"
         if n.op_type in ("Slice", "Split") and (why := _cut_unsupported(n, g, rank)):
             return f"direct route: {what} {why}"
-        if n.op_type == "Reshape":
+        if n.op_type == "Transpose" and n.output[0] not in g.shuffles:
+            return f"direct route: {what} is not a channel shuffle's; only those transposes are written"
+        if n.op_type == "Reshape" and n.output[0] not in g.shuffles:
             shape = g.consts.get(n.input[1])
             if shape is None or np.ndim(shape) != 1 or len(shape) != 2:
                 return f"direct route: {what} reshapes to {None if shape is None else list(shape)}; only [N, features]"
@@ -745,6 +817,24 @@ def _lower(g: _Graph, ranges: dict, shapes: dict, per_channel: bool, dynamic_bat
             opt.beta = 1.0
             y = act_out(n.output[0], False, _FIXED_OUT)
             w.op(B.SOFTMAX, [src.tensor], [y.tensor], O.SoftmaxOptions, opt, version=2)
+        elif n.output[0] in g.shuffles:  # channel shuffle: written whole at its last node, in NHWC
+            part, (r1, _, r2) = g.shuffles[n.output[0]]
+            if part != "merge":
+                continue
+            x = vals[r1.input[0]]
+            groups, per, h, wd = (shapes[r1.output[0]] or ()) + (None,) * (4 - len(shapes[r1.output[0]] or ()))
+            if not x.nhwc or shapes[r1.input[0]] != (groups * per, h, wd) or shapes[r2.output[0]] != (groups * per, h, wd):
+                raise ConversionError(f"direct route: Reshape node {r1.name or r1.output[0]} -> Transpose -> Reshape "
+                                      "is not a channel shuffle of a feature map")
+            split = w.tensor(f"{r1.output[0]}_nhwc", [batch, h, wd, groups, per], T.INT8, x.q)
+            w.op(B.RESHAPE, [x.tensor, w.const_i32(f"{r1.output[0]}_shape", [-1, h, wd, groups, per])], [split],
+                 O.ReshapeOptions, _reshape_opt(s, [-1, h, wd, groups, per]), version=1)
+            moved = w.tensor(f"{n.input[0]}_nhwc", [batch, h, wd, per, groups], T.INT8, x.q)
+            w.op(B.TRANSPOSE, [split, w.const_i32(f"{n.input[0]}_perm", [0, 1, 2, 4, 3])], [moved],
+                 O.TransposeOptions, s.TransposeOptionsT(), version=2)
+            y = act_out(n.output[0], True, x.q)
+            w.op(B.RESHAPE, [moved, w.const_i32(f"{n.output[0]}_shape", [-1, h, wd, groups * per])], [y.tensor],
+                 O.ReshapeOptions, _reshape_opt(s, [-1, h, wd, groups * per]), version=1)
         elif op == "Slice":  # SLICE: a copy, at the input's quantization
             dims = [batch, *shapes[n.input[0]]]
             rank = len(dims)
@@ -883,6 +973,12 @@ def _bias(w: _Writer, name: str, bias: np.ndarray, xq: _Q, wq: _Q) -> int:
 def _batch_of(g: _Graph) -> int:
     d = g.input.type.tensor_type.shape.dim[0]
     return int(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0 else 1
+
+
+def _reshape_opt(s, shape: list[int]):
+    opt = s.ReshapeOptionsT()
+    opt.newShape = list(shape)
+    return opt
 
 
 def _flat(w: _Writer, s, src: _Val, name: str, shapes: dict) -> _Val:

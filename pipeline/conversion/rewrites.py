@@ -204,7 +204,7 @@ class Graph:
     def probe(self) -> dict[str, tuple[int, ...]]:
         """Shapes of every tensor at batch 1, by running the graph on zeros in onnxruntime ({} if it cannot)."""
         if self._probe is None:
-            self._probe = _probe_values(self.model, 1, shapes_only=True)
+            self._probe = probe_values(self.model, 1, shapes_only=True)
         return self._probe
 
     def only_consumer(self, name: str, op_type: str | tuple):
@@ -346,7 +346,7 @@ def exposed_session(model, names=None, optimize: bool = False):
     return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
-def _probe_values(model, batch: int, shapes_only: bool) -> dict:
+def probe_values(model, batch: int, shapes_only: bool) -> dict:
     """Every tensor the graph computes, at batch ``batch`` on zeros (onnxruntime): name -> shape (or value)."""
     import onnx
     init_names = {t.name for t in model.graph.initializer}
@@ -915,7 +915,7 @@ def _static_reshape_match(g: Graph) -> list:
             continue
         if b1 is None:
             b1 = g.probe()
-            b2 = _probe_values(g.model, 2, shapes_only=True)
+            b2 = probe_values(g.model, 2, shapes_only=True)
         s1, s2 = b1.get(n.output[0]), b2.get(n.output[0])
         if not s1 or not s2 or len(s1) != len(s2) or s1[0] != 1 or s2[0] != 2 or s1[1:] != s2[1:]:
             continue
@@ -1109,7 +1109,7 @@ def fixed_batch(src_path: Path, dst_path: Path, batch: int = 1) -> Path:
         if dims:
             dims[0].Clear()
             dims[0].dim_value = batch
-    values = _probe_values(model, batch, shapes_only=False)
+    values = probe_values(model, batch, shapes_only=False)
     graph = Graph(model)
     # a value is shape-only when its node reads only constants and shape-only values (Shape reads any tensor)
     shape_only: set[str] = set()
