@@ -822,8 +822,10 @@ def _lower(g: _Graph, ranges: dict, shapes: dict, per_channel: bool, dynamic_bat
             if part != "merge":
                 continue
             x = vals[r1.input[0]]
-            groups, per, h, wd = (shapes[r1.output[0]] or ()) + (None,) * (4 - len(shapes[r1.output[0]] or ()))
-            if not x.nhwc or shapes[r1.input[0]] != (groups * per, h, wd) or shapes[r2.output[0]] != (groups * per, h, wd):
+            sh = shapes.get(r1.output[0]) or ()
+            groups, per, h, wd = sh if len(sh) == 4 else (0, 0, 0, 0)
+            if not groups or not x.nhwc or shapes[r1.input[0]] != (groups * per, h, wd) \
+                    or shapes[r2.output[0]] != (groups * per, h, wd):
                 raise ConversionError(f"direct route: Reshape node {r1.name or r1.output[0]} -> Transpose -> Reshape "
                                       "is not a channel shuffle of a feature map")
             split = w.tensor(f"{r1.output[0]}_nhwc", [batch, h, wd, groups, per], T.INT8, x.q)
