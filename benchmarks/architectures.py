@@ -53,6 +53,7 @@ DEFAULT_ARCHS = ("resnet18,googlenet,shufflenet_v2_x1_0,mobilevit_xxs,efficientf
                  "edgenext_xx_small,mobilenet_v2,mobilenet_v3_small,efficientnet_b0,squeezenet1_1,mnasnet0_5,"
                  "mobilenetv4_conv_small,mobileone_s0,repvgg_a0")
 MEAN, STD = 0.286, 0.353
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # --imagenet
 
 
 def log(msg: str) -> None:
@@ -76,16 +77,16 @@ def available_converters(repo: Path) -> list[str]:
     return names
 
 
-def build_data(cache: Path, n_train: int, n_test: int) -> Path:
-    """Fashion-MNIST as RGB 64x64 uint8 NCHW in an npz (built once)."""
+def build_data(cache: Path, n_train: int, n_test: int, size: int = 64) -> Path:
+    """Fashion-MNIST as RGB size x size uint8 NCHW in an npz (built once)."""
     import numpy as np
-    path = cache / f"fmnist_rgb64_{n_train}_{n_test}.npz"
+    path = cache / f"fmnist_rgb{size}_{n_train}_{n_test}.npz"
     if path.is_file():
         return path
     from benchmarks.arch_models import fmnist_rgb
     cache.mkdir(parents=True, exist_ok=True)
-    xtr, ytr = fmnist_rgb("train", 64, limit=n_train)
-    xte, yte = fmnist_rgb("test", 64, limit=n_test)
+    xtr, ytr = fmnist_rgb("train", size, limit=n_train)
+    xte, yte = fmnist_rgb("test", size, limit=n_test)
     tmp = path.with_suffix(".tmp.npz")
     np.savez(tmp, x_train=xtr, y_train=ytr, x_test=xte, y_test=yte)
     tmp.replace(path)
@@ -100,20 +101,42 @@ def run_proc(cmd: list[str], cwd: Path, timeout: float, logfile: Path, env: dict
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
         p = subprocess.Popen(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        timed_out = False
-        try:
-            rc = p.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            os.killpg(p.pid, signal.SIGKILL)
-            rc = p.wait()
+        timed_out, peak = False, 0
+        while True:  # sampled every 0.2 s: the summed RSS of the process and its children (conversion workers)
+            try:
+                rc = p.wait(timeout=0.2)
+                break
+            except subprocess.TimeoutExpired:
+                peak = max(peak, _tree_rss(p.pid))
+                if time.perf_counter() - t0 > timeout:
+                    timed_out = True
+                    os.killpg(p.pid, signal.SIGKILL)
+                    rc = p.wait()
+                    break
     sig = None
     if rc < 0:
         try:
             sig = signal.Signals(-rc).name
         except ValueError:
             sig = f"signal {-rc}"
-    return {"returncode": rc, "signal": sig, "timed_out": timed_out, "seconds": round(time.perf_counter() - t0, 1)}
+    return {"returncode": rc, "signal": sig, "timed_out": timed_out, "seconds": round(time.perf_counter() - t0, 1),
+            "peak_rss_mib": round(peak / 2 ** 20)}
+
+
+def _tree_rss(pid: int) -> int:
+    import psutil
+    try:
+        proc = psutil.Process(pid)
+        procs = [proc, *proc.children(recursive=True)]
+    except psutil.Error:
+        return 0
+    total = 0
+    for q in procs:
+        try:
+            total += q.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
 
 
 NOISE = re.compile(r"^(\s*$|\[\d/\d\]|Traceback|  File |    |WARNING: All log messages|I0000|W0000|E0000)")
@@ -284,8 +307,10 @@ def bench_export(name: str, conv: str, weights: str | None, data: Path, args, wo
     if out.exists():
         shutil.rmtree(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [PY, "-m", "pipeline.export", "--model", f"benchmarks.arch_models:{name}", "--input-shape", "3,64,64",
-           "--data", str(data), "--mean", f"{MEAN},{MEAN},{MEAN}", "--std", f"{STD},{STD},{STD}",
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if args.imagenet else ((MEAN,) * 3, (STD,) * 3)
+    cmd = [PY, "-m", "pipeline.export", "--model", f"benchmarks.arch_models:{name}", "--input-shape",
+           f"3,{args.size},{args.size}", "--data", str(data), "--mean", ",".join(map(str, mean)),
+           "--std", ",".join(map(str, std)),
            "--calib-size", str(args.calib_size), "--eval-limit", str(args.eval_limit), "--converter", conv,
            "--calib-cache", "off", "--out", str(out)]
     if weights:
@@ -294,9 +319,11 @@ def bench_export(name: str, conv: str, weights: str | None, data: Path, args, wo
         cmd.append("-v")
     lf = work / "logs" / f"{name}.{conv}.log"
     pr = run_proc(cmd, repo, args.timeout, lf)
-    row = {"arch": name, "route": f"pipeline --converter {conv}", "kind": "pipeline", "input": "3x64x64",
+    row = {"arch": name, "route": f"pipeline --converter {conv}", "kind": "pipeline",
+           "input": f"3x{args.size}x{args.size}" + (" (ImageNet mean/std)" if args.imagenet else ""),
            "weights": "fine-tuned" if weights else "random-init", "returncode": pr["returncode"],
-           "signal": pr["signal"], "timed_out": pr["timed_out"], "time_s": pr["seconds"], "log": str(lf)}
+           "signal": pr["signal"], "timed_out": pr["timed_out"], "time_s": pr["seconds"],
+           "peak_rss_mib": pr["peak_rss_mib"], "log": str(lf)}
     rep_path = out / "report.json"
     if rep_path.is_file():
         row.update(from_report(rep_path))
@@ -423,9 +450,11 @@ def fmt(v, nd=3):
 
 def markdown(rows: list[dict], meta: dict) -> str:
     head = ["arch", "input", "weights", "route/peer", "fully int8", "kept route", "rewrites", "agreement",
-            "max error steps", "time s", "FP32 top-1", "failure reason"]
+            "max error steps", "time s", "peak RSS MiB", "FP32 top-1", "failure reason"]
     out = [f"Measured {meta['date']} on {meta['host']}; pipeline checkout {meta['repo']}; eval {meta['eval_limit']} "
-           f"test images, {meta['calib_size']} calibration images (Fashion-MNIST as RGB 64x64); weights: "
+           f"test images, {meta['calib_size']} calibration images (Fashion-MNIST as RGB {meta.get('size', 64)}x"
+           f"{meta.get('size', 64)}{', ImageNet mean/std' if meta.get('imagenet') else ''}); peak RSS: the export "
+           "and its workers together, sampled every 0.2 s; weights: "
            f"{'fine-tuned ' + str(meta['train_steps']) + ' steps' if meta.get('train_steps') else 'seeded random init'}"
            " (an FP32 top-1 near 10% makes agreement meaningless).", "",
            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -437,7 +466,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
                                        fmt(r.get("fully_int8")), kept, ", ".join(r.get("rewrites") or []) or "-",
                                        fmt(r.get("agreement")),
                                        fmt(r.get("max_error_steps"), 1), fmt(r.get("time_s"), 1),
-                                       fmt(r.get("fp32_top1")), why]) + " |")
+                                       fmt(r.get("peak_rss_mib")), fmt(r.get("fp32_top1")), why]) + " |")
     return "\n".join(out) + "\n"
 
 
@@ -478,6 +507,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calib-size", type=int, default=200)
     p.add_argument("--eval-limit", type=int, default=1000)
     p.add_argument("--n-train", type=int, default=2000, help="training images in the cached npz")
+    p.add_argument("--size", type=int, default=64, help="input height and width (default 64; the peers and "
+                   "--train-steps run at 64 only)")
+    p.add_argument("--imagenet", action="store_true", help="ImageNet mean/std per channel instead of "
+                   "Fashion-MNIST's")
     p.add_argument("--timeout", type=float, default=900, help="seconds per run")
     p.add_argument("--repo", default=str(ROOT), help="pipeline checkout to run (default: this one)")
     p.add_argument("--work", default="/tmp/arch-bench")
@@ -506,12 +539,15 @@ def main(argv: list[str] | None = None) -> int:
             shutil.copy2(ROOT / "benchmarks" / f, repo / "benchmarks" / f)
     converters = ([c.strip() for c in args.converters.split(",") if c.strip()] if args.converters
                   else available_converters(repo))
-    data = build_data(work / "data", args.n_train, args.eval_limit)
+    if args.size != 64 and (args.train_steps or not args.no_peer):
+        p.error("--size other than 64 runs random-init exports only: add --no-peer and drop --train-steps")
+    data = build_data(work / "data", args.n_train, args.eval_limit, args.size)
     json_path = Path(args.json) if args.json else work / "architectures.json"
     md_path = Path(args.md) if args.md else work / "architectures.md"
     from pipeline.runtime.litert import host_description
     meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "host": host_description(), "repo": str(repo),
             "converters": converters, "eval_limit": args.eval_limit, "calib_size": args.calib_size,
+            "size": args.size, "imagenet": args.imagenet,
             "train_steps": args.train_steps, "data": str(data)}
     rows: list[dict] = []
     peers = [] if args.no_peer else [v.strip() for v in args.peers.split(",") if v.strip()]
@@ -531,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
                 row["training"] = train_info
             rows.append(row)
             log(f"  -> fully_int8={row.get('fully_int8')} agreement={row.get('agreement')} "
-                f"{row.get('failure') or ''} ({row['time_s']}s)")
+                f"{row.get('failure') or ''} ({row['time_s']}s, peak {row.get('peak_rss_mib')} MiB)")
             if onnx_path is None and row.get("onnx") and Path(row["onnx"]).is_file():
                 onnx_path, report = Path(row["onnx"]), Path(row["report"])
         if onnx_path is None:

@@ -112,3 +112,12 @@ def test_a_correct_export_passes_the_sanity_gate(tiny_export):
     rep = json.loads((out / "report.json").read_text())
     assert status == 0 and rep["gates"]["fp32_above_chance"]["passed"] and rep["preprocessing_probe"]["better"] is None
     assert rep["warnings"] == []
+
+
+def test_train_statistics_in_chunks_equal_the_whole_sets():
+    """Summed over chunks of 64 images (memory), the per-channel mean and std are numpy's over the whole set."""
+    x = np.random.default_rng(0).integers(0, 256, (300, 3, 20, 20)).astype(np.uint8)
+    m, s = sanity.train_statistics(x, 1 / 255, limit=250)
+    whole = x[:250].astype(np.float64) / 255
+    np.testing.assert_allclose(m, whole.mean(axis=(0, 2, 3)), rtol=1e-12)
+    np.testing.assert_allclose(s, whole.std(axis=(0, 2, 3)), rtol=1e-9)

@@ -126,6 +126,9 @@ def tolerance_for(reference: np.ndarray) -> float:
     return 1e-4 + 1e-4 * float(np.abs(reference).max())
 
 
+CHECK_BATCH_BYTES = 1 << 24
+
+
 def export_onnx(model: LoadedModel, sample: np.ndarray, out_path: Path) -> OnnxArtifact:
     """Write ``out_path`` (model.onnx). ``sample`` is a small batch of real preprocessed inputs."""
     import onnx
@@ -180,8 +183,10 @@ def export_onnx(model: LoadedModel, sample: np.ndarray, out_path: Path) -> OnnxA
     so = ort.SessionOptions()
     so.log_severity_level = 3
     sess = ort.InferenceSession(str(out_path), so, providers=["CPUExecutionProvider"])
-    got = sess.run(None, {INPUT_NAME: sample})[0]
-    ref = run_fp32(model, sample, batch_size=len(sample))
+    # in batches of about 16 MiB of input (all 256 at once held every activation of a 3x224x224 net: gigabytes)
+    bs = max(1, min(len(sample), CHECK_BATCH_BYTES // max(sample[:1].nbytes, 1)))
+    got = np.concatenate([sess.run(None, {INPUT_NAME: sample[i:i + bs]})[0] for i in range(0, len(sample), bs)])
+    ref = run_fp32(model, sample, batch_size=bs)
     err = float(np.abs(got.astype(np.float64) - ref).max())
     tol = tolerance_for(ref)
     if not err <= tol:

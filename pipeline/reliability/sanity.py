@@ -65,10 +65,18 @@ def candidates(pre, model_mean=None, model_std=None, train_stats=None) -> list[t
 
 
 def train_statistics(x_train_nchw: np.ndarray, scale: float, limit: int = 2000) -> tuple[tuple, tuple]:
-    """Per-channel mean and std of the first ``limit`` training images after scaling."""
-    x = np.asarray(x_train_nchw[:limit], dtype=np.float64) * scale
-    m = x.mean(axis=(0, 2, 3))
-    s = x.std(axis=(0, 2, 3))
+    """Per-channel mean and std of the first ``limit`` training images after scaling, summed in float64 over
+    chunks of 64 images (the whole set in float64 took 2.4 GB at 3x224x224, about 5 GB with the std's temporary)."""
+    x_all = x_train_nchw[:limit]
+    n = 0
+    s1 = s2 = 0.0
+    for i in range(0, len(x_all), 64):
+        x = np.asarray(x_all[i:i + 64], dtype=np.float64) * scale
+        s1 = s1 + x.sum(axis=(0, 2, 3))
+        s2 = s2 + np.square(x).sum(axis=(0, 2, 3))
+        n += x.shape[0] * x.shape[2] * x.shape[3]
+    m = s1 / n
+    s = np.sqrt(np.maximum(s2 / n - m * m, 0.0))
     return tuple(float(v) for v in m), tuple(float(max(v, 1e-6)) for v in s)
 
 
