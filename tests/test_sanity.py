@@ -121,3 +121,8 @@ def test_train_statistics_in_chunks_equal_the_whole_sets():
     whole = x[:250].astype(np.float64) / 255
     np.testing.assert_allclose(m, whole.mean(axis=(0, 2, 3)), rtol=1e-12)
     np.testing.assert_allclose(s, whole.std(axis=(0, 2, 3)), rtol=1e-9)
+
+
+def test_the_probe_runs_fewer_images_for_large_inputs():
+    assert sanity.probe_images(28 * 28) == sanity.probe_images(3 * 64 * 64) == sanity.PROBE_IMAGES
+    assert sanity.probe_images(3 * 224 * 224) == sanity.PROBE_IMAGES_LARGE < sanity.probe_images(3 * 96 * 96)

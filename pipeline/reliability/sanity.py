@@ -22,6 +22,14 @@ import math
 import numpy as np
 
 PROBE_IMAGES = 512
+PROBE_IMAGES_LARGE = 128  # the fewest, for large inputs (probe_images)
+
+
+def probe_images(values_per_image: int) -> int:
+    """How many test images the probe runs per candidate: PROBE_IMAGES up to 3x64x64 inputs, fewer above (the
+    probe's five or so FP32 passes cost more than the evaluation itself at 3x224x224), at least
+    PROBE_IMAGES_LARGE."""
+    return int(np.clip(PROBE_IMAGES * (3 * 64 * 64) // max(values_per_image, 1), PROBE_IMAGES_LARGE, PROBE_IMAGES))
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MIN_GAIN_PP = 5.0

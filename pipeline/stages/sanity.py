@@ -31,7 +31,7 @@ def sanity(inputs, ran, cmp, *, batch_size: int, weights_given: bool) -> SanityC
     probe = checks.probe(lambda x: models.run_fp32(ran.fp32_model, x, batch_size=batch_size), inputs.raw_test,
                          inputs.labels, inputs.pre, inputs.model.mean, inputs.model.std,
                          train_stats=checks.train_statistics(inputs.dataset.x_train, inputs.pre.scale),
-                         in_use_logits=ran.fp32)
+                         n=checks.probe_images(int(inputs.x_test[0].size)), in_use_logits=ran.fp32)
     weights_missing = inputs.model.kind == "factory" and not weights_given
     gate = checks.fp32_gate(cmp.fp32_top1, inputs.labels, probe, weights_missing)
     return SanityCheck(gate=gate, probe=probe, weights_missing=weights_missing)
