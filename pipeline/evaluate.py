@@ -357,6 +357,8 @@ def _evaluate_export(ecfg: EvaluateConfig, export_dir: Path, log=print):
     if ecfg.batch_size <= 0:
         raise UsageError("--batch-size must be at least 1")
     check_batch_fits_memory(pre.input_shape, ecfg.batch_size, f"{rpath}: preprocessing.input_shape")
+    from pipeline.export import run_batch
+    ecfg = dataclasses.replace(ecfg, batch_size=run_batch(ecfg.batch_size, pre.input_shape))  # as the export runs
     # A received folder is data. The model, weights and data it records are used only when they are a zoo model
     # or files inside the folder; anything else must come from this command line. A flag naming what the export
     # recorded confirms it (the FP32 check below then applies); a flag naming something else overrides it.

@@ -7,6 +7,7 @@ that line, the configuration and the command line.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -104,7 +105,7 @@ def line(cfg: ExportConfig, folder, log=print, reuse=None, worker=None):
     t_start, work, fp32_onnx = time.perf_counter(), folder.work, cfg.fp32_runtime == "onnxruntime"
     step = Steps(STEPS, log, folder.writing)
     inp = step("prepare", prepare.prepare, cfg, log)
-    if (bs := run_batch(cfg.batch_size, inp.x_test)) != cfg.batch_size:  # large inputs: smaller batches
+    if (bs := run_batch(cfg.batch_size, inp.x_test.shape[1:])) != cfg.batch_size:  # large inputs: smaller batches
         cfg = replace(cfg, batch_size=bs)
     t, precision = inp.target, inp.target.precision
     onnx = step("export_onnx", export_onnx.export_onnx, inp.model, inp.calib.array(), inp.x_test, work, reuse)
@@ -169,11 +170,11 @@ def line(cfg: ExportConfig, folder, log=print, reuse=None, worker=None):
 BATCH_INPUT_BYTES = 1 << 25  # a batch of the interpreter and FP32 runs holds about this much float32 input
 
 
-def run_batch(batch_size: int, x_test) -> int:
+def run_batch(batch_size: int, input_shape) -> int:
     """--batch-size, or fewer images where they would hold more than BATCH_INPUT_BYTES of float32 input: 256
     images of 3x224x224 made batches of 154 MB whose activations (FP32 on onnxruntime, int8 on LiteRT) took the
     export of resnet18 to 4.8 GB (55 images here)."""
-    per_image = max(int(x_test[:1].nbytes), 1)
+    per_image = 4 * max(math.prod(int(d) for d in input_shape), 1)
     return int(max(1, min(batch_size, BATCH_INPUT_BYTES // per_image)))
 
 
