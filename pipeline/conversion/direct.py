@@ -996,10 +996,8 @@ def _flat(w: _Writer, s, src: _Val, name: str, shapes: dict) -> _Val:
              s.BuiltinOptions.TransposeOptions, s.TransposeOptionsT(), version=2)
         x = _Val(t, False, src.q)
     y = w.tensor(f"{name}_flat", [w.batch, c * h * wd], s.TensorType.INT8, src.q)
-    opt = s.ReshapeOptionsT()
-    opt.newShape = [-1, c * h * wd]
     w.op(s.BuiltinOperator.RESHAPE, [x.tensor, w.const_i32(f"{name}_shape", [-1, c * h * wd])], [y],
-         s.BuiltinOptions.ReshapeOptions, opt, version=1)
+         s.BuiltinOptions.ReshapeOptions, _reshape_opt(s, [-1, c * h * wd]), version=1)
     return _Val(y, False, src.q)
 
 
