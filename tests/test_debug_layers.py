@@ -206,3 +206,9 @@ def test_the_export_step_pairs_a_renaming_route_in_execution_order(tmp_path, tin
     assert c["unmatched"]["paired_in_order"] >= 2 and c["unmatched"]["int8_only"] == 0
     assert c["compared"] >= 3 and c["not_onnx_named"] == 0
     assert {r["layer"] for r in le["rows"]} >= {"/0/Conv", "/4/Conv"}
+
+
+def test_large_inputs_keep_the_tensors_of_fewer_images():
+    from pipeline.stages import debug_layers as stage
+    assert stage.samples(28 * 28) == stage.samples(3 * 64 * 64) == stage.SAMPLES
+    assert stage.samples(3 * 224 * 224) == stage.SAMPLES_LARGE < stage.samples(3 * 96 * 96) < stage.SAMPLES

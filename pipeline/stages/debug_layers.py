@@ -13,6 +13,14 @@ import time
 from pathlib import Path
 
 SAMPLES = 64
+SAMPLES_LARGE = 8  # the fewest, for large inputs (samples)
+
+
+def samples(values_per_image: int) -> int:
+    """How many test images the layer-wise comparison keeps every tensor of (both models, and the ONNX graph's):
+    SAMPLES up to 3x64x64 inputs, fewer above (64 images of 3x224x224 efficientnet_b0 took the export to 18 GB),
+    at least SAMPLES_LARGE."""
+    return int(min(max(SAMPLES * (3 * 64 * 64) // max(values_per_image, 1), SAMPLES_LARGE), SAMPLES))
 
 
 def route_key(converter_name: str) -> str:
@@ -55,7 +63,8 @@ def debug_layers(why: str, onnx, tfl, representative, pre, x_test, *, source, in
         ref = float_reference(key, onnx, representative, pre, source=source, in_process=in_process,
                               verbose=verbose, dest=Path(tmp) / "model_fp32.tflite")
         t_ref = time.perf_counter() - t0
-        res = layer_errors(tfl.path, ref.path, onnx.path, x_test, input_layout=tfl.input_layout, samples=SAMPLES)
+        res = layer_errors(tfl.path, ref.path, onnx.path, x_test, input_layout=tfl.input_layout,
+                           samples=samples(int(x_test[0].size)))
     d = res.describe()
     d["ran_because"] = why
     d["float_reference"] = (f"the same {'model' if key == 'litert-torch' else 'ONNX model'} converted by route "
