@@ -39,9 +39,14 @@ NOT_RUN = {
     "zoo:mobilenetv2-deadch --per-tensor --recover auto": "the first export of each hard case fails its gates on "
                                                           "purpose (exit 1); tests/test_when_int8_hurts.py runs "
                                                           "them all",
-    "benchmarks/architectures.py --archs resnet18,mobilenet_v2": "fifteen architectures fine-tuned 500 steps, then "
-                                                                "exported by two routes (about 70 minutes)",
-    "benchmarks/architectures.py --archs all": "39 architectures fine-tuned and exported through every route (hours)",
+    "benchmarks/architectures.py --archs resnet18,mobilenet_v2,efficientnet_b0,mnasnet0_5": "fifteen architectures "
+                                                                "fine-tuned 500 steps, then exported by two routes "
+                                                                "(about 70 minutes)",
+    "benchmarks/architectures.py --archs resnet18,mobilenet_v2,efficientnet_b0,googlenet": "five architectures at "
+                                                                "3x224x224 through auto (about 20 minutes)",
+    "benchmarks/architectures.py --archs all --converters auto": "39 architectures fine-tuned and exported (hours)",
+    "benchmarks/architectures.py --archs all --converters direct": "39 architectures exported by the direct writer "
+                                                                   "(about 10 minutes)",
     "benchmarks/architectures.py --archs resnet18,googlenet": "two architectures fine-tuned, then exported through "
                                                              "each route and the onnx2tf CLIs (tens of minutes)",
     "benchmarks/architectures.py --archs efficientvit_b0,resnet18": "seven architectures fine-tuned 500 steps, then "
